@@ -1,0 +1,104 @@
+"""The ``visionattn`` command: ``list``, ``info``, ``bench``."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    import visionattn
+
+    names = visionattn.list_models(args.pattern or "*", task=args.task)
+    if not names:
+        print(f"no model matches {args.pattern!r}", file=sys.stderr)
+        return 1
+    for name in names:
+        entry = visionattn.get_entry(name)
+        timm_name = entry.timm_name or "-"
+        print(f"{name:28s} {entry.task:15s} {timm_name}")
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    import visionattn
+
+    info = visionattn.model_info(args.name)
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    rows = [
+        ("name", info["name"]),
+        ("timm name", info["timm_name"] or "-"),
+        ("task", info["task"]),
+        ("params", f"{info['params']:,} ({info['params_m']:.2f} M)"),
+        ("FLOPs", f"{info['gflops']:.2f} GFLOPs ({info['gmacs']:.2f} GMACs) at {'x'.join(map(str, info['input_size']))}"),
+        ("input size", "x".join(map(str, info["input_size"]))),
+        ("paper", info["paper"]),
+        ("notes", info["notes"] or "-"),
+    ]
+    for k, v in rows:
+        print(f"{k:11s} {v}")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.what == "models":
+        from visionattn.tasks.bench import bench_models
+
+        if not args.names:
+            print("bench models: name at least one model, e.g. `visionattn bench models convit_tiny --compare timm`", file=sys.stderr)
+            return 2
+        table, rows = bench_models(
+            args.names, compare=args.compare, batch_size=args.batch_size, img_size=args.img_size,
+            threads=args.threads, min_time=args.min_time,
+        )
+    else:
+        print(f"unknown benchmark {args.what!r}", file=sys.stderr)
+        return 2
+    print(table)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="visionattn", description="Attention-based vision and medical-imaging models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("list", help="list registered models")
+    p.add_argument("pattern", nargs="?", default="*", help="shell-style pattern, e.g. 'convit*'")
+    p.add_argument("--task", choices=["classification", "segmentation", "detection"])
+    p.set_defaults(func=_cmd_list)
+
+    p = sub.add_parser("info", help="task, params, FLOPs, input size and paper of a model")
+    p.add_argument("name")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("bench", help="benchmarks: `bench models NAME... [--compare timm]`")
+    p.add_argument("what", choices=["models"])
+    p.add_argument("names", nargs="*")
+    p.add_argument("--compare", choices=["timm"], help="also time timm's model of the same name, same weights")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--img-size", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--min-time", type=float, default=5.0, help="seconds of timing per model")
+    p.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    p.set_defaults(func=_cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (KeyError, ValueError, TypeError, FileNotFoundError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        print(f"visionattn {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -245,10 +245,24 @@ def load_checkpoint(model: nn.Module, path: str, strict: bool = True) -> None:
         )
 
 
+def _register_cpu_sdpa_flops() -> None:
+    """torch's FLOP counter knows the CUDA SDPA kernels but not the CPU one; count it the same way."""
+    from torch.utils import flop_counter
+
+    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    if op in flop_counter.flop_registry or op.default in flop_counter.flop_registry:
+        return
+
+    @flop_counter.register_flop_formula(op)
+    def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
 def count_flops(model: nn.Module, input_size: tuple[int, ...]) -> int:
     """Forward FLOPs (multiply-add = 2 FLOPs) for one input of ``input_size`` via ``torch.utils.flop_counter``."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    _register_cpu_sdpa_flops()
     was_training = model.training
     model.eval()
     x = torch.zeros(1, *input_size)

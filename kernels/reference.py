@@ -1,0 +1,81 @@
+"""Brute-force neighborhood attention over a dense ``[N, N]`` mask: the test oracle.
+
+Builds the full mask and bias from the per-axis rules in :mod:`visionattn.kernels.semantics`, computes
+every query-key score and lets autograd differentiate it. Memory is ``O(heads * N^2)``: small inputs only.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+from visionattn.kernels.semantics import axis_mask_and_offsets
+
+
+def dense_mask_and_bias_index(
+    spatial: Sequence[int], kernel_size, dilation, stride, is_causal, device=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``mask [N, N]`` (bool) and ``rpb_index [N, N]`` (flat index into ``rpb[h].flatten()``)."""
+    n = len(spatial)
+    mask = None
+    index = None
+    for a in range(n):
+        m, off = axis_mask_and_offsets(spatial[a], kernel_size[a], dilation[a], stride[a], is_causal[a])
+        shape = [1] * (2 * n)
+        shape[a] = spatial[a]
+        shape[n + a] = spatial[a]
+        m, off = m.view(shape), off.view(shape)
+        rpb_stride = math.prod(2 * k - 1 for k in kernel_size[a + 1:])
+        mask = m if mask is None else mask & m
+        index = off * rpb_stride if index is None else index + off * rpb_stride
+    N = math.prod(spatial)
+    return mask.reshape(N, N).to(device), index.expand(mask.shape).reshape(N, N).to(device)
+
+
+def na_reference(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kernel_size: Sequence[int],
+    dilation: Sequence[int],
+    stride: Sequence[int],
+    is_causal: Sequence[bool],
+    rpb: torch.Tensor | None = None,
+    scale: float | None = None,
+    score: str = "softmax",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Neighborhood attention by brute force.
+
+    Args:
+        query, key: ``[B, *spatial, heads, D]``; value ``[B, *spatial, heads, Dv]``.
+        kernel_size, dilation, stride, is_causal: per-axis tuples (already validated).
+        rpb: ``[heads, 2K_0-1, ...]`` additive bias indexed by the key-minus-query offset.
+        score: ``'softmax'`` or ``'sigmoid'`` (unnormalised sigmoid weights on the window).
+    Returns:
+        ``out [B, *spatial, heads, Dv]`` in the input dtype (computed in at least fp32) and, for softmax,
+        ``lse [B, *spatial, heads]`` (fp32; fp64 for fp64 inputs) of the scaled, biased logits over each window.
+    """
+    B, *spatial, heads, D = query.shape
+    N = math.prod(spatial)
+    compute = torch.float64 if query.dtype == torch.float64 else torch.float32
+    scale = D ** -0.5 if scale is None else scale
+    q = query.reshape(B, N, heads, D).to(compute)
+    k = key.reshape(B, N, heads, D).to(compute)
+    v = value.reshape(B, N, heads, value.shape[-1]).to(compute)
+    mask, index = dense_mask_and_bias_index(spatial, kernel_size, dilation, stride, is_causal, query.device)
+    logits = torch.einsum("bnhd,bmhd->bhnm", q, k) * scale
+    if rpb is not None:
+        logits = logits + rpb.to(compute).reshape(heads, -1)[:, index]
+    if score == "softmax":
+        logits = logits.masked_fill(~mask, float("-inf"))
+        lse = torch.logsumexp(logits, dim=-1)  # [B, heads, N]
+        weights = torch.softmax(logits, dim=-1)
+    else:
+        lse = None
+        weights = torch.sigmoid(logits) * mask
+    out = torch.einsum("bhnm,bmhd->bnhd", weights, v)
+    out = out.reshape(B, *spatial, heads, v.shape[-1]).to(query.dtype)
+    if lse is not None:
+        lse = lse.transpose(1, 2).reshape(B, *spatial, heads)
+    return out, lse

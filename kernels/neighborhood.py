@@ -43,12 +43,12 @@ def _run_forward(backend, q, k, v, rpb, ks, dil, st, causal, scale, sigmoid):
     return tiled_forward(q, k, v, rpb, ks, dil, st, causal, scale, sigmoid)
 
 
-def _run_backward(backend, dout, q, k, v, rpb, out, lse, ks, dil, st, causal, scale, sigmoid):
+def _run_backward(backend, dout, dlse, q, k, v, rpb, out, lse, ks, dil, st, causal, scale, sigmoid):
     if backend == "triton":
         from visionattn.kernels.triton_na import triton_backward
 
-        return triton_backward(dout, q, k, v, rpb, out, lse, ks, dil, st, causal, scale, sigmoid)
-    return tiled_backward(dout, q, k, v, rpb, out, lse, ks, dil, st, causal, scale, sigmoid)
+        return triton_backward(dout, dlse, q, k, v, rpb, out, lse, ks, dil, st, causal, scale, sigmoid)
+    return tiled_backward(dout, dlse, q, k, v, rpb, out, lse, ks, dil, st, causal, scale, sigmoid)
 
 
 @torch.library.custom_op("visionattn::na_forward", mutates_args=())
@@ -69,13 +69,13 @@ def _(q, k, v, rpb, kernel_size, dilation, stride, is_causal, scale, sigmoid, ba
 
 @torch.library.custom_op("visionattn::na_backward", mutates_args=())
 def _na_backward_op(
-    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpb: torch.Tensor | None,
+    dout: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpb: torch.Tensor | None,
     out: torch.Tensor, lse: torch.Tensor,
     kernel_size: list[int], dilation: list[int], stride: list[int], is_causal: list[bool],
     scale: float, sigmoid: bool, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     dq, dk, dv, drpb = _run_backward(
-        backend, dout, q, k, v, rpb, out, lse, kernel_size, dilation, stride, is_causal, scale, sigmoid
+        backend, dout, dlse, q, k, v, rpb, out, lse, kernel_size, dilation, stride, is_causal, scale, sigmoid
     )
     if drpb is None:
         drpb = q.new_empty(0)
@@ -83,7 +83,7 @@ def _na_backward_op(
 
 
 @_na_backward_op.register_fake
-def _(dout, q, k, v, rpb, out, lse, kernel_size, dilation, stride, is_causal, scale, sigmoid, backend):
+def _(dout, dlse, q, k, v, rpb, out, lse, kernel_size, dilation, stride, is_causal, scale, sigmoid, backend):
     drpb = torch.empty_like(rpb) if rpb is not None else q.new_empty(0)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), drpb
 
@@ -98,9 +98,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout, dlse):
     q, k, v, rpb, out, lse = ctx.saved_tensors
-    if dlse is not None and torch.any(dlse != 0):
-        raise RuntimeError("gradients through the returned log-sum-exp are not supported")
-    dq, dk, dv, drpb = _na_backward_op(dout.contiguous(), q, k, v, rpb, out, lse, *ctx.args)
+    dlse = dlse.contiguous() if dlse is not None else None
+    dq, dk, dv, drpb = _na_backward_op(dout.contiguous(), dlse, q, k, v, rpb, out, lse, *ctx.args)
     return dq, dk, dv, (drpb if ctx.has_rpb else None), None, None, None, None, None, None, None
 
 

@@ -90,7 +90,7 @@ def _tiles_on(device, key) -> AxisTiles:
 
 
 class _Problem:
-    """The per-axis tiles of one call and the flat index tensors of a chunk of N-D tiles."""
+    """The per-axis tiles of one call and, per chunk of N-D tiles, the flat index tensors and masks."""
 
     def __init__(self, spatial, kernel_size, dilation, stride, is_causal, device, tile=None):
         n = len(spatial)
@@ -109,15 +109,23 @@ class _Problem:
         self.flat_stride = [math.prod(spatial[a + 1:]) for a in range(n)]
         self.rpb_stride = [math.prod(2 * k - 1 for k in kernel_size[a + 1:]) for a in range(n)]
         self.device = device
+        self._chunks: dict[int, list[dict]] = {}
 
-    def chunks(self, per_tile_elements: int):
-        per = max(1, CHUNK_ELEMENTS // max(1, per_tile_elements * self.Tq * self.Hk))
-        for begin in range(0, self.total_tiles, per):
-            yield self.chunk(torch.arange(begin, min(begin + per, self.total_tiles), device=self.device))
+    def chunks(self, rows_per_tile: int) -> list[dict]:
+        """Chunks of tiles whose score blocks (``rows_per_tile`` rows of ``Tq x Hk`` per tile) stay under
+        ``CHUNK_ELEMENTS``; built once per problem and chunk size."""
+        per = max(1, CHUNK_ELEMENTS // max(1, rows_per_tile * self.Tq * self.Hk))
+        if per not in self._chunks:
+            self._chunks[per] = [
+                self.chunk(torch.arange(b, min(b + per, self.total_tiles), device=self.device))
+                for b in range(0, self.total_tiles, per)
+            ]
+        return self._chunks[per]
 
     def chunk(self, ids: torch.Tensor) -> dict:
-        """Flat indices for N-D tiles ``ids``: ``q [C, Tq]`` (invalid slots -> N), ``kv [C, Hk]``,
-        ``mask [C, Tq, Hk]``, ``rel [C, Tq, Hk]``, ``valid [C, Tq]``."""
+        """Flat indices for N-D tiles ``ids``: ``q [C, Tq]`` (padded slots -> N), ``q_src [C, Tq]``,
+        ``valid [C, Tq]``, ``kv [C, Hk]``, ``mask [C, Tq, Hk]`` (bool), ``bias [C, 1, Tq, Hk]``
+        (0 or -inf) and ``rel [C, Tq, Hk]`` (flat rpb index)."""
         n, C = self.n, ids.numel()
         per_axis = []
         rem = ids
@@ -150,13 +158,26 @@ class _Problem:
             rel = ra if rel is None else rel + ra
         valid = valid.reshape(C, self.Tq)
         q_src = q.reshape(C, self.Tq)  # padded slots repeat a real query, so every row has keys
-        q = torch.where(valid, q_src, self.N)
         full = [C] + [ax.q_index.shape[1] for ax in self.axes] + [ax.kv_index.shape[1] for ax in self.axes]
+        mask = mask.expand(full).reshape(C, self.Tq, self.Hk)
+        bias = torch.zeros(mask.shape, device=mask.device).masked_fill_(~mask, float("-inf"))
         return dict(
-            q=q, q_src=q_src, valid=valid, kv=kv.reshape(C, self.Hk),
-            mask=mask.expand(full).reshape(C, self.Tq, self.Hk),
-            rel=rel.expand(full).reshape(C, self.Tq, self.Hk),
+            q=torch.where(valid, q_src, self.N), q_src=q_src, valid=valid, kv=kv.reshape(C, self.Hk),
+            mask=mask, bias=bias[:, None], rel=rel.expand(full).reshape(C, self.Tq, self.Hk),
         )
+
+
+_problems: dict = {}
+
+
+def _problem(spatial, kernel_size, dilation, stride, is_causal, device, tile=None) -> _Problem:
+    """Cached :class:`_Problem` (a layer calls with the same shape every step)."""
+    key = (tuple(spatial), tuple(kernel_size), tuple(dilation), tuple(stride), tuple(is_causal), str(device), tile)
+    if key not in _problems:
+        if len(_problems) >= 8:
+            _problems.pop(next(iter(_problems)))
+        _problems[key] = _Problem(spatial, kernel_size, dilation, stride, is_causal, device, tile)
+    return _problems[key]
 
 
 def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -167,9 +188,11 @@ def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 def _scores(qt, kt, c, rpb_flat, scale, compute):
-    s = torch.matmul(qt.to(compute), kt.to(compute).transpose(-1, -2)).mul_(scale)  # [B, C, h, Tq, Hk]
+    """Masked logits ``[B, C, h, Tq, Hk]`` (``-inf`` outside the windows)."""
+    s = torch.matmul(qt.to(compute), kt.to(compute).transpose(-1, -2)).mul_(scale)
+    s += c["bias"].to(compute)
     if rpb_flat is not None:
-        s = s + rpb_flat.to(compute)[:, c["rel"]].transpose(0, 1)  # [C, h, Tq, Hk] broadcast over B
+        s += rpb_flat.to(compute)[:, c["rel"]].transpose(0, 1)  # [C, h, Tq, Hk], broadcast over B
     return s
 
 
@@ -177,42 +200,75 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _fused_cpu_sdpa_available(q: torch.Tensor, rpb: torch.Tensor | None) -> bool:
+    return (
+        q.device.type == "cpu"
+        and q.dtype == torch.float32
+        and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+    )
+
+
+def _gather_tiles_heads(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x [B, N, h, D]``, ``index [C, T]`` -> ``[C, B*h, T, D]`` (batch folded into heads)."""
+    B, _, h, D = x.shape
+    C, T = index.shape
+    t = x.index_select(1, index.reshape(-1)).view(B, C, T, h, D).permute(1, 0, 3, 2, 4)
+    return t.reshape(C, B * h, T, D)
+
+
 def tiled_forward(q, k, v, rpb, kernel_size, dilation, stride, is_causal, scale, sigmoid, tile=None):
     """Forward. ``q, k [B, *spatial, h, D]``, ``v [B, *spatial, h, Dv]`` -> ``(out, lse [B, *spatial, h])``;
-    ``lse`` is fp32 (fp64 for fp64 inputs)."""
+    ``lse`` is fp32 (fp64 for fp64 inputs; zeros for sigmoid scores)."""
     B, *spatial, h, D = q.shape
     Dv = v.shape[-1]
-    prob = _Problem(spatial, kernel_size, dilation, stride, is_causal, q.device, tile)
+    prob = _problem(spatial, kernel_size, dilation, stride, is_causal, q.device, tile)
     N = prob.N
     compute = _compute_dtype(q.dtype)
     qf, kf, vf = q.reshape(B, N, h, D), k.reshape(B, N, h, D), v.reshape(B, N, h, Dv)
     rpb_flat = rpb.reshape(h, -1) if rpb is not None else None
-    out = torch.zeros(B, N + 1, h, Dv, device=q.device, dtype=compute)  # row N collects padded slots
+    out = torch.zeros(B, N + 1, h, Dv, device=q.device, dtype=q.dtype)  # row N collects padded slots
     lse = torch.zeros(B, N + 1, h, device=q.device, dtype=compute)
-    for c in prob.chunks(B * h):
-        s = _scores(_gather(qf, c["q_src"]), _gather(kf, c["kv"]), c, rpb_flat, scale, compute)
-        allowed = c["mask"][:, None]  # [C, 1, Tq, Hk]
-        if sigmoid:
-            p = torch.sigmoid(s).mul_(allowed)
-        else:
-            s.masked_fill_(~allowed, float("-inf"))
-            m = s.amax(dim=-1, keepdim=True)
-            p = torch.exp_(s.sub_(m))
-            denom = p.sum(dim=-1, keepdim=True)
-            p.div_(denom)
-            chunk_lse = (m + denom.log()).squeeze(-1)  # [B, C, h, Tq]
-            lse.index_copy_(1, c["q"].reshape(-1), chunk_lse.permute(0, 1, 3, 2).reshape(B, -1, h))
-        o = torch.matmul(p, _gather(vf, c["kv"]).to(compute))  # [B, C, h, Tq, Dv]
-        out.index_copy_(1, c["q"].reshape(-1), o.permute(0, 1, 3, 2, 4).reshape(B, -1, h, Dv))
-    out = out[:, :N].to(q.dtype).reshape(B, *spatial, h, Dv)
-    return out, lse[:, :N].reshape(B, *spatial, h)
+    if not sigmoid and _fused_cpu_sdpa_available(q, rpb):
+        # CPU flash attention with the window mask as an additive bias: one fused pass per chunk
+        for c in prob.chunks(B * h):
+            C = c["kv"].shape[0]
+            mask = c["bias"]  # [C, 1, Tq, Hk]
+            if rpb_flat is not None:
+                mask = (rpb_flat[:, c["rel"]].transpose(0, 1) + mask).unsqueeze(1)  # [C, 1, h, Tq, Hk]
+                mask = mask.expand(C, B, h, prob.Tq, prob.Hk).reshape(C, B * h, prob.Tq, prob.Hk)
+            o, chunk_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                _gather_tiles_heads(qf, c["q_src"]), _gather_tiles_heads(kf, c["kv"]),
+                _gather_tiles_heads(vf, c["kv"]), 0.0, False, attn_mask=mask, scale=scale,
+            )
+            rows = c["q"].reshape(-1)
+            out.index_copy_(1, rows, o.view(C, B, h, prob.Tq, Dv).permute(1, 0, 3, 2, 4).reshape(B, -1, h, Dv))
+            lse.index_copy_(1, rows, chunk_lse.view(C, B, h, prob.Tq).permute(1, 0, 3, 2).reshape(B, -1, h))
+    else:
+        for c in prob.chunks(B * h):
+            s = _scores(_gather(qf, c["q_src"]), _gather(kf, c["kv"]), c, rpb_flat, scale, compute)
+            if sigmoid:
+                p = torch.sigmoid_(s)  # exactly 0 outside the windows (sigmoid(-inf))
+            else:
+                m = s.amax(dim=-1, keepdim=True)
+                p = torch.exp_(s.sub_(m))
+                denom = p.sum(dim=-1, keepdim=True)
+                p.div_(denom)
+                chunk_lse = (m + denom.log()).squeeze(-1)  # [B, C, h, Tq]
+                lse.index_copy_(1, c["q"].reshape(-1), chunk_lse.permute(0, 1, 3, 2).reshape(B, -1, h))
+            o = torch.matmul(p, _gather(vf, c["kv"]).to(compute))  # [B, C, h, Tq, Dv]
+            out.index_copy_(1, c["q"].reshape(-1), o.permute(0, 1, 3, 2, 4).reshape(B, -1, h, Dv).to(q.dtype))
+    # outputs must be contiguous: the custom op's fake implementation promises it to torch.compile
+    out = out[:, :N].contiguous().reshape(B, *spatial, h, Dv)
+    return out, lse[:, :N].contiguous().reshape(B, *spatial, h)
 
 
-def tiled_backward(dout, q, k, v, rpb, out, lse, kernel_size, dilation, stride, is_causal, scale, sigmoid, tile=None):
-    """Gradients ``(dq, dk, dv, drpb)`` (``drpb`` None without ``rpb``)."""
+def tiled_backward(dout, dlse, q, k, v, rpb, out, lse, kernel_size, dilation, stride, is_causal, scale, sigmoid, tile=None):
+    """Gradients ``(dq, dk, dv, drpb)`` (``drpb`` None without ``rpb``) from the output gradient ``dout``
+    and, optionally, a gradient ``dlse`` of the returned log-sum-exp (softmax; d lse / d s = p). Scores are
+    recomputed per chunk from the saved log-sum-exp; only one chunk's score block exists at a time."""
     B, *spatial, h, D = q.shape
     Dv = v.shape[-1]
-    prob = _Problem(spatial, kernel_size, dilation, stride, is_causal, q.device, tile)
+    prob = _problem(spatial, kernel_size, dilation, stride, is_causal, q.device, tile)
     N = prob.N
     compute = _compute_dtype(q.dtype)
     qf, kf, vf = q.reshape(B, N, h, D), k.reshape(B, N, h, D), v.reshape(B, N, h, Dv)
@@ -224,22 +280,23 @@ def tiled_backward(dout, q, k, v, rpb, out, lse, kernel_size, dilation, stride, 
     drpb = torch.zeros_like(rpb_flat, dtype=compute) if rpb is not None else None
     if not sigmoid:
         delta = (dof * out.reshape(B, N, h, Dv).to(compute)).sum(-1)  # [B, N, h]
-        lsef = lse.reshape(B, N, h)
+        if dlse is not None:
+            delta = delta - dlse.reshape(B, N, h).to(compute)
+        lsef = lse.reshape(B, N, h).to(compute)
     for c in prob.chunks(B * h * 3):
         qt, kt, vt = _gather(qf, c["q_src"]), _gather(kf, c["kv"]), _gather(vf, c["kv"]).to(compute)
         s = _scores(qt, kt, c, rpb_flat, scale, compute)
-        allowed = c["mask"][:, None]
-        dot = _gather(dof, c["q_src"]) * c["valid"][None, :, None, :, None]  # padded slots contribute nothing
+        valid = c["valid"][None, :, None, :, None]
+        dot = _gather(dof, c["q_src"]) * valid  # padded slots contribute nothing
         dp = torch.matmul(dot, vt.transpose(-1, -2))  # [B, C, h, Tq, Hk]
         if sigmoid:
-            sig = torch.sigmoid(s)
-            p = sig * allowed
-            ds = dp.mul_(p).mul_(1 - sig)
+            p = torch.sigmoid_(s)  # 0 outside the windows
+            ds = dp.mul_(p).mul_(1 - p)
         else:
-            lse_t = _gather(lsef.unsqueeze(-1), c["q_src"]).squeeze(-1).to(compute)  # [B, C, h, Tq]
-            p = torch.exp_(s.sub_(lse_t.unsqueeze(-1))).mul_(allowed)
-            delta_t = _gather(delta.unsqueeze(-1), c["q_src"])  # [B, C, h, Tq, 1]
-            ds = dp.sub_(delta_t).mul_(p).mul_(c["valid"][None, :, None, :, None])
+            lse_t = _gather(lsef.unsqueeze(-1), c["q_src"])  # [B, C, h, Tq, 1]
+            p = torch.exp_(s.sub_(lse_t))  # 0 outside the windows
+            delta_t = _gather(delta.unsqueeze(-1), c["q_src"])
+            ds = dp.sub_(delta_t).mul_(p).mul_(valid)
         dv_t = torch.matmul(p.transpose(-1, -2), dot)  # [B, C, h, Hk, Dv]
         dv.index_add_(1, c["kv"].reshape(-1), dv_t.permute(0, 1, 3, 2, 4).reshape(B, -1, h, Dv))
         dq_t = torch.matmul(ds, kt.to(compute)).mul_(scale)
@@ -247,9 +304,9 @@ def tiled_backward(dout, q, k, v, rpb, out, lse, kernel_size, dilation, stride, 
         dk_t = torch.matmul(ds.transpose(-1, -2), qt.to(compute)).mul_(scale)
         dk.index_add_(1, c["kv"].reshape(-1), dk_t.permute(0, 1, 3, 2, 4).reshape(B, -1, h, D))
         if drpb is not None:
-            # masked-out entries have ds == 0, so they add nothing to index 0
+            # entries outside the windows have ds == 0, so they add nothing to index 0
             drpb.index_add_(1, c["rel"].reshape(-1), ds.sum(0).transpose(0, 1).reshape(h, -1))
-    dq = dq[:, :N].to(q.dtype).reshape(q.shape)
+    dq = dq[:, :N].to(q.dtype).contiguous().reshape(q.shape)
     dk = dk.to(k.dtype).reshape(k.shape)
     dv = dv.to(v.dtype).reshape(v.shape)
     if drpb is not None:

@@ -287,7 +287,7 @@ def triton_forward(q, k, v, rpb, kernel_size, dilation, stride, is_causal, scale
     return out.view(*q.shape[:-1], Dv), lse.view(q.shape[:-1])
 
 
-def triton_backward(dout, q, k, v, rpb, out, lse, kernel_size, dilation, stride, is_causal, scale, sigmoid):
+def triton_backward(dout, dlse, q, k, v, rpb, out, lse, kernel_size, dilation, stride, is_causal, scale, sigmoid):
     """Fused backward; same contract as :func:`visionattn.kernels.tiled.tiled_backward`."""
     B, *spatial, h, D = q.shape
     Dv = v.shape[-1]
@@ -297,7 +297,10 @@ def triton_backward(dout, q, k, v, rpb, out, lse, kernel_size, dilation, stride,
     q3, k3, v3 = (_as3(x.contiguous().to(acc)) for x in (q, k, v))
     do3 = _as3(dout.contiguous().to(acc))
     lse3 = lse.reshape(q3.shape[:-1]).to(acc).contiguous()
-    delta = (do3 * _as3(out.contiguous()).to(acc)).sum(-1).contiguous()
+    delta = (do3 * _as3(out.contiguous()).to(acc)).sum(-1)
+    if dlse is not None and not sigmoid:
+        delta = delta - dlse.reshape(delta.shape).to(acc)  # d lse / d s = p
+    delta = delta.contiguous()
     dq = torch.empty_like(q3)
     dk = torch.zeros_like(k3)
     dv = torch.zeros_like(v3)

@@ -105,7 +105,7 @@ def _na_fwd_kernel(
                 k = tl.load(k_ptrs, mask=k_in[:, None] & (offs_d[None, :] < D), other=0.0)
                 if DOT_FP32:
                     k = k.to(tl.float32)
-                s = tl.dot(q, tl.trans(k)) * scale  # [BLOCK_Q, BLOCK_KV] fp32
+                s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale  # [BLOCK_Q, BLOCK_KV] fp32
                 allowed = (kp2[None, :] >= w2s[:, None]) & (kp2[None, :] < w2e[:, None]) & k_in[None, :] & q_valid[:, None]
                 if HAS_RPB:
                     r = ((m0 - p0 + K0 - 1) * R1 + (m1 - p1 + K1 - 1)) * R2 + (kp2[None, :] - p2c[:, None] + K2 - 1)
@@ -117,14 +117,14 @@ def _na_fwd_kernel(
                     v = v.to(tl.float32)
                 if SIGMOID:
                     p = tl.where(allowed, tl.sigmoid(s), 0.0)
-                    acc += tl.dot(p.to(v.dtype), v)
+                    acc += tl.dot(p.to(v.dtype), v, input_precision="ieee")
                 else:
                     s = tl.where(allowed, s, float("-inf"))
                     m_new = tl.maximum(m_i, tl.max(s, axis=1))
                     alpha = tl.exp(m_i - m_new)
                     p = tl.exp(s - m_new[:, None])
                     l_i = l_i * alpha + tl.sum(p, axis=1)
-                    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+                    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
                     m_i = m_new
     if not SIGMOID:
         l_i = tl.where(q_valid, l_i, 1.0)  # padded query slots saw no key
@@ -208,13 +208,13 @@ def _na_bwd_kernel(
                 v_off = b * sv_b + j0 * sv_0 + j1 * sv_1 + j2[:, None] * sv_2 + h * sv_h + offs_dv[None, :]
                 vmask = k_in[:, None] & (offs_dv[None, :] < DV)
                 v = tl.load(V + v_off, mask=vmask, other=0.0)
-                s = tl.dot(q, tl.trans(k)) * scale
+                s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
                 allowed = (kp2[None, :] >= w2s[:, None]) & (kp2[None, :] < w2e[:, None]) & k_in[None, :] & q_valid[:, None]
                 if HAS_RPB:
                     r = ((m0 - p0 + K0 - 1) * R1 + (m1 - p1 + K1 - 1)) * R2 + (kp2[None, :] - p2c[:, None] + K2 - 1)
                     r = tl.where(allowed, r, 0)
                     s += tl.load(RPB + h * (2 * K0 - 1) * R1 * R2 + r).to(tl.float32)
-                dp = tl.dot(do, tl.trans(v))
+                dp = tl.dot(do, tl.trans(v), input_precision="ieee")
                 if SIGMOID:
                     sig = tl.sigmoid(s)
                     p = tl.where(allowed, sig, 0.0)
@@ -222,9 +222,9 @@ def _na_bwd_kernel(
                 else:
                     p = tl.where(allowed, tl.exp(s - lse[:, None]), 0.0)
                     ds = p * (dp - delta[:, None])
-                tl.atomic_add(DV_ + v_off, tl.dot(tl.trans(p), do), mask=vmask)
-                tl.atomic_add(DK + k_off, tl.dot(tl.trans(ds), q) * scale, mask=kmask)
-                dq += tl.dot(ds, k)
+                tl.atomic_add(DV_ + v_off, tl.dot(tl.trans(p), do, input_precision="ieee"), mask=vmask)
+                tl.atomic_add(DK + k_off, tl.dot(tl.trans(ds), q, input_precision="ieee") * scale, mask=kmask)
+                dq += tl.dot(ds, k, input_precision="ieee")
                 if HAS_RPB:
                     tl.atomic_add(DRPB + h * (2 * K0 - 1) * R1 * R2 + r, ds, mask=allowed)
     tl.store(DQ + q_off, dq * scale, mask=qmask)

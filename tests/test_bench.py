@@ -20,3 +20,24 @@ def test_bench_models_compare_timm(capsys, tmp_path):
 def test_bench_models_needs_a_name(capsys):
     assert main(["bench", "models"]) == 2
     assert "name at least one model" in capsys.readouterr().err
+
+
+def test_bench_kernels_small_problem(capsys, tmp_path):
+    """Runs every alternative once on a small problem; the outputs must agree (compiled flex_attention with
+    a block mask is an independent implementation of the same neighborhood)."""
+    out_json = tmp_path / "k.json"
+    rc = main(["bench", "kernels", "--problems", "2d-16-k5", "--min-time", "0.05", "--json", str(out_json)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "matmul ceiling" in text and "fwd ratio" in text
+    rows = {r["impl"]: r for r in json.loads(out_json.read_text())}
+    assert set(rows) == {"visionattn-cpu", "naive-gather", "masked-dense-sdpa", "flex-attention-compiled"}
+    for r in rows.values():
+        assert r["max_abs_diff"] < 1e-4, r
+        assert r["fwd_ms"] > 0
+    assert rows["naive-gather"]["fwdbwd_ms"] > 0 and rows["flex-attention-compiled"]["fwdbwd_ms"] is None
+
+
+def test_bench_kernels_rejects_unknown_problem(capsys):
+    assert main(["bench", "kernels", "--problems", "2d-99", "--skip", "naive,dense,flex"]) == 2
+    assert "unknown problem" in capsys.readouterr().err

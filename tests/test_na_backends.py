@@ -7,6 +7,8 @@ from visionattn.kernels import na1d, na2d, na3d, triton_available
 from visionattn.layers import NeighborhoodAttention1d, NeighborhoodAttention2d, NeighborhoodAttention3d
 
 FNS = {1: na1d, 2: na2d, 3: na3d}
+# Triton runs on CUDA tensors on a GPU machine and on CPU tensors under TRITON_INTERPRET=1 elsewhere
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 # (spatial, kernel_size, dilation, stride, is_causal, heads, head_dim)
 CASES = [
@@ -34,20 +36,25 @@ def _ids(case):
     return f"{'x'.join(map(str, spatial))}-k{k}-d{d}-s{s}-c{c}-h{h}"
 
 
-def _inputs(case, dtype, rpb=True, batch=2, seed=0):
+def _inputs(case, dtype, rpb=True, batch=2, seed=0, device="cpu"):
     spatial, k, d, s, c, h, hd = case
     g = torch.Generator().manual_seed(seed)
     n = len(spatial)
     ks = k if isinstance(k, tuple) else (k,) * n
-    q, kk, v = (torch.randn(batch, *spatial, h, hd, generator=g, dtype=torch.float64).to(dtype).requires_grad_() for _ in range(3))
-    bias = torch.randn(h, *(2 * x - 1 for x in ks), generator=g, dtype=torch.float64).to(dtype).requires_grad_() if rpb else None
-    dout = torch.randn(batch, *spatial, h, hd, generator=g, dtype=torch.float64).to(dtype) * 0.05
+
+    def make(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
+
+    q, kk, v = (make(batch, *spatial, h, hd).requires_grad_() for _ in range(3))
+    bias = make(h, *(2 * x - 1 for x in ks)).requires_grad_() if rpb else None
+    dout = make(batch, *spatial, h, hd, scale=0.05)
     return q, kk, v, bias, dout
 
 
 def _run(case, backend, score, dtype, rpb=True, batch=2):
     spatial, k, d, s, c, h, hd = case
-    q, kk, v, bias, dout = _inputs(case, dtype, rpb, batch)
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    q, kk, v, bias, dout = _inputs(case, dtype, rpb, batch, device=device)
     fn = FNS[len(spatial)]
     res = fn(q, kk, v, k, dilation=d, stride=s, is_causal=c, rpb=bias, score=score, backend=backend,
              return_lse=score == "softmax")
@@ -61,11 +68,11 @@ def _compare(case, backend, score, dtype, atol_fwd, atol_bwd, rpb=True, batch=2)
     ref = _run(case, "reference", score, torch.float64, rpb, batch)
     got = _run(case, backend, score, dtype, rpb, batch)
     assert got[0].dtype == dtype
-    torch.testing.assert_close(got[0].double(), ref[0], rtol=0, atol=atol_fwd)
+    torch.testing.assert_close(got[0].cpu().double(), ref[0], rtol=0, atol=atol_fwd)
     if ref[1] is not None:
-        torch.testing.assert_close(got[1].double(), ref[1], rtol=0, atol=atol_fwd)
+        torch.testing.assert_close(got[1].cpu().double(), ref[1], rtol=0, atol=atol_fwd)
     for name, g, r in zip(("dq", "dk", "dv", "drpb"), got[2], ref[2]):
-        torch.testing.assert_close(g.double(), r, rtol=0, atol=atol_bwd, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(g.cpu().double(), r, rtol=0, atol=atol_bwd, msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("score", ["softmax", "sigmoid"])

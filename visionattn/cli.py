@@ -51,7 +51,15 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             return 2
         table, rows = bench_models(
             args.names, compare=args.compare, batch_size=args.batch_size, img_size=args.img_size,
-            threads=args.threads, min_time=args.min_time,
+            threads=args.threads, min_time=args.min_time or 5.0,
+        )
+    elif args.what == "kernels":
+        from visionattn.tasks.bench import bench_kernels
+
+        problems = args.problems.split(",") if args.problems else None
+        skip = tuple(s for s in (args.skip or "").split(",") if s)
+        table, rows = bench_kernels(
+            device=args.device, problems=problems, skip=skip, min_time=args.min_time or 1.0, threads=args.threads
         )
     else:
         print(f"unknown benchmark {args.what!r}", file=sys.stderr)
@@ -77,14 +85,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_info)
 
-    p = sub.add_parser("bench", help="benchmarks: `bench models NAME... [--compare timm]`")
-    p.add_argument("what", choices=["models"])
+    p = sub.add_parser(
+        "bench", help="benchmarks: `bench models NAME... [--compare timm]`, `bench kernels [--device cpu|cuda]`"
+    )
+    p.add_argument("what", choices=["models", "kernels"])
     p.add_argument("names", nargs="*")
     p.add_argument("--compare", choices=["timm"], help="also time timm's model of the same name, same weights")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--img-size", type=int, default=None)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    p.add_argument("--min-time", type=float, default=5.0, help="seconds of timing per model")
+    p.add_argument("--min-time", type=float, default=None, help="seconds of timing per measurement (models 5, kernels 1)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="kernels: device to run on")
+    p.add_argument("--problems", help="kernels: comma-separated problem names (default: the four standard ones)")
+    p.add_argument("--skip", help="kernels: comma-separated alternatives to leave out: naive, dense, flex")
     p.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     p.set_defaults(func=_cmd_bench)
     return parser

@@ -163,7 +163,8 @@ def _flex_fn():
     if _FLEX_COMPILED is None:
         from torch.nn.attention.flex_attention import flex_attention
 
-        _FLEX_COMPILED = torch.compile(flex_attention)
+        # static shapes: a dynamic-shape recompile hits an inductor CPU codegen bug in this torch build
+        _FLEX_COMPILED = torch.compile(flex_attention, dynamic=False)
     return _FLEX_COMPILED
 
 

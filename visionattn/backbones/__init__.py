@@ -1,4 +1,6 @@
 """Backbone families; each module registers its constructors on import."""
+from visionattn.backbones.activator import Activator
 from visionattn.backbones.convit import ConViT
+from visionattn.backbones.ninformer import NiNformer
 
-__all__ = ["ConViT"]
+__all__ = ["Activator", "ConViT", "NiNformer"]

@@ -240,6 +240,8 @@ class ConViT(nn.Module):
     ``forward_features``: ``-> [B, 1 + N, embed_dim]`` (class token first, ``N = H*W / patch_size^2``).
     """
 
+    GLOBAL_POOLS = ("", "avg", "token")
+
     def __init__(
         self,
         img_size: int | tuple[int, int] = 224,
@@ -261,8 +263,8 @@ class ConViT(nn.Module):
         locality_strength: float = 1.0,
     ):
         super().__init__()
-        if global_pool not in ("", "avg", "token"):
-            raise ValueError(f"global_pool must be '', 'avg' or 'token', got {global_pool!r}")
+        if global_pool not in self.GLOBAL_POOLS:
+            raise ValueError(f"global_pool must be one of {self.GLOBAL_POOLS}, got {global_pool!r}")
         if not 0 <= local_up_to_layer < depth:
             raise ValueError(
                 f"local_up_to_layer must be in [0, depth={depth}) so that the class token is inserted; "
@@ -342,8 +344,8 @@ class ConViT(nn.Module):
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         self.num_classes = num_classes
         if global_pool is not None:
-            if global_pool not in ("", "avg", "token"):
-                raise ValueError(f"global_pool must be '', 'avg' or 'token', got {global_pool!r}")
+            if global_pool not in self.GLOBAL_POOLS:
+                raise ValueError(f"global_pool must be one of {self.GLOBAL_POOLS}, got {global_pool!r}")
             self.global_pool = global_pool
         self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 

@@ -1,0 +1,146 @@
+"""The shell shared by isotropic patch models (NiNformer, Activator): a convolutional patch embedding, a
+stack of same-width blocks over a fixed token grid, mean pooling and a linear head, with timm's model API
+(``forward_features`` / ``forward_head`` / ``forward_intermediates`` / classifier reset)."""
+from __future__ import annotations
+
+import torch
+from timm.layers import to_2tuple
+from timm.models._features import feature_take_indices
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+class IsotropicPatchClassifier(nn.Module):
+    """Base class. Subclasses build ``self.blocks`` (an ``nn.ModuleList`` of ``[B, N, dim] -> [B, N, dim]``
+    blocks) after calling ``super().__init__``.
+
+    Shapes: ``forward``: ``[B, in_chans, H, W] -> [B, num_classes]``; ``forward_features``:
+    ``-> [B, N, embed_dim]`` with ``N = (H / patch_size) * (W / patch_size)``.
+    """
+
+    GLOBAL_POOLS = ("", "avg")
+
+    def __init__(self, img_size, patch_size: int, in_chans: int, num_classes: int, global_pool: str,
+                 embed_dim: int, depth: int, drop_rate: float = 0.0):
+        super().__init__()
+        self.img_size = to_2tuple(img_size)
+        if self.img_size[0] % patch_size or self.img_size[1] % patch_size:
+            raise ValueError(f"img_size {self.img_size} must be divisible by patch_size {patch_size}")
+        if global_pool not in self.GLOBAL_POOLS:
+            raise ValueError(f"global_pool must be one of {self.GLOBAL_POOLS}, got {global_pool!r}")
+        self.patch_size = patch_size
+        self.in_chans = in_chans
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
+        self.grid_size = (self.img_size[0] // patch_size, self.img_size[1] // patch_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.grad_checkpointing = False
+        self.patch_embed = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.blocks = nn.ModuleList()  # filled by the subclass
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.feature_info = [
+            dict(num_chs=embed_dim, reduction=patch_size, module=f"blocks.{i}") for i in range(depth)
+        ]
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        name = type(self).__name__
+        if x.ndim != 4:
+            raise ValueError(f"{name} expects images [B, C, H, W], got a tensor of shape {tuple(x.shape)}")
+        if x.shape[1] != self.in_chans:
+            raise ValueError(
+                f"{name} was built for in_chans={self.in_chans}, got {x.shape[1]} channels; "
+                f"create the model with in_chans={x.shape[1]} or convert the images"
+            )
+        if tuple(x.shape[-2:]) != self.img_size:
+            raise ValueError(
+                f"{name} was built for {self.img_size[0]}x{self.img_size[1]} inputs (its token count is fixed), "
+                f"got {x.shape[-2]}x{x.shape[-1]}; resize the images or create the model with "
+                f"img_size=({x.shape[-2]}, {x.shape[-1]})"
+            )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return set()
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return dict(stem=r"^patch_embed", blocks=[(r"^blocks\.(\d+)", None)])
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        self.num_classes = num_classes
+        if global_pool is not None:
+            if global_pool not in self.GLOBAL_POOLS:
+                raise ValueError(f"global_pool must be one of {self.GLOBAL_POOLS}, got {global_pool!r}")
+            self.global_pool = global_pool
+        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        return self.patch_embed(x).flatten(2).transpose(1, 2)  # [B, N, embed_dim]
+
+    def _run_block(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+            return checkpoint(self.blocks[i], x, use_reentrant=False)
+        return self.blocks[i](x)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, C, H, W] -> [B, N, embed_dim]``."""
+        x = self._embed(x)
+        for i in range(len(self.blocks)):
+            x = self._run_block(i, x)
+        return x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """``[B, N, embed_dim] -> [B, num_classes]`` (``[B, embed_dim]`` with ``pre_logits``)."""
+        if self.global_pool == "avg":
+            x = x.mean(dim=1)
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ):
+        """Block outputs as ``[B, embed_dim, H/p, W/p]`` maps (or ``[B, N, embed_dim]`` with ``'NLC'``).
+        ``norm`` is accepted for API compatibility: these models have no final norm."""
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take, max_index = feature_take_indices(len(self.blocks), indices)
+        take = set(take)
+        last = max_index if (stop_early or intermediates_only) else len(self.blocks) - 1
+        B = x.shape[0]
+        x = self._embed(x)
+        intermediates = []
+        for i in range(last + 1):
+            x = self._run_block(i, x)
+            if i in take:
+                t = x.transpose(1, 2).reshape(B, self.embed_dim, *self.grid_size) if output_fmt == "NCHW" else x
+                intermediates.append(t)
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True):
+        take, max_index = feature_take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[: max_index + 1]
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take

@@ -45,6 +45,35 @@ def format_table(headers: list[str], rows: list[list[object]]) -> str:
     return "\n".join(lines)
 
 
+_PEAK_RSS_SCRIPT = """
+import json, resource, sys, torch, visionattn
+name, kwargs, batch, size, train = json.loads(sys.argv[1])
+torch.manual_seed(0)
+model = visionattn.create_model(name, **kwargs).train(train)
+x = torch.randn(batch, 3, size, size)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+if train:
+    model(x).sum().backward()
+else:
+    with torch.inference_mode():
+        model(x)
+print(json.dumps((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024))
+"""
+
+
+def peak_memory_mib(name: str, kwargs: dict, batch: int, size: int, train: bool) -> float:
+    """Growth of peak resident memory (MiB) during one forward (or forward+backward) in a fresh process."""
+    import json
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _PEAK_RSS_SCRIPT, json.dumps([name, kwargs, batch, size, train])],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"memory probe for {name} failed: {r.stderr.strip().splitlines()[-1:]}")
+    return float(r.stdout.strip().splitlines()[-1])
+
+
 def bench_models(
     names: list[str],
     compare: str | None = None,
@@ -69,10 +98,16 @@ def bench_models(
         entry = visionattn.get_entry(name)
         kwargs = {} if img_size is None else {"img_size": img_size}
         ours = visionattn.create_model(entry.name, **kwargs).eval()
-        size = getattr(ours, "img_size", None) or entry.default_input_size[1:]
+        size = tuple(getattr(ours, "img_size", None) or ((img_size, img_size) if img_size else entry.default_input_size[1:]))
         x = torch.randn(batch_size, entry.default_input_size[0], *size)
         fns = {"visionattn": lambda m=ours: m(x)}
         theirs = None
+        if compare == "gather":
+            if not any(hasattr(m, "kv_chunk") for m in ours.modules()):
+                raise ValueError(f"{entry.name} has no routed attention to compare with a full gather")
+            theirs = visionattn.create_model(entry.name, kv_chunk=None, **kwargs).eval()
+            theirs.load_state_dict(ours.state_dict())
+            fns["gather"] = lambda m=theirs: m(x)
         if compare == "timm":
             if not timm.is_model(entry.name):
                 raise ValueError(f"timm has no model named {entry.name!r} to compare with")
@@ -90,9 +125,18 @@ def bench_models(
             "ours_img_s": batch_size / secs["visionattn"],
         }
         if theirs is not None:
-            row["timm_img_s"] = batch_size / secs["timm"]
-            row["speedup"] = secs["timm"] / secs["visionattn"]
+            other = "timm" if compare == "timm" else "gather"
+            row[f"{other}_img_s"] = batch_size / secs[other]
+            row["speedup"] = secs[other] / secs["visionattn"]
             row["max_abs_diff"] = diff
+        if compare == "gather":
+            side = size[0]
+            for train in (False, True):
+                tag = "train" if train else "infer"
+                ours_mib = peak_memory_mib(entry.name, kwargs, batch_size, side, train)
+                gather_mib = peak_memory_mib(entry.name, dict(kwargs, kv_chunk=None), batch_size, side, train)
+                row[f"{tag}_peak_mib"] = ours_mib
+                row[f"gather_{tag}_peak_mib"] = gather_mib
         results.append(row)
     headers = list(results[0].keys()) if results else []
     table = format_table(headers, [[r.get(h, "") for h in headers] for r in results])

@@ -41,3 +41,14 @@ def test_bench_kernels_small_problem(capsys, tmp_path):
 def test_bench_kernels_rejects_unknown_problem(capsys):
     assert main(["bench", "kernels", "--problems", "2d-99", "--skip", "naive,dense,flex"]) == 2
     assert "unknown problem" in capsys.readouterr().err
+
+
+def test_bench_models_biformer_against_full_gather(capsys, tmp_path):
+    out_json = tmp_path / "g.json"
+    rc = main(["bench", "models", "biformer_tiny", "--compare", "gather", "--img-size", "64", "--batch-size", "1",
+               "--min-time", "0.1", "--json", str(out_json)])
+    assert rc == 0
+    (row,) = json.loads(out_json.read_text())
+    assert row["max_abs_diff"] < 1e-4 and row["gather_img_s"] > 0
+    for key in ("infer_peak_mib", "gather_infer_peak_mib", "train_peak_mib", "gather_train_peak_mib"):
+        assert row[key] >= 0

@@ -90,7 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("what", choices=["models", "kernels"])
     p.add_argument("names", nargs="*")
-    p.add_argument("--compare", choices=["timm"], help="also time timm's model of the same name, same weights")
+    p.add_argument("--compare", choices=["timm", "gather"],
+                   help="models: time timm's model of the same name (same weights), or for BiFormer the official "
+                        "full-gather routed attention (time and peak memory)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--img-size", type=int, default=None)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")

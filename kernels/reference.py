@@ -44,6 +44,7 @@ def na_reference(
     rpb: torch.Tensor | None = None,
     scale: float | None = None,
     score: str = "softmax",
+    score_decay: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Neighborhood attention by brute force.
 
@@ -52,6 +53,7 @@ def na_reference(
         kernel_size, dilation, stride, is_causal: per-axis tuples (already validated).
         rpb: ``[heads, 2K_0-1, ...]`` additive bias indexed by the key-minus-query offset.
         score: ``'softmax'`` or ``'sigmoid'`` (unnormalised sigmoid weights on the window).
+        score_decay: ``[heads, 2K_0-1, ...]`` factors multiplying the sigmoid weights, indexed like ``rpb``.
     Returns:
         ``out [B, *spatial, heads, Dv]`` in the input dtype (computed in at least fp32) and, for softmax,
         ``lse [B, *spatial, heads]`` (fp32; fp64 for fp64 inputs) of the scaled, biased logits over each window.
@@ -74,6 +76,8 @@ def na_reference(
     else:
         lse = None
         weights = torch.sigmoid(logits) * mask
+        if score_decay is not None:
+            weights = weights * score_decay.to(compute).reshape(heads, -1)[:, index]
     out = torch.einsum("bhnm,bmhd->bnhd", weights, v)
     out = out.reshape(B, *spatial, heads, v.shape[-1]).to(query.dtype)
     if lse is not None:

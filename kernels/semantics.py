@@ -97,6 +97,7 @@ def check_args(
     rpb: torch.Tensor | None,
     score: str,
     return_lse: bool,
+    score_decay: torch.Tensor | None = None,
 ) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[bool, ...]]:
     """Validate a neighborhood-attention call; returns per-axis ``(kernel_size, dilation, stride, is_causal)``.
 
@@ -154,6 +155,15 @@ def check_args(
             raise ValueError(f"{fn}: rpb must have shape [heads, 2*K-1 per axis] = {expected}, got {got}")
         if rpb.device != query.device:
             raise ValueError(f"{fn}: rpb is on {rpb.device} but query is on {query.device}")
+    if score_decay is not None:
+        if score != "sigmoid":
+            raise ValueError(f"{fn}: score_decay multiplies sigmoid weights; it needs score='sigmoid'")
+        expected = (query.shape[-2], *(2 * k - 1 for k in ks))
+        if not isinstance(score_decay, torch.Tensor) or tuple(score_decay.shape) != expected:
+            got = tuple(score_decay.shape) if isinstance(score_decay, torch.Tensor) else type(score_decay).__name__
+            raise ValueError(f"{fn}: score_decay must have shape [heads, 2*K-1 per axis] = {expected}, got {got}")
+        if score_decay.device != query.device:
+            raise ValueError(f"{fn}: score_decay is on {score_decay.device} but query is on {query.device}")
     return ks, dil, st, causal
 
 

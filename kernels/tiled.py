@@ -216,9 +216,10 @@ def _gather_tiles_heads(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return t.reshape(C, B * h, T, D)
 
 
-def tiled_forward(q, k, v, rpb, kernel_size, dilation, stride, is_causal, scale, sigmoid, tile=None):
+def tiled_forward(q, k, v, rpb, decay, kernel_size, dilation, stride, is_causal, scale, sigmoid, tile=None):
     """Forward. ``q, k [B, *spatial, h, D]``, ``v [B, *spatial, h, Dv]`` -> ``(out, lse [B, *spatial, h])``;
-    ``lse`` is fp32 (fp64 for fp64 inputs; zeros for sigmoid scores)."""
+    ``lse`` is fp32 (fp64 for fp64 inputs; zeros for sigmoid scores). ``decay`` (sigmoid only) multiplies
+    the weights, indexed like ``rpb``."""
     B, *spatial, h, D = q.shape
     Dv = v.shape[-1]
     prob = _problem(spatial, kernel_size, dilation, stride, is_causal, q.device, tile)
@@ -248,6 +249,8 @@ def tiled_forward(q, k, v, rpb, kernel_size, dilation, stride, is_causal, scale,
             s = _scores(_gather(qf, c["q_src"]), _gather(kf, c["kv"]), c, rpb_flat, scale, compute)
             if sigmoid:
                 p = torch.sigmoid_(s)  # exactly 0 outside the windows (sigmoid(-inf))
+                if decay is not None:
+                    p = p * decay.reshape(h, -1).to(compute)[:, c["rel"]].transpose(0, 1)
             else:
                 m = s.amax(dim=-1, keepdim=True)
                 p = torch.exp_(s.sub_(m))
@@ -262,7 +265,7 @@ def tiled_forward(q, k, v, rpb, kernel_size, dilation, stride, is_causal, scale,
     return out, lse[:, :N].contiguous().reshape(B, *spatial, h)
 
 
-def tiled_backward(dout, dlse, q, k, v, rpb, out, lse, kernel_size, dilation, stride, is_causal, scale, sigmoid, tile=None):
+def tiled_backward(dout, dlse, q, k, v, rpb, decay, out, lse, kernel_size, dilation, stride, is_causal, scale, sigmoid, tile=None):
     """Gradients ``(dq, dk, dv, drpb)`` (``drpb`` None without ``rpb``) from the output gradient ``dout``
     and, optionally, a gradient ``dlse`` of the returned log-sum-exp (softmax; d lse / d s = p). Scores are
     recomputed per chunk from the saved log-sum-exp; only one chunk's score block exists at a time."""
@@ -290,8 +293,13 @@ def tiled_backward(dout, dlse, q, k, v, rpb, out, lse, kernel_size, dilation, st
         dot = _gather(dof, c["q_src"]) * valid  # padded slots contribute nothing
         dp = torch.matmul(dot, vt.transpose(-1, -2))  # [B, C, h, Tq, Hk]
         if sigmoid:
-            p = torch.sigmoid_(s)  # 0 outside the windows
-            ds = dp.mul_(p).mul_(1 - p)
+            sig = torch.sigmoid_(s)  # 0 outside the windows
+            ds = dp.mul_(sig * (1 - sig))
+            p = sig
+            if decay is not None:
+                factor = decay.reshape(h, -1).to(compute)[:, c["rel"]].transpose(0, 1)
+                ds.mul_(factor)
+                p = sig * factor
         else:
             lse_t = _gather(lsef.unsqueeze(-1), c["q_src"])  # [B, C, h, Tq, 1]
             p = torch.exp_(s.sub_(lse_t))  # 0 outside the windows

@@ -38,7 +38,7 @@ def _window(p, Lg, K: tl.constexpr, S: tl.constexpr, CAUSAL: tl.constexpr):
 
 @triton.jit
 def _na_fwd_kernel(
-    Q, Kt, V, RPB, O, LSE,
+    Q, Kt, V, RPB, DECAY, O, LSE,
     sq_b, sq_0, sq_1, sq_2, sq_h,
     sv_b, sv_0, sv_1, sv_2, sv_h,
     so_b, so_0, so_1, so_2, so_h,
@@ -48,7 +48,7 @@ def _na_fwd_kernel(
     D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
     S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr,
     C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr,
-    HAS_RPB: tl.constexpr, SIGMOID: tl.constexpr, DOT_FP32: tl.constexpr,
+    HAS_RPB: tl.constexpr, HAS_DECAY: tl.constexpr, SIGMOID: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -107,9 +107,9 @@ def _na_fwd_kernel(
                     k = k.to(tl.float32)
                 s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale  # [BLOCK_Q, BLOCK_KV] fp32
                 allowed = (kp2[None, :] >= w2s[:, None]) & (kp2[None, :] < w2e[:, None]) & k_in[None, :] & q_valid[:, None]
+                r = ((m0 - p0 + K0 - 1) * R1 + (m1 - p1 + K1 - 1)) * R2 + (kp2[None, :] - p2c[:, None] + K2 - 1)
+                r = tl.where(allowed, r, 0)
                 if HAS_RPB:
-                    r = ((m0 - p0 + K0 - 1) * R1 + (m1 - p1 + K1 - 1)) * R2 + (kp2[None, :] - p2c[:, None] + K2 - 1)
-                    r = tl.where(allowed, r, 0)
                     s += tl.load(RPB + h * (2 * K0 - 1) * R1 * R2 + r).to(tl.float32)
                 v_ptrs = V + b * sv_b + j0 * sv_0 + j1 * sv_1 + j2[:, None] * sv_2 + h * sv_h + offs_dv[None, :]
                 v = tl.load(v_ptrs, mask=k_in[:, None] & (offs_dv[None, :] < DV), other=0.0)
@@ -117,6 +117,8 @@ def _na_fwd_kernel(
                     v = v.to(tl.float32)
                 if SIGMOID:
                     p = tl.where(allowed, tl.sigmoid(s), 0.0)
+                    if HAS_DECAY:
+                        p = p * tl.load(DECAY + h * (2 * K0 - 1) * R1 * R2 + r).to(tl.float32)
                     acc += tl.dot(p.to(v.dtype), v, input_precision="ieee")
                 else:
                     s = tl.where(allowed, s, float("-inf"))
@@ -137,7 +139,7 @@ def _na_fwd_kernel(
 
 @triton.jit
 def _na_bwd_kernel(
-    Q, Kt, V, RPB, DO, LSE, DELTA, DQ, DK, DV_, DRPB,
+    Q, Kt, V, RPB, DECAY, DO, LSE, DELTA, DQ, DK, DV_, DRPB,
     sq_b, sq_0, sq_1, sq_2, sq_h,
     sv_b, sv_0, sv_1, sv_2, sv_h,
     sl_b, sl_0, sl_1, sl_2, sl_h,
@@ -146,7 +148,7 @@ def _na_bwd_kernel(
     D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
     S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr,
     C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr,
-    HAS_RPB: tl.constexpr, SIGMOID: tl.constexpr,
+    HAS_RPB: tl.constexpr, HAS_DECAY: tl.constexpr, SIGMOID: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     # Q, K, V, DO arrive as fp32 copies; DQ/DK/DV_ are fp32 with Q's (or V's) strides.
@@ -210,15 +212,19 @@ def _na_bwd_kernel(
                 v = tl.load(V + v_off, mask=vmask, other=0.0)
                 s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
                 allowed = (kp2[None, :] >= w2s[:, None]) & (kp2[None, :] < w2e[:, None]) & k_in[None, :] & q_valid[:, None]
+                r = ((m0 - p0 + K0 - 1) * R1 + (m1 - p1 + K1 - 1)) * R2 + (kp2[None, :] - p2c[:, None] + K2 - 1)
+                r = tl.where(allowed, r, 0)
                 if HAS_RPB:
-                    r = ((m0 - p0 + K0 - 1) * R1 + (m1 - p1 + K1 - 1)) * R2 + (kp2[None, :] - p2c[:, None] + K2 - 1)
-                    r = tl.where(allowed, r, 0)
                     s += tl.load(RPB + h * (2 * K0 - 1) * R1 * R2 + r).to(tl.float32)
                 dp = tl.dot(do, tl.trans(v), input_precision="ieee")
                 if SIGMOID:
                     sig = tl.sigmoid(s)
                     p = tl.where(allowed, sig, 0.0)
                     ds = dp * p * (1.0 - sig)
+                    if HAS_DECAY:
+                        dec = tl.load(DECAY + h * (2 * K0 - 1) * R1 * R2 + r).to(tl.float32)
+                        p = p * dec
+                        ds = ds * dec
                 else:
                     p = tl.where(allowed, tl.exp(s - lse[:, None]), 0.0)
                     ds = p * (dp - delta[:, None])
@@ -260,7 +266,7 @@ def _common(q, kernel_size, dilation, stride, is_causal):
     return L, ks, dil, st, causal, Lg2_max
 
 
-def triton_forward(q, k, v, rpb, kernel_size, dilation, stride, is_causal, scale, sigmoid):
+def triton_forward(q, k, v, rpb, decay, kernel_size, dilation, stride, is_causal, scale, sigmoid):
     """Fused forward; same contract as :func:`visionattn.kernels.tiled.tiled_forward`."""
     B, *spatial, h, D = q.shape
     Dv = v.shape[-1]
@@ -273,12 +279,13 @@ def triton_forward(q, k, v, rpb, kernel_size, dilation, stride, is_causal, scale
     n_qblocks2 = triton.cdiv(Lg2_max, BLOCK_Q)
     grid = (L[0] * L[1] * dil[2] * n_qblocks2, B * h)
     rpb_arg = rpb.contiguous() if rpb is not None else q3
+    decay_arg = decay.contiguous() if decay is not None else q3
     _na_fwd_kernel[grid](
-        q3, k3, v3, rpb_arg, out, lse,
+        q3, k3, v3, rpb_arg, decay_arg, out, lse,
         *q3.stride()[:5], *v3.stride()[:5], *out.stride()[:5], *lse.stride(),
         L[0], L[1], L[2], h, D, Dv, n_qblocks2, scale,
         K0=ks[0], K1=ks[1], K2=ks[2], D0=dil[0], D1=dil[1], D2=dil[2], S0=st[0], S1=st[1], S2=st[2],
-        C0=causal[0], C1=causal[1], C2=causal[2], HAS_RPB=rpb is not None, SIGMOID=sigmoid,
+        C0=causal[0], C1=causal[1], C2=causal[2], HAS_RPB=rpb is not None, HAS_DECAY=decay is not None, SIGMOID=sigmoid,
         DOT_FP32=INTERPRET or q.dtype in (torch.float32, torch.float64),
         BLOCK_Q=BLOCK_Q, BLOCK_KV=BLOCK_KV, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
     )
@@ -287,7 +294,7 @@ def triton_forward(q, k, v, rpb, kernel_size, dilation, stride, is_causal, scale
     return out.view(*q.shape[:-1], Dv), lse.view(q.shape[:-1])
 
 
-def triton_backward(dout, dlse, q, k, v, rpb, out, lse, kernel_size, dilation, stride, is_causal, scale, sigmoid):
+def triton_backward(dout, dlse, q, k, v, rpb, decay, out, lse, kernel_size, dilation, stride, is_causal, scale, sigmoid):
     """Fused backward; same contract as :func:`visionattn.kernels.tiled.tiled_backward`."""
     B, *spatial, h, D = q.shape
     Dv = v.shape[-1]
@@ -308,12 +315,13 @@ def triton_backward(dout, dlse, q, k, v, rpb, out, lse, kernel_size, dilation, s
     n_qblocks2 = triton.cdiv(Lg2_max, BLOCK_Q)
     grid = (L[0] * L[1] * dil[2] * n_qblocks2, B * h)
     rpb_arg = rpb.contiguous() if rpb is not None else q3
+    decay_arg = decay.contiguous().to(acc) if decay is not None else q3
     _na_bwd_kernel[grid](
-        q3, k3, v3, rpb_arg, do3, lse3, delta, dq, dk, dv, drpb if drpb is not None else dq,
+        q3, k3, v3, rpb_arg, decay_arg, do3, lse3, delta, dq, dk, dv, drpb if drpb is not None else dq,
         *q3.stride()[:5], *v3.stride()[:5], *lse3.stride(),
         L[0], L[1], L[2], h, D, Dv, n_qblocks2, scale,
         K0=ks[0], K1=ks[1], K2=ks[2], D0=dil[0], D1=dil[1], D2=dil[2], S0=st[0], S1=st[1], S2=st[2],
-        C0=causal[0], C1=causal[1], C2=causal[2], HAS_RPB=rpb is not None, SIGMOID=sigmoid,
+        C0=causal[0], C1=causal[1], C2=causal[2], HAS_RPB=rpb is not None, HAS_DECAY=decay is not None, SIGMOID=sigmoid,
         BLOCK_Q=BLOCK_Q, BLOCK_KV=BLOCK_KV, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
     )
     dq = dq.to(q.dtype).view(q.shape)

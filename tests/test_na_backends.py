@@ -136,7 +136,9 @@ def test_custom_ops_pass_opcheck():
 
     q, k, v = (torch.randn(1, 7, 6, 2, 8, requires_grad=True) for _ in range(3))
     rpb = torch.randn(2, 5, 5, requires_grad=True)
-    torch.library.opcheck(_na_forward_op, (q, k, v, rpb, [3, 3], [1, 2], [1, 1], [False, True], 0.35, False, "cpu"))
+    torch.library.opcheck(_na_forward_op, (q, k, v, rpb, None, [3, 3], [1, 2], [1, 1], [False, True], 0.35, False, "cpu"))
+    decay = torch.rand(2, 5, 5)
+    torch.library.opcheck(_na_forward_op, (q, k, v, rpb, decay, [3, 3], [1, 1], [1, 1], [False, False], 0.35, True, "cpu"))
 
 
 def test_torch_compile_has_no_graph_break():
@@ -162,3 +164,33 @@ def test_modules_match_reference_backend(cls, shape):
     torch.testing.assert_close(layer(x), ref(x), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="expects"):
         layer(torch.randn(shape[1:]))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("case", [CASES[3], CASES[10], CASES[13]], ids=_ids)
+def test_sigmoid_with_multiplicative_decay(case, backend):
+    """score_decay multiplies each sigmoid weight by a per-head, per-offset factor (a post-activation decay)."""
+    if backend == "triton" and not triton_available():
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1 and triton")
+    spatial, k, d, s, c, h, hd = case
+    ks = k if isinstance(k, tuple) else (k,) * len(spatial)
+    decay = torch.rand(h, *(2 * x - 1 for x in ks), generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    fn = FNS[len(spatial)]
+    results = []
+    for be, dtype in (("reference", torch.float64), (backend, torch.float32)):
+        device = TRITON_DEVICE if be == "triton" else "cpu"
+        q, kk, v, bias, dout = _inputs(case, dtype, batch=1, device=device)
+        out = fn(q, kk, v, k, dilation=d, stride=s, is_causal=c, rpb=bias, score="sigmoid", backend=be,
+                 score_decay=decay.to(device=device, dtype=dtype))
+        grads = torch.autograd.grad(out, [q, kk, v, bias], dout)
+        results.append([out] + list(grads))
+    for a, b in zip(results[1], results[0]):
+        torch.testing.assert_close(a.cpu().double(), b, rtol=0, atol=1e-4)
+
+
+def test_score_decay_arguments_are_checked():
+    q = torch.randn(1, 9, 2, 8)
+    with pytest.raises(ValueError, match="needs score='sigmoid'"):
+        na1d(q, q, q, 3, score_decay=torch.ones(2, 5))
+    with pytest.raises(ValueError, match="score_decay must have shape"):
+        na1d(q, q, q, 3, score="sigmoid", score_decay=torch.ones(2, 4))

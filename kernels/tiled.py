@@ -200,10 +200,11 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _fused_cpu_sdpa_available(q: torch.Tensor, rpb: torch.Tensor | None) -> bool:
+def _fused_cpu_sdpa_available(q: torch.Tensor, v: torch.Tensor) -> bool:
     return (
         q.device.type == "cpu"
         and q.dtype == torch.float32
+        and q.shape[-1] == v.shape[-1]  # the CPU flash kernel wants one head size for q, k and v
         and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
     )
 
@@ -229,7 +230,7 @@ def tiled_forward(q, k, v, rpb, decay, kernel_size, dilation, stride, is_causal,
     rpb_flat = rpb.reshape(h, -1) if rpb is not None else None
     out = torch.zeros(B, N + 1, h, Dv, device=q.device, dtype=q.dtype)  # row N collects padded slots
     lse = torch.zeros(B, N + 1, h, device=q.device, dtype=compute)
-    if not sigmoid and _fused_cpu_sdpa_available(q, rpb):
+    if not sigmoid and _fused_cpu_sdpa_available(q, v):
         # CPU flash attention with the window mask as an additive bias: one fused pass per chunk
         for c in prob.chunks(B * h):
             C = c["kv"].shape[0]

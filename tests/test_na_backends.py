@@ -194,3 +194,17 @@ def test_score_decay_arguments_are_checked():
         na1d(q, q, q, 3, score_decay=torch.ones(2, 5))
     with pytest.raises(ValueError, match="score_decay must have shape"):
         na1d(q, q, q, 3, score="sigmoid", score_decay=torch.ones(2, 4))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_value_head_dim_may_differ(backend):
+    if backend == "triton" and not triton_available():
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1 and triton")
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(1, 9, 10, 2, 9, generator=g) for _ in range(2))
+    v = torch.randn(1, 9, 10, 2, 5, generator=g)
+    for score in ("softmax", "sigmoid"):
+        ref = na2d(q, k, v, (1, 5), stride=(1, 5), score=score, backend="reference")
+        got = na2d(q.to(device), k.to(device), v.to(device), (1, 5), stride=(1, 5), score=score, backend=backend)
+        torch.testing.assert_close(got.cpu(), ref, rtol=1e-5, atol=1e-5)

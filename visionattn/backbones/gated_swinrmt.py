@@ -1,0 +1,479 @@
+"""Gated-SwinRMT: shifted-window retention with Manhattan decay and input-dependent gating.
+
+Maity, Mondal & Roy, arXiv:2604.06014 (2026). Only the abstract is public; this file builds the most
+plausible reading of it (``shared/reference/backbones.md`` section 4.3). What the abstract states:
+
+- Swin-style shifted windows; inside each window, attention is decomposed into a **width-wise pass then a
+  height-wise pass**, each with a **per-head exponential distance decay** (RMT's Manhattan decay) and no
+  learned positional bias;
+- **SWAT variant**: sigmoid scores, **balanced ALiBi** slopes, a **multiplicative post-activation** decay,
+  values gated by **SwiGLU**, a normalised output;
+- **Retention variant**: softmax retention with an **additive log-space** decay and a **G1 sigmoid gate**
+  from the block input, applied **after LCE and before W_O**;
+- about 77-79M parameters at 224x224 with 100 classes (Mini-ImageNet).
+
+Everything else is a labelled guess ([guess] below): the RMT macro-architecture (conv stem, 3x3 stride-2
+downsampling, conditional position encoding, FFN with a depthwise conv, 1024-wide projection head), RMT's
+decay rates ``log gamma_h = log(1 - 2^(-init_value - heads_range * h / heads))``, RMT's rotary rotation of
+q and k, window 7 with the shift alternating block by block, the window shrinking to the whole map (and
+the shift dropping) when the map is no larger than the window (the collapse the abstract describes on
+CIFAR-10), GroupNorm over heads as the SWAT "normalised output", and the stage sizes.
+
+Both passes run on the shared neighborhood-attention kernel: a window row is a neighborhood of kernel
+``(1, M)`` with stride ``(1, M)`` (blocked), a window column one of kernel ``(M, 1)``; the additive decay is
+the kernel's relative positional bias and the SWAT decay its ``score_decay``. Shifted windows become
+aligned blocks after padding the map by ``M - shift`` in front; padded keys are removed exactly by one
+extra q/k channel that adds ``-3000`` to their logits.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs
+from timm.models._features import feature_take_indices
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from visionattn.kernels import na2d
+from visionattn.registry import register_model
+
+__all__ = ["GatedSwinRMT", "WindowedRetention", "retention_decay_rates", "balanced_alibi_slopes"]
+
+PAPER = "Maity, Mondal & Roy, Gated-SwinRMT: Unifying Swin Windowed Attention with Retentive Manhattan Decay via Input-Dependent Gating, arXiv:2604.06014"
+MASKED_LOGIT = 3000.0  # exp(-3000) and sigmoid(-3000) are exactly 0 in fp16, bf16 and fp32
+
+
+def retention_decay_rates(num_heads: int, init_value: float = 2.0, heads_range: float = 4.0) -> torch.Tensor:
+    """RMT's per-head ``log gamma_h = log(1 - 2^(-init_value - heads_range * h / heads))`` ([guess]: reused)."""
+    h = torch.arange(num_heads, dtype=torch.float64)
+    return torch.log(1 - 2 ** (-init_value - heads_range * h / num_heads)).float()
+
+
+def balanced_alibi_slopes(num_heads: int) -> torch.Tensor:
+    """Balanced ALiBi (SWAT): ALiBi's geometric slopes ``2^(-8k/n)`` for ``n = ceil(heads/2)``; the first half
+    of the heads gets them negated (favour near keys), the second half positive (favour far keys)."""
+    n_neg = math.ceil(num_heads / 2)
+    n_pos = num_heads - n_neg
+    neg = [-(2 ** (-8 * (k + 1) / n_neg)) for k in range(n_neg)]
+    pos = [2 ** (-8 * (k + 1) / max(n_pos, 1)) for k in range(n_pos)]
+    return torch.tensor(neg + pos)
+
+
+def rotary(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs of ``x [..., N, heads, hd]`` by ``angles [N, hd/2]`` (RMT's theta_shift)."""
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    cos, sin = angles.cos()[:, None, :], angles.sin()[:, None, :]
+    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+
+
+class WindowedRetention(nn.Module):
+    """Decomposed (width then height) retention in (shifted) windows. ``[B, H, W, dim] -> [B, H, W, dim]``.
+
+    Args:
+        variant: ``'retention'`` (softmax, additive log decay, G1 output gate) or ``'swat'`` (sigmoid,
+            balanced ALiBi, multiplicative decay, SwiGLU-gated values, normalised output).
+        window_size: M; shift: offset the windows by M // 2 (alternate blocks).
+        out_norm: SWAT's output normalisation: ``'group'`` (GroupNorm over heads, [guess]), ``'rowsum'``
+            (divide by each query's total weight) or ``'none'``.
+        rope: rotate q and k as RMT does ([guess]).
+        backend: neighborhood-attention backend.
+    """
+
+    def __init__(self, dim: int, num_heads: int, variant: str = "retention", window_size: int = 7, shift: bool = False,
+                 init_value: float = 2.0, heads_range: float = 4.0, out_norm: str = "group", rope: bool = True,
+                 side_dwconv: int = 5, backend: str = "auto"):
+        super().__init__()
+        if variant not in ("retention", "swat"):
+            raise ValueError(f"variant must be 'retention' or 'swat', got {variant!r}")
+        if out_norm not in ("group", "rowsum", "none"):
+            raise ValueError(f"out_norm must be 'group', 'rowsum' or 'none', got {out_norm!r}")
+        if dim % num_heads or (dim // num_heads) % 2:
+            raise ValueError(f"dim {dim} must split into {num_heads} heads of an even width")
+        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
+        self.variant, self.window_size, self.shift, self.out_norm = variant, window_size, shift, out_norm
+        self.rope, self.backend = rope, backend
+        self.scale = self.head_dim ** -0.5
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.lce = nn.Conv2d(dim, dim, side_dwconv, padding=side_dwconv // 2, groups=dim)
+        self.out_proj = nn.Linear(dim, dim)
+        self.register_buffer("log_gamma", retention_decay_rates(num_heads, init_value, heads_range), persistent=False)
+        if variant == "retention":
+            self.gate = nn.Linear(dim, dim)  # G1: sigmoid(x W_g + b_g) after LCE, before W_O
+        else:
+            self.value_gate = nn.Linear(dim, dim)  # SwiGLU: v = (x W_v) * SiLU(x W_vg)
+            self.register_buffer("alibi", balanced_alibi_slopes(num_heads), persistent=False)
+            self.norm = nn.GroupNorm(num_heads, dim) if out_norm == "group" else None
+        half = self.head_dim // 2
+        self.register_buffer("rope_freq", 1.0 / 10000 ** torch.linspace(0, 1, half), persistent=False)
+
+    def _window(self, H: int, W: int) -> tuple[int, int]:
+        """Window size and shift for an ``H x W`` map: the window collapses to the whole map (no shift) when
+        the map is no larger than the window ([guess], the behaviour the abstract describes on CIFAR-10)."""
+        M = self.window_size
+        if min(H, W) <= M:
+            return min(H, W), 0
+        return M, (M // 2 if self.shift else 0)
+
+    def _pass_tables(self, M: int, axis: int, dtype, device):
+        """Bias (and SWAT decay) tables for one pass: ``[heads, 1, 2M-1]`` (width) or ``[heads, 2M-1, 1]``."""
+        dist = (torch.arange(2 * M - 1, device=device) - (M - 1)).abs().float()
+        shape = (self.num_heads, 1, 2 * M - 1) if axis == 1 else (self.num_heads, 2 * M - 1, 1)
+        log_decay = (self.log_gamma[:, None] * dist[None, :]).reshape(shape)
+        if self.variant == "retention":
+            return log_decay.to(dtype), None
+        bias = (self.alibi[:, None] * dist[None, :]).reshape(shape)
+        return bias.to(dtype), log_decay.exp().to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        hd, heads = self.head_dim, self.num_heads
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        if self.variant == "swat":
+            v = v * F.silu(self.value_gate(x))
+        lce = self.lce(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        q, k = q.view(B, H, W, heads, hd), k.view(B, H, W, heads, hd)
+        if self.rope:
+            pos = torch.arange(H * W, device=x.device, dtype=torch.float32)
+            angles = (pos[:, None] * self.rope_freq[None, :]).to(x.dtype)
+            q = rotary(q.reshape(B, H * W, heads, hd), angles).view(B, H, W, heads, hd)
+            k = rotary(k.reshape(B, H * W, heads, hd), angles).view(B, H, W, heads, hd)
+
+        M, shift = self._window(H, W)
+        top = (M - shift) % M
+        Hp, Wp = math.ceil((H + top) / M) * M, math.ceil((W + top) / M) * M
+        pad = (0, 0, 0, 0, top, Wp - W - top, top, Hp - H - top)  # [B, H, W, heads, hd]: pad W then H
+        # one extra q/k channel removes padded keys exactly: q gets 1, padded keys get -MASKED_LOGIT / scale
+        valid = F.pad(torch.ones(1, H, W, 1, 1, device=x.device, dtype=x.dtype), pad)
+        q = torch.cat([F.pad(q, pad), torch.ones_like(valid).expand(B, -1, -1, heads, 1)], dim=-1)
+        k = torch.cat([F.pad(k, pad), ((valid - 1) * (MASKED_LOGIT / self.scale)).expand(B, -1, -1, heads, 1)], dim=-1)
+        v = F.pad(v.view(B, H, W, heads, hd), pad)
+        if self.variant == "swat" and self.out_norm == "rowsum":
+            v = torch.cat([v, valid.expand(B, -1, -1, heads, 1)], dim=-1)  # carries each query's total weight
+
+        score = "softmax" if self.variant == "retention" else "sigmoid"
+        out = v
+        for axis, kernel in ((1, (1, M)), (0, (M, 1))):  # width pass, then height pass on its output
+            bias, decay = self._pass_tables(M, axis, x.dtype, x.device)
+            out = na2d(q, k, out, kernel, stride=kernel, rpb=bias, scale=self.scale, score=score,
+                       score_decay=decay, backend=self.backend)
+        out = out[:, top:top + H, top:top + W]
+        if self.variant == "swat" and self.out_norm == "rowsum":
+            out = out[..., :hd] / out[..., hd:].clamp_min(1e-6)
+        out = out.reshape(B, H, W, C)
+        if self.variant == "swat" and self.norm is not None:
+            out = self.norm(out.reshape(-1, C)).view(B, H, W, C)
+        out = out + lce
+        if self.variant == "retention":
+            out = out * torch.sigmoid(self.gate(x))
+        return self.out_proj(out)
+
+
+class FeedForward(nn.Module):
+    """RMT's FFN: ``fc1 -> GELU -> (+ DWConv3x3) -> fc2`` on channels-last maps."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.dwconv = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        x = self.act(self.fc1(x))
+        x = x + self.dwconv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return self.fc2(x)
+
+
+class Block(nn.Module):
+    """``x + DWConv3x3(x)``, then pre-norm windowed retention and FFN. ``[B, H, W, dim] -> [B, H, W, dim]``."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, drop_path: float, **retention_kwargs):
+        super().__init__()
+        self.cpe = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.retention = WindowedRetention(dim, num_heads, **retention_kwargs)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.ffn = FeedForward(dim, int(dim * mlp_ratio))
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x):
+        x = x + self.cpe(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        x = x + self.drop_path(self.retention(self.norm1(x)))
+        return x + self.drop_path(self.ffn(self.norm2(x)))
+
+
+def _conv_bn(cin, cout, stride, act=True):
+    layers = [nn.Conv2d(cin, cout, 3, stride, 1), nn.BatchNorm2d(cout)]
+    return layers + [nn.GELU()] if act else layers
+
+
+class GatedSwinRMT(nn.Module):
+    """Gated-SwinRMT classifier (4 stages, output strides 4/8/16/32).
+
+    Args:
+        mixer: ``'retention'`` or ``'swat'`` (named so because timm's builder reserves ``variant``).
+        depths, embed_dims, num_heads: per stage.
+        window_size: window side (7 at 224x224). mlp_ratio: FFN expansion.
+        init_value, heads_range: decay rates per stage follow RMT (heads_range 4, 4, 6, 6 by default).
+        head_dim_proj: width of the projection before pooling (RMT: 1024).
+
+    Shapes: ``forward`` ``[B, in_chans, H, W] -> [B, num_classes]``; ``forward_features``
+    ``-> [B, C4, H/32, W/32]``.
+    """
+
+    GLOBAL_POOLS = ("", "avg")
+
+    def __init__(
+        self,
+        img_size: int | Sequence[int] | None = None,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        global_pool: str = "avg",
+        mixer: str = "retention",
+        depths: Sequence[int] = (2, 2, 8, 2),
+        embed_dims: Sequence[int] = (64, 128, 256, 512),
+        num_heads: Sequence[int] = (2, 4, 8, 16),
+        window_size: int = 7,
+        mlp_ratio: float = 3.0,
+        init_value: float = 2.0,
+        heads_ranges: Sequence[float] = (4, 4, 6, 6),
+        out_norm: str = "group",
+        rope: bool = True,
+        head_dim_proj: int = 1024,
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        if global_pool not in self.GLOBAL_POOLS:
+            raise ValueError(f"global_pool must be one of {self.GLOBAL_POOLS}, got {global_pool!r}")
+        if not (len(depths) == len(embed_dims) == len(num_heads) == len(heads_ranges) == 4):
+            raise ValueError("depths, embed_dims, num_heads and heads_ranges need one entry per stage (4)")
+        for d, h in zip(embed_dims, num_heads):
+            if d % h or (d // h) % 2:
+                raise ValueError(f"stage width {d} must split into {h} heads of an even width")
+        if window_size < 1:
+            raise ValueError(f"window_size must be >= 1, got {window_size}")
+        self.in_chans, self.num_classes, self.global_pool = in_chans, num_classes, global_pool
+        self.num_features = embed_dims[-1]
+        self.head_hidden_size = head_dim_proj
+        self.grad_checkpointing = False
+        c0 = embed_dims[0]
+        self.stem = nn.Sequential(
+            *_conv_bn(in_chans, c0 // 2, 2), *_conv_bn(c0 // 2, c0 // 2, 1), *_conv_bn(c0 // 2, c0, 2),
+            *_conv_bn(c0, c0, 1, act=False),
+        )
+        self.downsamples = nn.ModuleList(
+            nn.Sequential(*_conv_bn(embed_dims[i], embed_dims[i + 1], 2, act=False)) for i in range(3)
+        )
+        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        stages, start = [], 0
+        for i in range(4):
+            stages.append(nn.ModuleList(
+                Block(embed_dims[i], num_heads[i], mlp_ratio, dpr[start + j], variant=mixer, window_size=window_size,
+                      shift=bool(j % 2), init_value=init_value, heads_range=heads_ranges[i], out_norm=out_norm,
+                      rope=rope, backend=backend)
+                for j in range(depths[i])
+            ))
+            start += depths[i]
+        self.stages = nn.ModuleList(stages)
+        self.proj = nn.Linear(embed_dims[-1], head_dim_proj)
+        self.proj_norm = nn.BatchNorm2d(head_dim_proj)
+        self.proj_act = nn.SiLU()
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(head_dim_proj, num_classes) if num_classes > 0 else nn.Identity()
+        self.feature_info = [dict(num_chs=embed_dims[i], reduction=4 * 2**i, module=f"stages.{i}") for i in range(4)]
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return set()
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return dict(stem=r"^stem", blocks=[(r"^stages\.(\d+)" if coarse else r"^stages\.(\d+)\.(\d+)", None),
+                                           (r"^downsamples\.(\d+)", (0,))])
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        self.num_classes = num_classes
+        if global_pool is not None:
+            if global_pool not in self.GLOBAL_POOLS:
+                raise ValueError(f"global_pool must be one of {self.GLOBAL_POOLS}, got {global_pool!r}")
+            self.global_pool = global_pool
+        self.head = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.ndim != 4:
+            raise ValueError(f"GatedSwinRMT expects images [B, C, H, W], got a tensor of shape {tuple(x.shape)}")
+        if x.shape[1] != self.in_chans:
+            raise ValueError(
+                f"GatedSwinRMT was built for in_chans={self.in_chans}, got {x.shape[1]} channels; "
+                f"create the model with in_chans={x.shape[1]} or convert the images"
+            )
+        if min(x.shape[-2:]) < 32:
+            raise ValueError(f"GatedSwinRMT needs inputs of at least 32x32 (output stride 32), got {x.shape[-2]}x{x.shape[-1]}")
+
+    def _stage(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """``[B, C_{i-1}, H, W]`` (or the image) -> ``[B, C_i, H', W']``."""
+        x = self.stem(x) if i == 0 else self.downsamples[i - 1](x)
+        x = x.permute(0, 2, 3, 1)
+        for blk in self.stages[i]:
+            if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+                x = checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
+        return x.permute(0, 3, 1, 2)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, C, H, W] -> [B, C4, H/32, W/32]``."""
+        self._check_input(x)
+        for i in range(4):
+            x = self._stage(i, x)
+        return x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """RMT's head: Linear(C4 -> 1024) -> BatchNorm -> SiLU -> average pool -> classifier."""
+        x = self.proj(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        x = self.proj_act(self.proj_norm(x))
+        if self.global_pool == "avg":
+            x = x.mean((2, 3))
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(self, x, indices=None, norm=False, stop_early=False, output_fmt="NCHW", intermediates_only=False):
+        """Stage outputs ``[B, C_i, H/4/2^i, W/4/2^i]`` (timm's API; there is no final norm)."""
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
+        self._check_input(x)
+        take, max_index = feature_take_indices(4, indices)
+        last = max_index if (stop_early or intermediates_only) else 3
+        intermediates = []
+        for i in range(last + 1):
+            x = self._stage(i, x)
+            if i in take:
+                intermediates.append(x)
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    def prune_intermediate_layers(self, indices=1, prune_norm=False, prune_head=True):
+        take, max_index = feature_take_indices(4, indices)
+        self.stages = self.stages[: max_index + 1]
+        self.downsamples = self.downsamples[:max_index]
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take
+
+
+def _create(model_name: str, pretrained: bool = False, **kwargs: Any) -> GatedSwinRMT:
+    kwargs.pop("img_size", None)  # any size works; accepted for API symmetry
+    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
+    return build_model_with_cfg(GatedSwinRMT, "va_" + model_name, pretrained,
+                                feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **kwargs)
+
+
+def _cfg(input_size=(3, 224, 224), num_classes=100, pool_size=(7, 7), **kwargs: Any) -> dict:
+    return {
+        "url": "", "num_classes": num_classes, "input_size": input_size, "pool_size": pool_size, "crop_pct": 0.875,
+        "interpolation": "bicubic", "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "stem.0", "classifier": "head", "license": "unknown", "paper_ids": "arXiv:2604.06014", **kwargs,
+    }
+
+
+_cifar = dict(input_size=(3, 32, 32), num_classes=10, pool_size=(1, 1), crop_pct=1.0,
+              mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616))
+default_cfgs = generate_default_cfgs({
+    "va_gated_swinrmt_swat": _cfg(), "va_gated_swinrmt_retention": _cfg(),
+    "va_gated_swinrmt_swat_cifar": _cfg(**_cifar), "va_gated_swinrmt_retention_cifar": _cfg(**_cifar),
+    "va_gated_swinrmt_swat_tiny": _cfg(num_classes=1000), "va_gated_swinrmt_retention_tiny": _cfg(num_classes=1000),
+    "va_gated_swinrmt_swat_small": _cfg(num_classes=1000), "va_gated_swinrmt_retention_small": _cfg(num_classes=1000),
+})
+
+_PAPER_SIZE = dict(depths=(2, 2, 16, 2), embed_dims=(128, 256, 512, 1024), num_heads=(4, 8, 16, 32), num_classes=100)
+_CIFAR = dict(depths=(2, 2, 4, 2), embed_dims=(64, 128, 256, 512), num_heads=(2, 4, 8, 16), num_classes=10)
+_TINY = dict(depths=(2, 2, 8, 2), embed_dims=(64, 128, 256, 512), num_heads=(2, 4, 8, 16))
+_SMALL = dict(depths=(3, 4, 18, 4), embed_dims=(64, 128, 256, 512), num_heads=(2, 4, 8, 16))
+
+
+def _variant(name: str, mixer: str, size: dict, pretrained: bool, kwargs: dict) -> GatedSwinRMT:
+    return _create(name, pretrained, **dict(dict(size, mixer=mixer), **kwargs))
+
+
+@register_model(task="classification", paper=PAPER, model_cls=GatedSwinRMT,
+                notes="paper size (reconstruction): 79.5M params at 100 classes, Mini-ImageNet top-1 80.22 (paper)")
+def gated_swinrmt_swat(pretrained: bool = False, **kwargs: Any) -> GatedSwinRMT:
+    """SWAT variant at the paper's size: widths 128..1024, depths 2,2,16,2, 100 classes."""
+    return _variant("gated_swinrmt_swat", "swat", _PAPER_SIZE, pretrained, kwargs)
+
+
+@register_model(task="classification", paper=PAPER, model_cls=GatedSwinRMT,
+                notes="paper size (reconstruction): 79.5M params at 100 classes, Mini-ImageNet top-1 78.20 (paper)")
+def gated_swinrmt_retention(pretrained: bool = False, **kwargs: Any) -> GatedSwinRMT:
+    """Retention variant at the paper's size: widths 128..1024, depths 2,2,16,2, 100 classes."""
+    return _variant("gated_swinrmt_retention", "retention", _PAPER_SIZE, pretrained, kwargs)
+
+
+@register_model(task="classification", paper=PAPER, model_cls=GatedSwinRMT, input_size=(3, 32, 32),
+                notes="CIFAR-10 (ours): widths 64..512, depths 2,2,4,2, 32x32 input")
+def gated_swinrmt_swat_cifar(pretrained: bool = False, **kwargs: Any) -> GatedSwinRMT:
+    """SWAT variant sized for CIFAR-10 at 32x32 (ours)."""
+    return _variant("gated_swinrmt_swat_cifar", "swat", _CIFAR, pretrained, kwargs)
+
+
+@register_model(task="classification", paper=PAPER, model_cls=GatedSwinRMT, input_size=(3, 32, 32),
+                notes="CIFAR-10 (ours): widths 64..512, depths 2,2,4,2, 32x32 input")
+def gated_swinrmt_retention_cifar(pretrained: bool = False, **kwargs: Any) -> GatedSwinRMT:
+    """Retention variant sized for CIFAR-10 at 32x32 (ours)."""
+    return _variant("gated_swinrmt_retention_cifar", "retention", _CIFAR, pretrained, kwargs)
+
+
+@register_model(task="classification", paper=PAPER, model_cls=GatedSwinRMT, notes="RMT-T layout (ours)")
+def gated_swinrmt_swat_tiny(pretrained: bool = False, **kwargs: Any) -> GatedSwinRMT:
+    """SWAT variant in RMT-T's layout (widths 64..512, depths 2,2,8,2)."""
+    return _variant("gated_swinrmt_swat_tiny", "swat", _TINY, pretrained, kwargs)
+
+
+@register_model(task="classification", paper=PAPER, model_cls=GatedSwinRMT, notes="RMT-T layout (ours)")
+def gated_swinrmt_retention_tiny(pretrained: bool = False, **kwargs: Any) -> GatedSwinRMT:
+    """Retention variant in RMT-T's layout (widths 64..512, depths 2,2,8,2)."""
+    return _variant("gated_swinrmt_retention_tiny", "retention", _TINY, pretrained, kwargs)
+
+
+@register_model(task="classification", paper=PAPER, model_cls=GatedSwinRMT, notes="RMT-S layout (ours)")
+def gated_swinrmt_swat_small(pretrained: bool = False, **kwargs: Any) -> GatedSwinRMT:
+    """SWAT variant in RMT-S's layout (widths 64..512, depths 3,4,18,4)."""
+    return _variant("gated_swinrmt_swat_small", "swat", _SMALL, pretrained, kwargs)
+
+
+@register_model(task="classification", paper=PAPER, model_cls=GatedSwinRMT, notes="RMT-S layout (ours)")
+def gated_swinrmt_retention_small(pretrained: bool = False, **kwargs: Any) -> GatedSwinRMT:
+    """Retention variant in RMT-S's layout (widths 64..512, depths 3,4,18,4)."""
+    return _variant("gated_swinrmt_retention_small", "retention", _SMALL, pretrained, kwargs)

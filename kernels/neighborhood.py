@@ -13,6 +13,7 @@ captures them without graph breaks.
 from __future__ import annotations
 
 import functools
+import math
 import os
 from typing import Callable, Sequence
 
@@ -105,6 +106,21 @@ def _backward(ctx, dout, dlse):
 
 
 _na_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _register_flop_formula() -> None:
+    """Let ``torch.utils.flop_counter`` (and so ``visionattn info``) count the op: the QK and AV products,
+    ``2 * B * heads * N * prod(K) * (D + Dv)``, as NATTEN counts them (causal windows counted in full)."""
+    from torch.utils.flop_counter import register_flop_formula
+
+    @register_flop_formula(torch.ops.visionattn.na_forward)
+    def _na_flops(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
+        kernel_size = args[2]
+        B, *spatial, heads, D = q_shape
+        return 2 * B * heads * math.prod(spatial) * math.prod(kernel_size) * (D + v_shape[-1])
+
+
+_register_flop_formula()
 
 
 def _resolve_backend(backend: str, q: torch.Tensor) -> str:

@@ -45,33 +45,74 @@ def format_table(headers: list[str], rows: list[list[object]]) -> str:
     return "\n".join(lines)
 
 
-_PEAK_RSS_SCRIPT = """
-import json, resource, sys, torch, visionattn
-name, kwargs, batch, size, train = json.loads(sys.argv[1])
-torch.manual_seed(0)
-model = visionattn.create_model(name, **kwargs).train(train)
-x = torch.randn(batch, 3, size, size)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-if train:
-    model(x).sum().backward()
-else:
-    with torch.inference_mode():
-        model(x)
-print(json.dumps((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024))
-"""
+class PeakTensorMemory:
+    """Peak bytes of tensors created while active and still alive (activations, saved-for-backward tensors,
+    gradients), counted per storage through a ``TorchDispatchMode``. Deterministic, unlike RSS: the
+    allocator's caching does not enter. Tensors made before entering (weights, inputs) are not counted."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        tracker = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in torch.utils._pytree.tree_leaves(out):
+                    if isinstance(t, torch.Tensor):
+                        tracker._track(t)
+                return out
+
+        self._mode = _Mode()
+        self.live = 0
+        self.peak = 0
+        self._refs: dict[int, list[int]] = {}  # storage pointer -> [bytes, tensors alive]
+
+    def _track(self, t: torch.Tensor) -> None:
+        import weakref
+
+        ptr = t.untyped_storage().data_ptr()
+        if ptr == 0:
+            return
+        entry = self._refs.get(ptr)
+        if entry is None:
+            entry = self._refs[ptr] = [t.untyped_storage().nbytes(), 0]
+            self.live += entry[0]
+            self.peak = max(self.peak, self.live)
+        entry[1] += 1
+        weakref.finalize(t, self._release, ptr)
+
+    def _release(self, ptr: int) -> None:
+        entry = self._refs.get(ptr)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.live -= entry[0]
+            del self._refs[ptr]
+
+    def __enter__(self):
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._mode.__exit__(*exc)
 
 
-def peak_memory_mib(name: str, kwargs: dict, batch: int, size: int, train: bool) -> float:
-    """Growth of peak resident memory (MiB) during one forward (or forward+backward) in a fresh process."""
-    import json
-    import subprocess
-    import sys
+def peak_memory_mib(model: torch.nn.Module, x: torch.Tensor, train: bool) -> float:
+    """Peak MiB of tensors alive during one forward (inference mode) or forward + backward."""
+    model.train(train)
+    import gc
 
-    r = subprocess.run([sys.executable, "-c", _PEAK_RSS_SCRIPT, json.dumps([name, kwargs, batch, size, train])],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        raise RuntimeError(f"memory probe for {name} failed: {r.stderr.strip().splitlines()[-1:]}")
-    return float(r.stdout.strip().splitlines()[-1])
+    gc.collect()
+    with PeakTensorMemory() as mem:
+        if train:
+            model(x).sum().backward()
+        else:
+            with torch.inference_mode():
+                model(x)
+    model.zero_grad(set_to_none=True)
+    return mem.peak / 2**20
 
 
 def bench_models(
@@ -105,7 +146,7 @@ def bench_models(
         if compare == "gather":
             if not any(hasattr(m, "kv_chunk") for m in ours.modules()):
                 raise ValueError(f"{entry.name} has no routed attention to compare with a full gather")
-            theirs = visionattn.create_model(entry.name, kv_chunk=None, **kwargs).eval()
+            theirs = visionattn.create_model(entry.name, kv_chunk=0, **kwargs).eval()
             theirs.load_state_dict(ours.state_dict())
             fns["gather"] = lambda m=theirs: m(x)
         if compare == "timm":
@@ -130,13 +171,11 @@ def bench_models(
             row["speedup"] = secs[other] / secs["visionattn"]
             row["max_abs_diff"] = diff
         if compare == "gather":
-            side = size[0]
             for train in (False, True):
                 tag = "train" if train else "infer"
-                ours_mib = peak_memory_mib(entry.name, kwargs, batch_size, side, train)
-                gather_mib = peak_memory_mib(entry.name, dict(kwargs, kv_chunk=None), batch_size, side, train)
-                row[f"{tag}_peak_mib"] = ours_mib
-                row[f"gather_{tag}_peak_mib"] = gather_mib
+                row[f"{tag}_peak_mib"] = peak_memory_mib(ours, x, train)
+                row[f"gather_{tag}_peak_mib"] = peak_memory_mib(theirs, x, train)
+            ours.eval(), theirs.eval()
         results.append(row)
     headers = list(results[0].keys()) if results else []
     table = format_table(headers, [[r.get(h, "") for h in headers] for r in results])

@@ -82,7 +82,7 @@ def official_bra(attn: BiLevelRoutingAttention, x: torch.Tensor) -> torch.Tensor
 
 @pytest.mark.parametrize("dim,heads,topk,size,kv_chunk", [
     (64, 2, 1, (56, 56), 4), (128, 4, 4, (28, 28), 4), (256, 8, 16, (14, 14), 4),
-    (256, 8, 16, (14, 14), 3), (64, 2, 4, (23, 30), 2), (64, 2, 4, (23, 30), None),
+    (256, 8, 16, (14, 14), 3), (64, 2, 4, (23, 30), 2), (64, 2, 4, (23, 30), 0),
 ])
 def test_routed_attention_matches_official_algorithm(dim, heads, topk, size, kv_chunk):
     torch.manual_seed(0)
@@ -122,3 +122,23 @@ def test_bad_configuration_and_input():
     attn = BiLevelRoutingAttention(64, 2, 7, 1, auto_pad=False)
     with pytest.raises(ValueError, match="multiples of n_win"):
         attn(torch.randn(1, 15, 14, 64))
+
+
+def test_chunked_routing_holds_less_for_backward_than_the_full_gather():
+    from visionattn.tasks.bench import PeakTensorMemory
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 14, 14, 128, requires_grad=True)
+    peaks, outs = {}, {}
+    for chunk in (4, 0):
+        attn = BiLevelRoutingAttention(128, 4, 7, 16, kv_chunk=chunk)
+        torch.manual_seed(1)
+        attn.apply(lambda m: m.reset_parameters() if hasattr(m, "reset_parameters") else None)
+        with PeakTensorMemory() as mem:
+            y = attn(x)
+            saved = mem.live
+            y.sum().backward()
+        peaks[chunk], outs[chunk] = (saved, mem.peak), y.detach()
+    torch.testing.assert_close(outs[4], outs[0], rtol=1e-5, atol=1e-5)
+    assert peaks[4][0] < 0.6 * peaks[0][0]  # tensors kept for backward
+    assert peaks[4][1] < 0.6 * peaks[0][1]  # peak over forward and backward

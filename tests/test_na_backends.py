@@ -208,3 +208,13 @@ def test_value_head_dim_may_differ(backend):
         ref = na2d(q, k, v, (1, 5), stride=(1, 5), score=score, backend="reference")
         got = na2d(q.to(device), k.to(device), v.to(device), (1, 5), stride=(1, 5), score=score, backend=backend)
         torch.testing.assert_close(got.cpu(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_flop_counter_counts_the_op():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    q = torch.randn(2, 10, 12, 3, 16)
+    v = torch.randn(2, 10, 12, 3, 8)
+    with FlopCounterMode(display=False) as counter:
+        na2d(q, q, v, (3, 5), backend="cpu")
+    assert counter.get_total_flops() == 2 * 2 * 3 * 120 * 15 * (16 + 8)

@@ -14,8 +14,8 @@ Bi-level routing attention (BRA): split the map into ``n_win x n_win`` regions, 
 the ``topk`` regions whose mean key best matches its mean query, and attend within those. The official
 code gathers the K/V of all ``topk`` regions at once (``topk`` copies of K/V per query region); here the
 routed regions are visited ``kv_chunk`` at a time with an online softmax, so only ``kv_chunk`` copies exist
-at once (``kv_chunk=None`` reproduces the full gather; ``visionattn bench models biformer_tiny --compare
-gather`` measures both).
+at once, in inference and, by regathering each chunk in backward, in training too (``kv_chunk=0``
+reproduces the full gather; ``visionattn bench models biformer_tiny --compare gather`` measures both).
 """
 from __future__ import annotations
 
@@ -39,35 +39,53 @@ PAPER = "Zhu et al., BiFormer: Vision Transformer with Bi-Level Routing Attentio
 
 def routed_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor, num_heads: int, scale: float,
-    kv_chunk: int | None = None,
+    kv_chunk: int = 0,
 ) -> torch.Tensor:
     """Attention of each query region over its routed key regions.
 
     Args:
         q, k, v: ``[B, R, T, C]`` (R regions of T tokens; heads are contiguous channel groups).
         index: ``[B, R, topk]`` routed key-region indices per query region.
-        kv_chunk: routed regions gathered per step (online softmax across steps); None gathers all.
+        kv_chunk: routed regions gathered per step (online softmax across steps); 0 gathers all at once.
     Returns: ``[B, R, T, C]``.
     """
     B, R, T, C = q.shape
     hd = C // num_heads
     topk = index.shape[-1]
-    kv_chunk = topk if kv_chunk is None else max(1, min(kv_chunk, topk))
+    if kv_chunk < 0:
+        raise ValueError(f"kv_chunk must be >= 0 (0 = gather every routed region at once), got {kv_chunk}")
+    kv_chunk = topk if kv_chunk == 0 else min(kv_chunk, topk)
     qh = q.view(B, R, T, num_heads, hd).transpose(2, 3)  # [B, R, h, T, hd]
     kh = k.view(B, R, T, num_heads, hd).transpose(2, 3)
     vh = v.view(B, R, T, num_heads, hd).transpose(2, 3)
     batch = torch.arange(B, device=q.device)[:, None, None]
-    out = lse = None
-    for c0 in range(0, topk, kv_chunk):
-        sel = index[:, :, c0:c0 + kv_chunk]
+
+    def gather(sel):
         c = sel.shape[-1]
         kg = kh[batch, sel].permute(0, 1, 3, 2, 4, 5).reshape(B, R, num_heads, c * T, hd)  # [B, R, h, cT, hd]
         vg = vh[batch, sel].permute(0, 1, 3, 2, 4, 5).reshape(B, R, num_heads, c * T, hd)
-        logits = torch.matmul(qh, kg.transpose(-1, -2)) * scale  # [B, R, h, T, cT]
-        if c == topk:  # everything in one step: the plain softmax, as the official code computes it
-            return torch.matmul(logits.softmax(-1), vg).transpose(2, 3).reshape(B, R, T, C)
+        return kg, vg
+
+    if kv_chunk == topk:  # everything in one step: the plain softmax, as the official code computes it
+        kg, vg = gather(index)
+        logits = torch.matmul(qh, kg.transpose(-1, -2)) * scale  # [B, R, h, T, topk*T]
+        return torch.matmul(logits.softmax(-1), vg).transpose(2, 3).reshape(B, R, T, C)
+
+    def chunk_attention(qh, kh, vh, sel):
+        kg, vg = gather(sel)
+        logits = torch.matmul(qh, kg.transpose(-1, -2)) * scale
         chunk_lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-        chunk_out = torch.matmul(torch.exp(logits - chunk_lse), vg)
+        return torch.matmul(torch.exp(logits - chunk_lse), vg), chunk_lse
+
+    out = lse = None
+    for c0 in range(0, topk, kv_chunk):
+        sel = index[:, :, c0:c0 + kv_chunk]
+        if torch.is_grad_enabled():
+            # keep only this chunk's inputs for backward and regather there, so training, too, never holds
+            # more than one chunk of gathered K/V and scores
+            chunk_out, chunk_lse = checkpoint(chunk_attention, qh, kh, vh, sel, use_reentrant=False)
+        else:
+            chunk_out, chunk_lse = chunk_attention(qh, kh, vh, sel)
         if out is None:
             out, lse = chunk_out, chunk_lse
         else:
@@ -97,7 +115,7 @@ class BiLevelRoutingAttention(nn.Module):
     """
 
     def __init__(self, dim: int, num_heads: int = 8, n_win: int = 7, topk: int = 4, qk_scale: float | None = None,
-                 side_dwconv: int = 5, auto_pad: bool = True, kv_chunk: int | None = 4):
+                 side_dwconv: int = 5, auto_pad: bool = True, kv_chunk: int = 4):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim {dim} must be divisible by num_heads {num_heads}")
@@ -167,7 +185,7 @@ class Block(nn.Module):
     ``[B, dim, H, W] -> [B, dim, H, W]``. ``topk == -2`` selects global attention with LePE."""
 
     def __init__(self, dim: int, num_heads: int, topk: int, n_win: int, mlp_ratio: float, drop_path: float,
-                 cpe: bool = True, auto_pad: bool = True, kv_chunk: int | None = 4):
+                 cpe: bool = True, auto_pad: bool = True, kv_chunk: int = 4):
         super().__init__()
         self.pos_embed = nn.Conv2d(dim, dim, 3, padding=1, groups=dim) if cpe else None
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)  # eps 1e-6: the official comment says it avoids attention collapse
@@ -203,7 +221,7 @@ class BiFormer(nn.Module):
             ``'patch'`` (4x4 patchify + BN, with BN + 2x2 conv downsampling: the Swin-layout ablation, STL).
         cpe: the 3x3 depthwise conditional position encoding at the start of every block.
         auto_pad: pad maps whose size is not a multiple of n_win (no effect at 224x224).
-        kv_chunk: routed regions gathered at once (see module docstring); None = the official full gather.
+        kv_chunk: routed regions gathered at once (see module docstring); 0 = the official full gather.
 
     Shapes: ``forward`` ``[B, in_chans, H, W] -> [B, num_classes]``; ``forward_features`` ``-> [B, C4, H/32, W/32]``.
     """
@@ -227,7 +245,7 @@ class BiFormer(nn.Module):
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         auto_pad: bool = True,
-        kv_chunk: int | None = 4,
+        kv_chunk: int = 4,
     ):
         super().__init__()
         if global_pool not in self.GLOBAL_POOLS:

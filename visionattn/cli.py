@@ -1,8 +1,9 @@
-"""The ``visionattn`` command: ``list``, ``info``, ``bench``."""
+"""The ``visionattn`` command: ``list``, ``info``, ``bench``, ``train``, ``evaluate``, ``predict``."""
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -71,6 +72,40 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from visionattn.tasks.config import load_config
+    from visionattn.tasks.trainer import Trainer
+
+    cfg = load_config(args.config, args.overrides)
+    summary = Trainer(cfg, resume=args.resume, config_path=args.config).fit()
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from visionattn.tasks.config import load_config
+    from visionattn.tasks.trainer import Trainer, load_model_for_eval
+
+    cfg = load_config(args.config, args.overrides)
+    cfg.setdefault("train", {})["epochs"] = 0
+    trainer = Trainer(cfg, config_path=args.config)
+    model = load_model_for_eval(cfg, args.checkpoint, len(trainer.classes)).to(trainer.device)
+    metrics = trainer.evaluate(model)
+    if not metrics:
+        print("evaluate: the recipe defines no validation data (data.val_per_class, data.val_root or an npz val split)", file=sys.stderr)
+        return 2
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from visionattn.tasks.predict import predict_classification
+
+    return predict_classification(args.config, args.checkpoint, args.input, args.output, args.overrides,
+                                  overwrite=args.overwrite)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="visionattn", description="Attention-based vision and medical-imaging models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -102,14 +137,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip", help="kernels: comma-separated alternatives to leave out: naive, dense, flex")
     p.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     p.set_defaults(func=_cmd_bench)
+    p = sub.add_parser("train", help="train from a YAML recipe: `train CONFIG [key=value ...] [--resume]`")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides of the recipe")
+    p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/last.pt")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("evaluate", help="validation metrics of a checkpoint: `evaluate CONFIG --checkpoint PATH`")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--checkpoint", required=True, help=".safetensors weights or a trainer last.pt")
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("predict", help="classify images: `predict CONFIG --checkpoint PATH -i IMAGES -o OUT.csv`")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("-i", "--input", required=True, help="an image or a folder of images")
+    p.add_argument("-o", "--output", required=True, help="CSV file to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.set_defaults(func=_cmd_predict)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # key=value overrides may follow options (`train cfg.yaml --resume train.lr=0.1`)
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = list(args.overrides) + extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
-    except (KeyError, ValueError, TypeError, FileNotFoundError) as e:
+    except (KeyError, ValueError, TypeError, FileNotFoundError) as e:  # ConfigError/DataError are ValueErrors
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"visionattn {args.command}: error: {msg}", file=sys.stderr)
         return 2

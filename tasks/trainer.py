@@ -1,0 +1,473 @@
+"""The trainer behind ``visionattn train / evaluate / predict`` (classification recipes).
+
+One process or many (``torchrun``: DDP, gloo on CPU, NCCL on GPU). Mixed precision, gradient accumulation
+and clipping, EMA of weights, warmup + cosine schedule (timm's), weight-decay exclusions from
+``no_weight_decay()`` (timm's optimizer factory), checkpoints written atomically with everything needed to
+resume exactly (model, optimizer, scheduler, EMA, scaler, RNG states, position inside the epoch), best-model
+tracking, metrics to CSV (and TensorBoard when installed), a PNG of the curves at the end.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import yaml
+from tqdm import tqdm
+
+from visionattn.tasks.config import ConfigError, get_by_path, instantiate
+from visionattn.tasks.data import (
+    EpochBatches,
+    ImageFolderClassification,
+    NpzClassification,
+    SeededTransform,
+    build_transforms,
+)
+
+TRAIN_DEFAULTS = dict(
+    epochs=10, batch_size=64, accumulate=1, opt="adamw", lr=1e-3, weight_decay=0.05, warmup_epochs=1.0,
+    min_lr=1e-5, clip_grad=None, amp="none", ema_decay=0.0, label_smoothing=0.0, deterministic=True,
+    checkpoint_every=0, max_steps=None, eval_batch_size=256, num_workers=0, log_every=10,
+)
+
+
+# ---------------------------------------------------------------------------------------------------
+# processes
+
+
+def dist_setup(device: str) -> tuple[int, int]:
+    """Initialise torch.distributed from torchrun's environment (gloo on CPU, NCCL on CUDA)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def all_reduce_sum(values: list[float], device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def progress(iterable, **kwargs):
+    """tqdm that is quiet off a terminal and honours TQDM_DISABLE (tqdm reads it only if disable is unset)."""
+    if "TQDM_DISABLE" not in os.environ:
+        kwargs.setdefault("disable", None)
+    return tqdm(iterable, **kwargs)
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """Write to a temporary name in the same folder, then rename: a crash never leaves a partial file."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def atomic_save_weights(model: torch.nn.Module, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    np_state = state["numpy"]
+    np.random.set_state((np_state[0], np_state[1].numpy().astype(np.uint32), *np_state[2:]))
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+
+
+# ---------------------------------------------------------------------------------------------------
+# building from the recipe
+
+
+def build_datasets(cfg: dict, seed: int):
+    data = cfg.get("data") or {}
+    kind = data.get("kind", "image_folder")
+    img_size = int(data.get("img_size", 32))
+    mean, std = data.get("mean", (0.5, 0.5, 0.5)), data.get("std", (0.5, 0.5, 0.5))
+    gray = bool(data.get("grayscale_to_rgb", False))
+    t_train = build_transforms(img_size, mean, std, True, data.get("augment"), gray)
+    t_eval = build_transforms(img_size, mean, std, False, None, gray)
+    if kind == "image_folder":
+        root, vpc = data.get("root"), int(data.get("val_per_class", 0))
+        if not root:
+            raise ConfigError("data.root is required for data.kind=image_folder")
+        train = ImageFolderClassification(root, "train" if vpc else "all", vpc, t_train)
+        val = ImageFolderClassification(data.get("val_root", root), "val" if vpc else "all", vpc, t_eval) if (vpc or data.get("val_root")) else None
+    elif kind == "npz":
+        path = data.get("path")
+        if not path:
+            raise ConfigError("data.path is required for data.kind=npz")
+        train = NpzClassification(path, data.get("train_split", "train"), t_train)
+        val = NpzClassification(path, data.get("val_split", "val"), t_eval)
+    else:
+        raise ConfigError(f"data.kind must be 'image_folder' or 'npz', got {kind!r}")
+    return SeededTransform(train, seed), val, train.classes
+
+
+def build_model(cfg: dict, num_classes: int) -> torch.nn.Module:
+    import visionattn
+
+    spec = cfg.get("model")
+    if not spec:
+        raise ConfigError("the recipe has no 'model' section")
+    if "_target_" in spec:
+        return instantiate(spec, where="model")
+    kwargs = dict(spec.get("kwargs") or {})
+    kwargs.setdefault("num_classes", num_classes)
+    return visionattn.create_model(spec["name"], **kwargs)
+
+
+def resolve_path(value: str | None, base: Path) -> str | None:
+    """Relative data paths in a recipe are taken from the current folder, or else from the recipe's."""
+    if not value or os.path.isabs(value) or os.path.exists(value):
+        return value
+    candidate = base / value
+    return str(candidate) if candidate.exists() else value
+
+
+# ---------------------------------------------------------------------------------------------------
+# the trainer
+
+
+class Trainer:
+    """Trains the recipe's model. ``cfg`` is a loaded recipe (see ``configs/``)."""
+
+    def __init__(self, cfg: dict, resume: bool = False, config_path: str | None = None):
+        self.cfg = cfg
+        self.opts = dict(TRAIN_DEFAULTS, **(cfg.get("train") or {}))
+        unknown = set(self.opts) - set(TRAIN_DEFAULTS)
+        if unknown:
+            raise ConfigError(f"unknown train options {sorted(unknown)}; known: {sorted(TRAIN_DEFAULTS)}")
+        self.device = torch.device(cfg.get("device", "cuda" if torch.cuda.is_available() else "cpu"))
+        self.rank, self.world = dist_setup(self.device.type)
+        self.is_main = self.rank == 0
+        self.seed = int(cfg.get("seed", 0))
+        torch.manual_seed(self.seed)
+        np.random.seed(self.seed)
+        random.seed(self.seed)
+        if self.opts["deterministic"]:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            if self.device.type == "cuda":
+                torch.backends.cudnn.benchmark = False
+        base = Path(config_path).parent if config_path else Path(".")
+        data = cfg.setdefault("data", {})
+        for key in ("root", "val_root", "path"):
+            if key in data:
+                data[key] = resolve_path(data[key], base)
+        self.out = Path(cfg.get("output_dir", "runs/default"))
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+
+        self.train_set, self.val_set, self.classes = build_datasets(cfg, self.seed)
+        self.model = build_model(cfg, len(self.classes)).to(self.device)
+        self.net = self.model
+        if self.world > 1:
+            self.net = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+        from timm.optim import create_optimizer_v2
+        from timm.scheduler import CosineLRScheduler
+
+        o = self.opts
+        self.optimizer = create_optimizer_v2(self.model, opt=o["opt"], lr=o["lr"], weight_decay=o["weight_decay"])
+        self.batches = EpochBatches(len(self.train_set), o["batch_size"], self.seed, True, True, self.rank, self.world)
+        if len(self.batches) == 0:
+            raise ConfigError(f"batch size {o['batch_size']} is larger than the training set ({len(self.train_set)} samples)")
+        self.steps_per_epoch = math.ceil(len(self.batches) / o["accumulate"])
+        self.total_steps = self.steps_per_epoch * o["epochs"]
+        if o["max_steps"]:
+            self.total_steps = min(self.total_steps, int(o["max_steps"]))
+        self.scheduler = CosineLRScheduler(
+            self.optimizer, t_initial=max(1, self.total_steps), lr_min=o["min_lr"],
+            warmup_t=int(o["warmup_epochs"] * self.steps_per_epoch), warmup_lr_init=o["lr"] * 1e-3, t_in_epochs=False,
+        )
+        self.ema = None
+        if o["ema_decay"]:
+            from timm.utils import ModelEmaV3
+
+            self.ema = ModelEmaV3(self.model, decay=o["ema_decay"])
+        amp = o["amp"]
+        if amp not in ("none", "bf16", "fp16"):
+            raise ConfigError(f"train.amp must be 'none', 'bf16' or 'fp16', got {amp!r}")
+        if amp == "fp16" and self.device.type != "cuda":
+            raise ConfigError("train.amp=fp16 needs a CUDA device; use bf16 on CPU")
+        self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)) \
+            if amp != "none" else nullcontext
+        self.scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
+        self.loss_fn = instantiate(cfg["loss"], where="loss") if cfg.get("loss") else None
+
+        self.step = 0
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.best = None
+        self.history: list[dict] = []
+        if resume:
+            self._resume()
+        elif self.is_main:
+            (self.out / "metrics.csv").unlink(missing_ok=True)
+        if self.is_main:
+            (self.out / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+        self.tb = self._tensorboard()
+
+    # -- checkpoints -----------------------------------------------------------------------------
+
+    def checkpoint_state(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema else None,
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "rng": rng_state(),
+            "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+            "best": self.best, "classes": list(self.classes),
+        }
+
+    def save_checkpoint(self) -> None:
+        if not self.is_main:
+            return
+        atomic_torch_save(self.checkpoint_state(), self.out / "last.pt")
+        tmp = self.out / ".last.json.tmp"
+        tmp.write_text(json.dumps({"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}))
+        os.replace(tmp, self.out / "last.json")
+
+    def _resume(self) -> None:
+        path = self.out / "last.pt"
+        if not path.is_file():
+            raise FileNotFoundError(f"--resume: no checkpoint at {path}")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.ema and state.get("ema"):
+            self.ema.load_state_dict(state["ema"])
+        if self.scaler and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        self.best = state.get("best")
+        if self.is_main:  # drop metric rows written after the checkpoint
+            path = self.out / "metrics.csv"
+            if path.is_file():
+                rows = [r for r in csv.DictReader(path.open()) if int(r["step"]) <= self.step]
+                self._write_rows(rows, mode="w")
+
+    # -- metrics ---------------------------------------------------------------------------------
+
+    def _tensorboard(self):
+        if not self.is_main:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except Exception:  # tensorboard is optional
+            return None
+        return SummaryWriter(str(self.out / "tensorboard"))
+
+    def _write_rows(self, rows: list[dict], mode: str = "a") -> None:
+        path = self.out / "metrics.csv"
+        new = mode == "w" or not path.is_file()
+        with path.open(mode, newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["step", "epoch", "split", "name", "value"])
+            if new:
+                w.writeheader()
+            w.writerows(rows)
+
+    def log(self, split: str, values: dict[str, float]) -> None:
+        if not self.is_main:
+            return
+        rows = [dict(step=self.step, epoch=self.epoch, split=split, name=k, value=f"{v:.8g}") for k, v in values.items()]
+        self._write_rows(rows)
+        if self.tb:
+            for k, v in values.items():
+                self.tb.add_scalar(f"{split}/{k}", v, self.step)
+
+    # -- training --------------------------------------------------------------------------------
+
+    def _loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.loss_fn is not None:
+            return self.loss_fn(logits, target)
+        return F.cross_entropy(logits, target, label_smoothing=self.opts["label_smoothing"])
+
+    def _load_batch(self, dataset, indices: list[int]):
+        items = [dataset[i] for i in indices]
+        x = torch.stack([it[0] for it in items]).to(self.device)
+        y = torch.tensor([it[1] for it in items], device=self.device)
+        return x, y
+
+    def fit(self) -> dict:
+        o = self.opts
+        start = time.time()
+        done = self.step >= self.total_steps
+        while not done and self.epoch < o["epochs"]:
+            self.train_set.set_epoch(self.epoch)
+            self.model.train()
+            epoch_batches = self.batches.batches(self.epoch)
+            todo = epoch_batches[self.batch_in_epoch:]
+            bar = progress(todo, desc=f"epoch {self.epoch}", leave=False) if self.is_main else todo
+            accum = []
+            for indices in bar:
+                accum.append(indices)
+                self.batch_in_epoch += 1
+                last_of_epoch = self.batch_in_epoch == len(epoch_batches)
+                if len(accum) < o["accumulate"] and not last_of_epoch:
+                    continue
+                loss = self._optimizer_step(accum)
+                accum = []
+                self.step += 1
+                if self.step % o["log_every"] == 0 or self.step == 1:
+                    self.log("train", {"loss": loss, "lr": self.optimizer.param_groups[0]["lr"]})
+                if self.is_main and hasattr(bar, "set_postfix"):
+                    bar.set_postfix(loss=f"{loss:.3f}")
+                if o["checkpoint_every"] and self.step % o["checkpoint_every"] == 0 and not last_of_epoch:
+                    self.save_checkpoint()
+                if self.step >= self.total_steps:
+                    done = True
+                    break
+            if self.batch_in_epoch >= len(epoch_batches):
+                self.epoch += 1
+                self.batch_in_epoch = 0
+            metrics = self.evaluate_and_track()
+            self.save_checkpoint()
+            if self.is_main and metrics:
+                print(f"epoch {self.epoch} step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
+        if self.is_main:
+            atomic_save_weights(self.ema.module if self.ema else self.model, self.out / "model.safetensors")
+            self.plot()
+        summary = {"steps": self.step, "epochs": self.epoch, "best": self.best, "seconds": time.time() - start}
+        if self.is_main:
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+    def _optimizer_step(self, accum: list[list[int]]) -> float:
+        o = self.opts
+        n_total = sum(len(b) for b in accum)
+        total = 0.0
+        for i, indices in enumerate(accum):
+            x, y = self._load_batch(self.train_set, indices)
+            sync = nullcontext() if (self.world == 1 or i == len(accum) - 1) else self.net.no_sync()
+            with sync:
+                with self.autocast():
+                    loss = self._loss(self.net(x), y) * (len(indices) / n_total)
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
+            total += loss.item()
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        if o["clip_grad"]:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), o["clip_grad"])
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step_update(self.step + 1)
+        if self.ema:
+            self.ema.update(self.model, step=self.step)
+        return all_reduce_sum([total], self.device)[0] / self.world
+
+    @torch.no_grad()
+    def evaluate(self, model: torch.nn.Module | None = None, dataset=None) -> dict[str, float]:
+        """Loss and top-1 accuracy on the validation set, reduced across processes."""
+        model = model or (self.ema.module if self.ema else self.model)
+        dataset = dataset if dataset is not None else self.val_set
+        if dataset is None:
+            return {}
+        model.eval()
+        n = len(dataset)
+        idx = list(range(self.rank, n, self.world))
+        bs = self.opts["eval_batch_size"]
+        loss_sum = correct = count = 0.0
+        for b in range(0, len(idx), bs):
+            x, y = self._load_batch(dataset, idx[b:b + bs])
+            with self.autocast():
+                logits = model(x).float()
+            loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+            correct += (logits.argmax(1) == y).sum().item()
+            count += len(y)
+        loss_sum, correct, count = all_reduce_sum([loss_sum, correct, count], self.device)
+        return {"loss": loss_sum / count, "acc": correct / count}
+
+    def evaluate_and_track(self) -> dict[str, float]:
+        metrics = self.evaluate()
+        if metrics:
+            self.log("val", metrics)
+            if self.best is None or metrics["acc"] > self.best["acc"]:
+                self.best = {"acc": metrics["acc"], "loss": metrics["loss"], "step": self.step, "epoch": self.epoch}
+                if self.is_main:
+                    atomic_save_weights(self.ema.module if self.ema else self.model, self.out / "best.safetensors")
+        return metrics
+
+    def plot(self) -> Path | None:
+        """Training loss and validation accuracy against steps, as ``curves.png`` (needs matplotlib)."""
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except Exception:
+            return None
+        rows = list(csv.DictReader((self.out / "metrics.csv").open())) if (self.out / "metrics.csv").is_file() else []
+        series: dict[tuple[str, str], list[tuple[int, float]]] = {}
+        for r in rows:
+            series.setdefault((r["split"], r["name"]), []).append((int(r["step"]), float(r["value"])))
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+        panels = {0: [("train", "loss"), ("val", "loss")], 1: [("val", "acc")]}
+        for i, keys in panels.items():
+            for key in keys:
+                if key in series:
+                    xs, ys = zip(*series[key])
+                    axes[i].plot(xs, ys, label=f"{key[0]} {key[1]}", marker="o" if key[0] == "val" else None)
+            axes[i].set_xlabel("optimizer step")
+            axes[i].legend()
+            axes[i].grid(alpha=0.3)
+        axes[0].set_title("loss")
+        axes[1].set_title("validation accuracy")
+        fig.tight_layout()
+        path = self.out / "curves.png"
+        tmp = self.out / ".curves.tmp.png"
+        fig.savefig(tmp, dpi=100)
+        plt.close(fig)
+        os.replace(tmp, path)
+        return path
+
+
+def load_model_for_eval(cfg: dict, checkpoint: str, num_classes: int) -> torch.nn.Module:
+    """The recipe's model with weights from a ``.safetensors`` file or a trainer checkpoint (``last.pt``)."""
+    import visionattn
+
+    model = build_model(cfg, num_classes)
+    if checkpoint.endswith(".pt"):
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or "model" not in state:
+            raise ConfigError(f"{checkpoint} is not a visionattn trainer checkpoint (no 'model' entry)")
+        model.load_state_dict(state["model"])
+    else:
+        visionattn.load_checkpoint(model, checkpoint)
+    return model.eval()

@@ -1,0 +1,160 @@
+"""The trainer on a small synthetic image folder: a run killed mid-epoch and resumed equals an uninterrupted
+one, two gloo processes equal one process with the same global batch, bad data is named, and the
+evaluate/predict commands work on the result."""
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from visionattn.cli import main
+
+RECIPE = """
+seed: 3
+output_dir: {out}
+model:
+  name: ninformer_cifar
+  kwargs: {{img_size: 16, patch_size: 4, embed_dim: 32, mlp_dim: 64, depth: 2, drop_rate: {drop}}}
+data:
+  kind: image_folder
+  root: {data}
+  val_per_class: 4
+  img_size: 16
+train:
+  epochs: {epochs}
+  batch_size: 4
+  lr: 0.003
+  warmup_epochs: 0.5
+  log_every: 1
+  checkpoint_every: 3
+  ema_decay: 0.9
+  clip_grad: 1.0
+"""
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory) -> Path:
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("imgs")
+    rng = np.random.default_rng(0)
+    for name, base in (("dark", 70), ("bright", 180)):
+        (root / name).mkdir()
+        for i in range(24):
+            Image.fromarray(np.clip(rng.normal(base, 45, (16, 16, 3)), 0, 255).astype(np.uint8)).save(root / name / f"{i:02d}.png")
+    return root
+
+
+def write_recipe(path: Path, data: Path, out: Path, epochs=4, drop=0.1) -> Path:
+    path.write_text(RECIPE.format(out=out, data=data, epochs=epochs, drop=drop))
+    return path
+
+
+def run(args, **kw):
+    env = dict(os.environ, TQDM_DISABLE="1", OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-m", "visionattn", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def rows(out: Path):
+    return [(r["step"], r["split"], r["name"], r["value"]) for r in csv.DictReader((out / "metrics.csv").open())]
+
+
+def test_killed_run_resumes_exactly(image_folder, tmp_path):
+    ref = write_recipe(tmp_path / "ref.yaml", image_folder, tmp_path / "ref", epochs=8)
+    p = run(["train", str(ref)])
+    assert p.wait(timeout=300) == 0, p.stdout.read()
+
+    cfg = write_recipe(tmp_path / "cut.yaml", image_folder, tmp_path / "cut", epochs=8)
+    p = run(["train", str(cfg)])
+    marker = tmp_path / "cut" / "last.json"
+    deadline = time.time() + 240
+    while time.time() < deadline and p.poll() is None:
+        if marker.is_file() and '"step": 1' in marker.read_text() and '"batch_in_epoch": 0' not in marker.read_text():
+            break  # a mid-epoch checkpoint at step >= 12 exists
+        time.sleep(0.01)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert not (tmp_path / "cut" / "summary.json").exists(), "the run finished before it could be killed"
+    p = run(["train", str(cfg), "--resume"])
+    assert p.wait(timeout=300) == 0, p.stdout.read()
+
+    assert rows(tmp_path / "cut") == rows(tmp_path / "ref")  # every logged loss, lr and val metric
+    a, b = load_file(str(tmp_path / "cut" / "model.safetensors")), load_file(str(tmp_path / "ref" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_processes_match_one_with_the_same_global_batch(image_folder, tmp_path):
+    one = write_recipe(tmp_path / "one.yaml", image_folder, tmp_path / "one", epochs=2, drop=0.0)
+    two = write_recipe(tmp_path / "two.yaml", image_folder, tmp_path / "two", epochs=2, drop=0.0)
+    p = run(["train", str(one)])
+    assert p.wait(timeout=300) == 0, p.stdout.read()
+    env = dict(os.environ, TQDM_DISABLE="1", OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "visionattn", "train", str(two)], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    a, b = rows(tmp_path / "one"), rows(tmp_path / "two")
+    assert [x[:3] for x in a] == [x[:3] for x in b]
+    for x, y in zip(a, b):  # same curve up to the order of floating-point sums across processes
+        assert abs(float(x[3]) - float(y[3])) <= 1e-4 * max(1.0, abs(float(x[3]))), (x, y)
+    wa, wb = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "two" / "model.safetensors"))
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4
+
+
+def test_outputs_evaluate_and_predict(image_folder, tmp_path, capsys):
+    cfg = write_recipe(tmp_path / "r.yaml", image_folder, tmp_path / "r", epochs=3)
+    assert main(["train", str(cfg), "train.amp=bf16"]) == 0
+    out = tmp_path / "r"
+    for name in ("last.pt", "best.safetensors", "model.safetensors", "metrics.csv", "curves.png", "config.yaml", "summary.json"):
+        assert (out / name).is_file(), name
+    capsys.readouterr()
+    assert main(["evaluate", str(cfg), "--checkpoint", str(out / "best.safetensors")]) == 0
+    assert '"acc"' in capsys.readouterr().out
+    assert main(["evaluate", str(cfg), "--checkpoint", str(out / "last.pt")]) == 0
+
+    (image_folder.parent / "broken.png").write_bytes(b"not an image")
+    images = tmp_path / "pred_in"
+    images.mkdir()
+    for f in sorted((image_folder / "dark").iterdir())[:3]:
+        (images / f.name).write_bytes(f.read_bytes())
+    (images / "zz_broken.png").write_bytes(b"\x89PNG truncated")
+    csv_out = tmp_path / "pred.csv"
+    rc = main(["predict", str(cfg), "--checkpoint", str(out / "model.safetensors"), "-i", str(images), "-o", str(csv_out)])
+    assert rc == 1  # one file failed, the others were written
+    err = capsys.readouterr().err
+    assert "zz_broken.png" in err
+    lines = csv_out.read_text().splitlines()
+    assert lines[0].startswith("path,class_index") and len(lines) == 4
+    assert main(["predict", str(cfg), "--checkpoint", str(out / "model.safetensors"), "-i", str(images), "-o", str(csv_out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_bad_data_is_named(tmp_path, capsys, image_folder):
+    cfg = write_recipe(tmp_path / "a.yaml", tmp_path / "missing", tmp_path / "a")
+    assert main(["train", str(cfg)]) == 2
+    assert "data set folder not found" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    (empty / "cls").mkdir(parents=True)
+    cfg = write_recipe(tmp_path / "b.yaml", empty, tmp_path / "b")
+    assert main(["train", str(cfg)]) == 2
+    assert "holds no images" in capsys.readouterr().err
+    corrupt = tmp_path / "corrupt"
+    for c in ("a", "b"):
+        (corrupt / c).mkdir(parents=True)
+        for i in range(6):
+            (corrupt / c / f"{i}.png").write_bytes((image_folder / "dark" / f"{i:02d}.png").read_bytes())
+    (corrupt / "a" / "3.png").write_bytes(b"garbage")
+    cfg = write_recipe(tmp_path / "c.yaml", corrupt, tmp_path / "c")
+    assert main(["train", str(cfg)]) == 2
+    assert "3.png" in capsys.readouterr().err
+    assert main(["train", str(cfg), "train.bogus=1"]) == 2
+    assert "unknown train options" in capsys.readouterr().err
+    assert main(["train", str(cfg), "--resume", "output_dir=" + str(tmp_path / "nothing")]) == 2
+    assert "no checkpoint" in capsys.readouterr().err

@@ -37,25 +37,17 @@ def _window(p, Lg, K: tl.constexpr, S: tl.constexpr, CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def _na_fwd_kernel(
-    Q, Kt, V, RPB, DECAY, O, LSE,
-    sq_b, sq_0, sq_1, sq_2, sq_h,
-    sv_b, sv_0, sv_1, sv_2, sv_h,
-    so_b, so_0, so_1, so_2, so_h,
-    sl_b, sl_0, sl_1, sl_2, sl_h,
-    L0, L1, L2, H, D, DV, n_qblocks2, scale,
-    K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
-    D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
-    S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr,
-    C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr,
-    HAS_RPB: tl.constexpr, HAS_DECAY: tl.constexpr, SIGMOID: tl.constexpr, DOT_FP32: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-):
+def _program_tile(L0, L1, L2, H, n_qblocks2,
+                  K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
+                  D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
+                  S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr,
+                  C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, BLOCK_Q: tl.constexpr):
+    """This program's batch, head and query tile: fixed coordinates (i0, i1) with their windows on axes 0
+    and 1, and BLOCK_Q queries of dilation group g2 on the last axis with their windows and union [lo, hi)."""
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    # program -> (i0, i1, dilation group g2 of the last axis, query block within the group)
     qb = pid % n_qblocks2
     rest = pid // n_qblocks2
     g2 = rest % D2
@@ -80,7 +72,26 @@ def _na_fwd_kernel(
     lo = tl.min(tl.where(q_valid, w2s, 1 << 30), axis=0)
     hi = tl.max(tl.where(q_valid, w2e, 0), axis=0)
     i2 = p2c * D2 + g2
+    return b, h, i0, i1, g0, g1, g2, p0, p1, w0s, w0e, w1s, w1e, p2c, q_valid, w2s, w2e, lo, hi, i2
 
+
+@triton.jit
+def _na_fwd_kernel(
+    Q, Kt, V, RPB, DECAY, O, LSE,
+    sq_b, sq_0, sq_1, sq_2, sq_h,
+    sv_b, sv_0, sv_1, sv_2, sv_h,
+    so_b, so_0, so_1, so_2, so_h,
+    sl_b, sl_0, sl_1, sl_2, sl_h,
+    L0, L1, L2, H, D, DV, n_qblocks2, scale,
+    K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
+    D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
+    S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr,
+    C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr,
+    HAS_RPB: tl.constexpr, HAS_DECAY: tl.constexpr, SIGMOID: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    b, h, i0, i1, g0, g1, g2, p0, p1, w0s, w0e, w1s, w1e, p2c, q_valid, w2s, w2e, lo, hi, i2 = _program_tile(
+        L0, L1, L2, H, n_qblocks2, K0, K1, K2, D0, D1, D2, S0, S1, S2, C0, C1, C2, BLOCK_Q)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     q_ptrs = Q + b * sq_b + i0 * sq_0 + i1 * sq_1 + i2[:, None] * sq_2 + h * sq_h + offs_d[None, :]
@@ -152,35 +163,8 @@ def _na_bwd_kernel(
     BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     # Q, K, V, DO arrive as fp32 copies; DQ/DK/DV_ are fp32 with Q's (or V's) strides.
-    pid = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    qb = pid % n_qblocks2
-    rest = pid // n_qblocks2
-    g2 = rest % D2
-    rest = rest // D2
-    i1 = rest % L1
-    i0 = rest // L1
-
-    g0 = i0 % D0
-    p0 = i0 // D0
-    Lg0 = L0 // D0 + (g0 < L0 % D0).to(tl.int32)
-    g1 = i1 % D1
-    p1 = i1 // D1
-    Lg1 = L1 // D1 + (g1 < L1 % D1).to(tl.int32)
-    Lg2 = L2 // D2 + (g2 < L2 % D2).to(tl.int32)
-    w0s, w0e = _window(p0, Lg0, K0, S0, C0)
-    w1s, w1e = _window(p1, Lg1, K1, S1, C1)
-
-    p2 = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    q_valid = p2 < Lg2
-    p2c = tl.minimum(p2, Lg2 - 1)
-    w2s, w2e = _window(p2c, Lg2, K2, S2, C2)
-    lo = tl.min(tl.where(q_valid, w2s, 1 << 30), axis=0)
-    hi = tl.max(tl.where(q_valid, w2e, 0), axis=0)
-    i2 = p2c * D2 + g2
-
+    b, h, i0, i1, g0, g1, g2, p0, p1, w0s, w0e, w1s, w1e, p2c, q_valid, w2s, w2e, lo, hi, i2 = _program_tile(
+        L0, L1, L2, H, n_qblocks2, K0, K1, K2, D0, D1, D2, S0, S1, S2, C0, C1, C2, BLOCK_Q)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     qmask = q_valid[:, None] & (offs_d[None, :] < D)

@@ -29,6 +29,7 @@ ALLOWED_PREFIXES = (
     "monai.losses",
     "monai.networks",
     "monai.metrics",
+    "monai.inferers",
     "albumentations",
     "torchvision.transforms",
 )

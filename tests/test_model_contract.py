@@ -13,7 +13,8 @@ CLASSIFIERS = [n for n in visionattn.list_models(task="classification") if visio
 SIZE = 64  # small inputs keep the suite fast; every family accepts img_size
 SMALL = dict(img_size=SIZE)
 # one cheap model per family: the first one each family module registers
-SMALLEST = list({visionattn.get_entry(n).fn.__module__: n for n in reversed(visionattn.registry._REGISTRY)}.values())
+SMALLEST = list({visionattn.get_entry(n).fn.__module__: n
+                  for n in reversed(visionattn.registry._REGISTRY) if n in CLASSIFIERS}.values())
 
 
 def _create(name, **kwargs):

@@ -149,7 +149,7 @@ def _check_kwargs(entry: ModelEntry, kwargs: dict) -> None:
     builder_keys = {
         "features_only", "out_indices", "feature_cls", "feature_cfg", "output_stride", "pretrained_cfg",
         "pretrained_cfg_overlay", "pretrained_strict", "cache_dir", "scriptable", "exportable", "no_jit",
-        "feature_cfg", "flatten_sequential",
+        "flatten_sequential",
     }
     params = inspect.signature(entry.model_cls.__init__).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
@@ -276,7 +276,7 @@ def model_info(name: str, **kwargs: Any) -> dict[str, Any]:
     """Task, parameter count, FLOPs at the default input size, default input size and paper reference."""
     entry = get_entry(name)
     model = create_model(name, **kwargs)
-    input_size = tuple(kwargs.get("input_size") or _model_input_size(model, entry))
+    input_size = _model_input_size(model, entry)
     params = sum(p.numel() for p in model.parameters())
     flops = count_flops(model, input_size)
     return {

@@ -30,6 +30,7 @@ from timm.models._features import feature_take_indices
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from visionattn.layers.classifier import ClassifierMixin
 from visionattn.registry import register_model
 
 __all__ = ["BiFormer", "BiLevelRoutingAttention", "AttentionLePE", "routed_attention"]
@@ -209,7 +210,7 @@ class Block(nn.Module):
         return x.permute(0, 3, 1, 2)
 
 
-class BiFormer(nn.Module):
+class BiFormer(ClassifierMixin, nn.Module):
     """BiFormer classifier (4 stages, output strides 4/8/16/32).
 
     Args:
@@ -248,8 +249,7 @@ class BiFormer(nn.Module):
         kv_chunk: int = 4,
     ):
         super().__init__()
-        if global_pool not in self.GLOBAL_POOLS:
-            raise ValueError(f"global_pool must be one of {self.GLOBAL_POOLS}, got {global_pool!r}")
+        self._check_pool(global_pool)
         if not (len(depths) == len(embed_dims) == len(topks) == 4):
             raise ValueError("depths, embed_dims and topks need one entry per stage (4)")
         for d in embed_dims[:3]:
@@ -314,33 +314,6 @@ class BiFormer(nn.Module):
         return dict(stem=r"^downsample_layers\.0", blocks=[(r"^stages\.(\d+)" if coarse else r"^stages\.(\d+)\.(\d+)", None),
                                                             (r"^downsample_layers\.(\d+)", (0,)), (r"^norm", (99999,))])
 
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            if global_pool not in self.GLOBAL_POOLS:
-                raise ValueError(f"global_pool must be one of {self.GLOBAL_POOLS}, got {global_pool!r}")
-            self.global_pool = global_pool
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
-    def _check_input(self, x: torch.Tensor) -> None:
-        if x.ndim != 4:
-            raise ValueError(f"BiFormer expects images [B, C, H, W], got a tensor of shape {tuple(x.shape)}")
-        if x.shape[1] != self.in_chans:
-            raise ValueError(
-                f"BiFormer was built for in_chans={self.in_chans}, got {x.shape[1]} channels; "
-                f"create the model with in_chans={x.shape[1]} or convert the images"
-            )
-        if min(x.shape[-2:]) < 32:
-            raise ValueError(f"BiFormer needs inputs of at least 32x32 (output stride 32), got {x.shape[-2]}x{x.shape[-1]}")
-
     def _stage(self, i: int, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample_layers[i](x)
         for blk in self.stages[i]:
@@ -352,7 +325,7 @@ class BiFormer(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, C, H, W] -> [B, C4, H/32, W/32]`` (after the final BatchNorm)."""
-        self._check_input(x)
+        self.check_image_input(x, min_size=32)
         for i in range(4):
             x = self._stage(i, x)
         return self.norm(x)
@@ -371,7 +344,7 @@ class BiFormer(nn.Module):
         ``norm`` is set."""
         if output_fmt != "NCHW":
             raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
-        self._check_input(x)
+        self.check_image_input(x, min_size=32)
         take, max_index = feature_take_indices(4, indices)
         last = max_index if (stop_early or intermediates_only) else 3
         intermediates = []

@@ -31,6 +31,7 @@ from timm.models._features import feature_take_indices
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from visionattn.layers.classifier import ClassifierMixin
 from visionattn.registry import register_model
 
 __all__ = ["ConViT", "GatedPositionalSelfAttention", "MultiHeadSelfAttention", "relative_offsets"]
@@ -220,7 +221,7 @@ class Block(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
-class ConViT(nn.Module):
+class ConViT(ClassifierMixin, nn.Module):
     """ConViT image classifier.
 
     Args:
@@ -263,8 +264,7 @@ class ConViT(nn.Module):
         locality_strength: float = 1.0,
     ):
         super().__init__()
-        if global_pool not in self.GLOBAL_POOLS:
-            raise ValueError(f"global_pool must be one of {self.GLOBAL_POOLS}, got {global_pool!r}")
+        self._check_pool(global_pool)
         if not 0 <= local_up_to_layer < depth:
             raise ValueError(
                 f"local_up_to_layer must be in [0, depth={depth}) so that the class token is inserted; "
@@ -333,39 +333,8 @@ class ConViT(nn.Module):
     def group_matcher(self, coarse: bool = False) -> dict:
         return dict(stem=r"^cls_token|pos_embed|patch_embed", blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
 
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            if global_pool not in self.GLOBAL_POOLS:
-                raise ValueError(f"global_pool must be one of {self.GLOBAL_POOLS}, got {global_pool!r}")
-            self.global_pool = global_pool
-        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-
-    def _check_input(self, x: torch.Tensor) -> None:
-        if x.ndim != 4:
-            raise ValueError(f"ConViT expects images [B, C, H, W], got a tensor of shape {tuple(x.shape)}")
-        if x.shape[1] != self.in_chans:
-            raise ValueError(
-                f"ConViT was built for in_chans={self.in_chans}, got {x.shape[1]} channels; "
-                f"create the model with in_chans={x.shape[1]} or convert the images"
-            )
-        if tuple(x.shape[-2:]) != self.img_size:
-            raise ValueError(
-                f"ConViT was built for {self.img_size[0]}x{self.img_size[1]} inputs (its position embedding "
-                f"has a fixed size), got {x.shape[-2]}x{x.shape[-1]}; resize the images or create the model "
-                f"with img_size=({x.shape[-2]}, {x.shape[-1]})"
-            )
-
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
+        self.check_image_input(x, fixed_size=self.img_size, why_fixed="its position embedding has a fixed size")
         return self.pos_drop(self.patch_embed(x) + self.pos_embed)
 
     def _run_block(self, i: int, x: torch.Tensor) -> torch.Tensor:

@@ -40,6 +40,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from visionattn.kernels import na2d
+from visionattn.layers.classifier import ClassifierMixin
 from visionattn.registry import register_model
 
 __all__ = ["GatedSwinRMT", "WindowedRetention", "retention_decay_rates", "balanced_alibi_slopes"]
@@ -214,7 +215,7 @@ def _conv_bn(cin, cout, stride, act=True):
     return layers + [nn.GELU()] if act else layers
 
 
-class GatedSwinRMT(nn.Module):
+class GatedSwinRMT(ClassifierMixin, nn.Module):
     """Gated-SwinRMT classifier (4 stages, output strides 4/8/16/32).
 
     Args:
@@ -252,8 +253,7 @@ class GatedSwinRMT(nn.Module):
         backend: str = "auto",
     ):
         super().__init__()
-        if global_pool not in self.GLOBAL_POOLS:
-            raise ValueError(f"global_pool must be one of {self.GLOBAL_POOLS}, got {global_pool!r}")
+        self._check_pool(global_pool)
         if not (len(depths) == len(embed_dims) == len(num_heads) == len(heads_ranges) == 4):
             raise ValueError("depths, embed_dims, num_heads and heads_ranges need one entry per stage (4)")
         for d, h in zip(embed_dims, num_heads):
@@ -311,33 +311,6 @@ class GatedSwinRMT(nn.Module):
         return dict(stem=r"^stem", blocks=[(r"^stages\.(\d+)" if coarse else r"^stages\.(\d+)\.(\d+)", None),
                                            (r"^downsamples\.(\d+)", (0,))])
 
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            if global_pool not in self.GLOBAL_POOLS:
-                raise ValueError(f"global_pool must be one of {self.GLOBAL_POOLS}, got {global_pool!r}")
-            self.global_pool = global_pool
-        self.head = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
-
-    def _check_input(self, x: torch.Tensor) -> None:
-        if x.ndim != 4:
-            raise ValueError(f"GatedSwinRMT expects images [B, C, H, W], got a tensor of shape {tuple(x.shape)}")
-        if x.shape[1] != self.in_chans:
-            raise ValueError(
-                f"GatedSwinRMT was built for in_chans={self.in_chans}, got {x.shape[1]} channels; "
-                f"create the model with in_chans={x.shape[1]} or convert the images"
-            )
-        if min(x.shape[-2:]) < 32:
-            raise ValueError(f"GatedSwinRMT needs inputs of at least 32x32 (output stride 32), got {x.shape[-2]}x{x.shape[-1]}")
-
     def _stage(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """``[B, C_{i-1}, H, W]`` (or the image) -> ``[B, C_i, H', W']``."""
         x = self.stem(x) if i == 0 else self.downsamples[i - 1](x)
@@ -351,7 +324,7 @@ class GatedSwinRMT(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, C, H, W] -> [B, C4, H/32, W/32]``."""
-        self._check_input(x)
+        self.check_image_input(x, min_size=32)
         for i in range(4):
             x = self._stage(i, x)
         return x
@@ -372,7 +345,7 @@ class GatedSwinRMT(nn.Module):
         """Stage outputs ``[B, C_i, H/4/2^i, W/4/2^i]`` (timm's API; there is no final norm)."""
         if output_fmt != "NCHW":
             raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
-        self._check_input(x)
+        self.check_image_input(x, min_size=32)
         take, max_index = feature_take_indices(4, indices)
         last = max_index if (stop_early or intermediates_only) else 3
         intermediates = []
@@ -427,20 +400,6 @@ def _variant(name: str, mixer: str, size: dict, pretrained: bool, kwargs: dict) 
     return _create(name, pretrained, **dict(dict(size, mixer=mixer), **kwargs))
 
 
-@register_model(task="classification", paper=PAPER, model_cls=GatedSwinRMT,
-                notes="paper size (reconstruction): 79.5M params at 100 classes, Mini-ImageNet top-1 80.22 (paper)")
-def gated_swinrmt_swat(pretrained: bool = False, **kwargs: Any) -> GatedSwinRMT:
-    """SWAT variant at the paper's size: widths 128..1024, depths 2,2,16,2, 100 classes."""
-    return _variant("gated_swinrmt_swat", "swat", _PAPER_SIZE, pretrained, kwargs)
-
-
-@register_model(task="classification", paper=PAPER, model_cls=GatedSwinRMT,
-                notes="paper size (reconstruction): 79.5M params at 100 classes, Mini-ImageNet top-1 78.20 (paper)")
-def gated_swinrmt_retention(pretrained: bool = False, **kwargs: Any) -> GatedSwinRMT:
-    """Retention variant at the paper's size: widths 128..1024, depths 2,2,16,2, 100 classes."""
-    return _variant("gated_swinrmt_retention", "retention", _PAPER_SIZE, pretrained, kwargs)
-
-
 @register_model(task="classification", paper=PAPER, model_cls=GatedSwinRMT, input_size=(3, 32, 32),
                 notes="CIFAR-10 (ours): widths 64..512, depths 2,2,4,2, 32x32 input")
 def gated_swinrmt_swat_cifar(pretrained: bool = False, **kwargs: Any) -> GatedSwinRMT:
@@ -477,3 +436,17 @@ def gated_swinrmt_swat_small(pretrained: bool = False, **kwargs: Any) -> GatedSw
 def gated_swinrmt_retention_small(pretrained: bool = False, **kwargs: Any) -> GatedSwinRMT:
     """Retention variant in RMT-S's layout (widths 64..512, depths 3,4,18,4)."""
     return _variant("gated_swinrmt_retention_small", "retention", _SMALL, pretrained, kwargs)
+
+
+@register_model(task="classification", paper=PAPER, model_cls=GatedSwinRMT,
+                notes="paper size (reconstruction): 79.5M params at 100 classes, Mini-ImageNet top-1 80.22 (paper)")
+def gated_swinrmt_swat(pretrained: bool = False, **kwargs: Any) -> GatedSwinRMT:
+    """SWAT variant at the paper's size: widths 128..1024, depths 2,2,16,2, 100 classes."""
+    return _variant("gated_swinrmt_swat", "swat", _PAPER_SIZE, pretrained, kwargs)
+
+
+@register_model(task="classification", paper=PAPER, model_cls=GatedSwinRMT,
+                notes="paper size (reconstruction): 79.5M params at 100 classes, Mini-ImageNet top-1 78.20 (paper)")
+def gated_swinrmt_retention(pretrained: bool = False, **kwargs: Any) -> GatedSwinRMT:
+    """Retention variant at the paper's size: widths 128..1024, depths 2,2,16,2, 100 classes."""
+    return _variant("gated_swinrmt_retention", "retention", _PAPER_SIZE, pretrained, kwargs)

@@ -9,8 +9,10 @@ from timm.models._features import feature_take_indices
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from visionattn.layers.classifier import ClassifierMixin
 
-class IsotropicPatchClassifier(nn.Module):
+
+class IsotropicPatchClassifier(ClassifierMixin, nn.Module):
     """Base class. Subclasses build ``self.blocks`` (an ``nn.ModuleList`` of ``[B, N, dim] -> [B, N, dim]``
     blocks) after calling ``super().__init__``.
 
@@ -26,8 +28,7 @@ class IsotropicPatchClassifier(nn.Module):
         self.img_size = to_2tuple(img_size)
         if self.img_size[0] % patch_size or self.img_size[1] % patch_size:
             raise ValueError(f"img_size {self.img_size} must be divisible by patch_size {patch_size}")
-        if global_pool not in self.GLOBAL_POOLS:
-            raise ValueError(f"global_pool must be one of {self.GLOBAL_POOLS}, got {global_pool!r}")
+        self._check_pool(global_pool)
         self.patch_size = patch_size
         self.in_chans = in_chans
         self.num_classes = num_classes
@@ -44,26 +45,6 @@ class IsotropicPatchClassifier(nn.Module):
             dict(num_chs=embed_dim, reduction=patch_size, module=f"blocks.{i}") for i in range(depth)
         ]
 
-    def _check_input(self, x: torch.Tensor) -> None:
-        name = type(self).__name__
-        if x.ndim != 4:
-            raise ValueError(f"{name} expects images [B, C, H, W], got a tensor of shape {tuple(x.shape)}")
-        if x.shape[1] != self.in_chans:
-            raise ValueError(
-                f"{name} was built for in_chans={self.in_chans}, got {x.shape[1]} channels; "
-                f"create the model with in_chans={x.shape[1]} or convert the images"
-            )
-        if tuple(x.shape[-2:]) != self.img_size:
-            raise ValueError(
-                f"{name} was built for {self.img_size[0]}x{self.img_size[1]} inputs (its token count is fixed), "
-                f"got {x.shape[-2]}x{x.shape[-1]}; resize the images or create the model with "
-                f"img_size=({x.shape[-2]}, {x.shape[-1]})"
-            )
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
         return set()
@@ -72,20 +53,8 @@ class IsotropicPatchClassifier(nn.Module):
     def group_matcher(self, coarse: bool = False) -> dict:
         return dict(stem=r"^patch_embed", blocks=[(r"^blocks\.(\d+)", None)])
 
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            if global_pool not in self.GLOBAL_POOLS:
-                raise ValueError(f"global_pool must be one of {self.GLOBAL_POOLS}, got {global_pool!r}")
-            self.global_pool = global_pool
-        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
+        self.check_image_input(x, fixed_size=self.img_size, why_fixed="its token count is fixed")
         return self.patch_embed(x).flatten(2).transpose(1, 2)  # [B, N, embed_dim]
 
     def _run_block(self, i: int, x: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 import yaml
 from tqdm import tqdm
 
-from visionattn.tasks.config import ConfigError, get_by_path, instantiate
+from visionattn.tasks.config import ConfigError, instantiate
 from visionattn.tasks.data import (
     EpochBatches,
     ImageFolderClassification,

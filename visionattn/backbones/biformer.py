@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, trunc_normal_
+from timm.layers import DropPath
 from timm.models import build_model_with_cfg, generate_default_cfgs
 from timm.models._features import feature_take_indices
 from torch import nn
@@ -293,21 +293,7 @@ class BiFormer(ClassifierMixin, nn.Module):
         self.feature_info = [
             dict(num_chs=embed_dims[i], reduction=4 * 2**i, module=f"stages.{i}") for i in range(4)
         ]
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set[str]:
-        return set()
+        self.apply(self.init_vit_weights)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
@@ -345,13 +331,9 @@ class BiFormer(ClassifierMixin, nn.Module):
         if output_fmt != "NCHW":
             raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
         self.check_image_input(x, min_size=32)
-        take, max_index = feature_take_indices(4, indices)
-        last = max_index if (stop_early or intermediates_only) else 3
-        intermediates = []
-        for i in range(last + 1):
-            x = self._stage(i, x)
-            if i in take:
-                intermediates.append(self.norm(x) if (norm and i == 3) else x)
+        x, intermediates, take = self.run_stages(x, 4, indices, stop_early, intermediates_only)
+        if norm and 3 in take:
+            intermediates[-1] = self.norm(intermediates[-1])
         if intermediates_only:
             return intermediates
         return self.norm(x), intermediates

@@ -7,6 +7,8 @@ A model using :class:`ClassifierMixin` sets ``head``, ``num_classes``, ``global_
 from __future__ import annotations
 
 import torch
+from timm.layers import trunc_normal_
+from timm.models._features import feature_take_indices
 from torch import nn
 
 
@@ -16,6 +18,34 @@ class ClassifierMixin:
     def _check_pool(self, global_pool: str) -> None:
         if global_pool not in self.GLOBAL_POOLS:
             raise ValueError(f"global_pool must be one of {self.GLOBAL_POOLS}, got {global_pool!r}")
+
+    @staticmethod
+    def init_vit_weights(m: nn.Module) -> None:
+        """ViT-style init used by the families: Linear trunc-normal(0.02) with zero bias, LayerNorm (1, 0)."""
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return set()
+
+    def run_stages(self, x: torch.Tensor, num_stages: int, indices=None, stop_early: bool = False,
+                   intermediates_only: bool = False) -> tuple[torch.Tensor, list[torch.Tensor], list[int]]:
+        """Run ``self._stage(i, x)`` for a hierarchical model, keeping the outputs ``indices`` selects
+        (timm's ``feature_take_indices`` rules). Returns the last output, the kept ones and their indices."""
+        take, max_index = feature_take_indices(num_stages, indices)
+        last = max_index if (stop_early or intermediates_only) else num_stages - 1
+        intermediates = []
+        for i in range(last + 1):
+            x = self._stage(i, x)
+            if i in take:
+                intermediates.append(x)
+        return x, intermediates, take
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:

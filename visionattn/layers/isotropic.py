@@ -46,10 +46,6 @@ class IsotropicPatchClassifier(ClassifierMixin, nn.Module):
         ]
 
     @torch.jit.ignore
-    def no_weight_decay(self) -> set[str]:
-        return set()
-
-    @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
         return dict(stem=r"^patch_embed", blocks=[(r"^blocks\.(\d+)", None)])
 

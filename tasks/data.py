@@ -1,4 +1,4 @@
-"""Classification data sets for the trainer, with clear errors for bad data and deterministic augmentation.
+"""Data sets for the trainer (classification here; segmentation and detection in their task modules), with clear errors for bad data and deterministic augmentation.
 
 Augmentation randomness is seeded per ``(seed, epoch, index)`` (:class:`SeededTransform`), so a sample
 looks the same whatever the number of workers or processes, and a run resumed mid-epoch sees exactly the
@@ -7,6 +7,7 @@ images the uninterrupted run saw.
 from __future__ import annotations
 
 import math
+import random
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -115,9 +116,17 @@ class SeededTransform(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
-            return self.dataset[index]
+        item_seed = ((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index) % 2**32
+        py_state, np_state = random.getstate(), np.random.get_state()
+        try:  # torch, numpy and python generators all seeded, and restored afterwards
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(item_seed)
+                random.seed(item_seed)
+                np.random.seed(item_seed)
+                return self.dataset[index]
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
 
 
 class EpochBatches:

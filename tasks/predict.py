@@ -18,7 +18,8 @@ def predict_classification(config: str, checkpoint: str, input_path: str, output
     from PIL import Image
 
     from visionattn.tasks.config import load_config
-    from visionattn.tasks.trainer import build_datasets, load_model_for_eval, resolve_path
+    from visionattn.tasks.classification import build_datasets
+    from visionattn.tasks.trainer import load_model_for_eval, resolve_data_paths
 
     out = Path(output)
     if out.exists() and not overwrite:
@@ -39,12 +40,13 @@ def predict_classification(config: str, checkpoint: str, input_path: str, output
         print(f"predict: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) under {src}", file=sys.stderr)
         return 2
     cfg = load_config(config, overrides)
-    data = cfg.setdefault("data", {})
-    for key in ("root", "val_root", "path"):
-        if key in data:
-            data[key] = resolve_path(data[key], Path(config).parent)
+    if cfg.get("task", "classification") != "classification":
+        print(f"predict: {config} is a {cfg['task']} recipe; use `visionattn segment` or `visionattn detect`", file=sys.stderr)
+        return 2
+    resolve_data_paths(cfg, config)
+    data = cfg["data"]
     _, _, classes = build_datasets(cfg, 0)
-    model = load_model_for_eval(cfg, checkpoint, len(classes))
+    model = load_model_for_eval(cfg, checkpoint, {"classes": list(classes)})
     tf = build_transforms(int(data.get("img_size", 32)), data.get("mean", (0.5,) * 3), data.get("std", (0.5,) * 3),
                           False, None, bool(data.get("grayscale_to_rgb", False)))
     rows, failed = [], 0

@@ -1,4 +1,8 @@
-"""The trainer behind ``visionattn train / evaluate / predict`` (classification recipes).
+"""The trainer behind ``visionattn train / evaluate / predict``: one loop for every task.
+
+What is specific to a problem (data sets, model, loss, metrics) lives in a task object chosen by the
+recipe's ``task:`` key (:func:`get_task`): :class:`~visionattn.tasks.classification.ClassificationTask`,
+:class:`~visionattn.tasks.segmentation.SegmentationTask`, :class:`~visionattn.tasks.detection.DetectionTask`.
 
 One process or many (``torchrun``: DDP, gloo on CPU, NCCL on GPU). Mixed precision, gradient accumulation
 and clipping, EMA of weights, warmup + cosine schedule (timm's), weight-decay exclusions from
@@ -26,19 +30,15 @@ import yaml
 from tqdm import tqdm
 
 from visionattn.tasks.config import ConfigError, instantiate
-from visionattn.tasks.data import (
-    EpochBatches,
-    ImageFolderClassification,
-    NpzClassification,
-    SeededTransform,
-    build_transforms,
-)
+from visionattn.tasks.data import EpochBatches
 
 TRAIN_DEFAULTS = dict(
     epochs=10, batch_size=64, accumulate=1, opt="adamw", lr=1e-3, weight_decay=0.05, warmup_epochs=1.0,
     min_lr=1e-5, clip_grad=None, amp="none", ema_decay=0.0, label_smoothing=0.0, deterministic=True,
-    checkpoint_every=0, max_steps=None, eval_batch_size=256, num_workers=0, log_every=10,
+    checkpoint_every=0, max_steps=None, max_minutes=None, eval_batch_size=256, eval_every=1, num_workers=0,
+    log_every=10,
 )
+TASKS = ("classification", "segmentation", "detection")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -106,42 +106,31 @@ def set_rng_state(state: dict) -> None:
 # building from the recipe
 
 
-def build_datasets(cfg: dict, seed: int):
-    data = cfg.get("data") or {}
-    kind = data.get("kind", "image_folder")
-    img_size = int(data.get("img_size", 32))
-    mean, std = data.get("mean", (0.5, 0.5, 0.5)), data.get("std", (0.5, 0.5, 0.5))
-    gray = bool(data.get("grayscale_to_rgb", False))
-    t_train = build_transforms(img_size, mean, std, True, data.get("augment"), gray)
-    t_eval = build_transforms(img_size, mean, std, False, None, gray)
-    if kind == "image_folder":
-        root, vpc = data.get("root"), int(data.get("val_per_class", 0))
-        if not root:
-            raise ConfigError("data.root is required for data.kind=image_folder")
-        train = ImageFolderClassification(root, "train" if vpc else "all", vpc, t_train)
-        val = ImageFolderClassification(data.get("val_root", root), "val" if vpc else "all", vpc, t_eval) if (vpc or data.get("val_root")) else None
-    elif kind == "npz":
-        path = data.get("path")
-        if not path:
-            raise ConfigError("data.path is required for data.kind=npz")
-        train = NpzClassification(path, data.get("train_split", "train"), t_train)
-        val = NpzClassification(path, data.get("val_split", "val"), t_eval)
-    else:
-        raise ConfigError(f"data.kind must be 'image_folder' or 'npz', got {kind!r}")
-    return SeededTransform(train, seed), val, train.classes
+def get_task(cfg: dict):
+    """The task object named by the recipe's ``task:`` (default ``classification``)."""
+    name = cfg.get("task", "classification")
+    if name == "classification":
+        from visionattn.tasks.classification import ClassificationTask
+
+        return ClassificationTask(label_smoothing=float((cfg.get("train") or {}).get("label_smoothing", 0.0)))
+    if name == "segmentation":
+        from visionattn.tasks.segmentation import SegmentationTask
+
+        return SegmentationTask()
+    if name == "detection":
+        from visionattn.tasks.detection import DetectionTask
+
+        return DetectionTask()
+    raise ConfigError(f"task must be one of {list(TASKS)}, got {name!r}")
 
 
-def build_model(cfg: dict, num_classes: int) -> torch.nn.Module:
-    import visionattn
-
-    spec = cfg.get("model")
-    if not spec:
-        raise ConfigError("the recipe has no 'model' section")
-    if "_target_" in spec:
-        return instantiate(spec, where="model")
-    kwargs = dict(spec.get("kwargs") or {})
-    kwargs.setdefault("num_classes", num_classes)
-    return visionattn.create_model(spec["name"], **kwargs)
+def resolve_data_paths(cfg: dict, config_path: str | None) -> None:
+    """Make the recipe's data paths usable from here (see :func:`resolve_path`), in place."""
+    base = Path(config_path).parent if config_path else Path(".")
+    data = cfg.setdefault("data", {})
+    for key in ("root", "val_root", "path", "images", "annotations"):
+        if isinstance(data.get(key), str):
+            data[key] = resolve_path(data[key], base)
 
 
 def resolve_path(value: str | None, base: Path) -> str | None:
@@ -176,17 +165,15 @@ class Trainer:
             torch.use_deterministic_algorithms(True, warn_only=True)
             if self.device.type == "cuda":
                 torch.backends.cudnn.benchmark = False
-        base = Path(config_path).parent if config_path else Path(".")
-        data = cfg.setdefault("data", {})
-        for key in ("root", "val_root", "path"):
-            if key in data:
-                data[key] = resolve_path(data[key], base)
+        resolve_data_paths(cfg, config_path)
+        self.task = get_task(cfg)
         self.out = Path(cfg.get("output_dir", "runs/default"))
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
 
-        self.train_set, self.val_set, self.classes = build_datasets(cfg, self.seed)
-        self.model = build_model(cfg, len(self.classes)).to(self.device)
+        self.train_set, self.val_set, self.meta = self.task.build_datasets(cfg, self.seed)
+        self.classes = list(self.meta.get("classes", []))
+        self.model = self.task.build_model(cfg, self.meta).to(self.device)
         self.net = self.model
         if self.world > 1:
             self.net = torch.nn.parallel.DistributedDataParallel(
@@ -227,7 +214,7 @@ class Trainer:
         self.epoch = 0
         self.batch_in_epoch = 0
         self.best = None
-        self.history: list[dict] = []
+        self.train_seconds = 0.0
         if resume:
             self._resume()
         elif self.is_main:
@@ -247,7 +234,8 @@ class Trainer:
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "rng": rng_state(),
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-            "best": self.best, "classes": list(self.classes),
+            "train_seconds": self.train_seconds,
+            "best": self.best, "classes": list(self.classes), "task": self.task.name,
         }
 
     def save_checkpoint(self) -> None:
@@ -273,6 +261,7 @@ class Trainer:
         set_rng_state(state["rng"])
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         self.best = state.get("best")
+        self.train_seconds = float(state.get("train_seconds", 0.0))
         if self.is_main:  # drop metric rows written after the checkpoint
             path = self.out / "metrics.csv"
             if path.is_file():
@@ -310,20 +299,10 @@ class Trainer:
 
     # -- training --------------------------------------------------------------------------------
 
-    def _loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        if self.loss_fn is not None:
-            return self.loss_fn(logits, target)
-        return F.cross_entropy(logits, target, label_smoothing=self.opts["label_smoothing"])
-
-    def _load_batch(self, dataset, indices: list[int]):
-        items = [dataset[i] for i in indices]
-        x = torch.stack([it[0] for it in items]).to(self.device)
-        y = torch.tensor([it[1] for it in items], device=self.device)
-        return x, y
-
     def fit(self) -> dict:
         o = self.opts
         start = time.time()
+        seconds_before = self.train_seconds  # from the checkpoint when resuming
         done = self.step >= self.total_steps
         while not done and self.epoch < o["epochs"]:
             self.train_set.set_epoch(self.epoch)
@@ -347,34 +326,44 @@ class Trainer:
                     bar.set_postfix(loss=f"{loss:.3f}")
                 if o["checkpoint_every"] and self.step % o["checkpoint_every"] == 0 and not last_of_epoch:
                     self.save_checkpoint()
-                if self.step >= self.total_steps:
+                self.train_seconds = seconds_before + time.time() - start
+                if self.step >= self.total_steps or self._out_of_time():
                     done = True
                     break
             if self.batch_in_epoch >= len(epoch_batches):
                 self.epoch += 1
                 self.batch_in_epoch = 0
-            metrics = self.evaluate_and_track()
+            last = done or self.epoch >= o["epochs"]
+            metrics = self.evaluate_and_track() if (last or self.epoch % o["eval_every"] == 0) else {}
             self.save_checkpoint()
             if self.is_main and metrics:
                 print(f"epoch {self.epoch} step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
         if self.is_main:
             atomic_save_weights(self.ema.module if self.ema else self.model, self.out / "model.safetensors")
             self.plot()
-        summary = {"steps": self.step, "epochs": self.epoch, "best": self.best, "seconds": time.time() - start}
+        summary = {"steps": self.step, "epochs": self.epoch, "best": self.best, "seconds": time.time() - start,
+                   "train_seconds": self.train_seconds}
         if self.is_main:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
+
+    def _out_of_time(self) -> bool:
+        """``train.max_minutes`` of training (evaluation not counted) are used up, on any process."""
+        limit = self.opts["max_minutes"]
+        if not limit:
+            return False
+        return all_reduce_sum([float(self.train_seconds > 60 * float(limit))], self.device)[0] > 0
 
     def _optimizer_step(self, accum: list[list[int]]) -> float:
         o = self.opts
         n_total = sum(len(b) for b in accum)
         total = 0.0
         for i, indices in enumerate(accum):
-            x, y = self._load_batch(self.train_set, indices)
+            x, y = self.task.load_batch(self.train_set, indices, self.device)
             sync = nullcontext() if (self.world == 1 or i == len(accum) - 1) else self.net.no_sync()
             with sync:
                 with self.autocast():
-                    loss = self._loss(self.net(x), y) * (len(indices) / n_total)
+                    loss = self.task.training_loss(self.net, x, y, self.loss_fn) * (len(indices) / n_total)
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
             total += loss.item()
         if self.scaler:
@@ -394,38 +383,28 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module | None = None, dataset=None) -> dict[str, float]:
-        """Loss and top-1 accuracy on the validation set, reduced across processes."""
+        """The task's validation metrics (the same on every process)."""
         model = model or (self.ema.module if self.ema else self.model)
         dataset = dataset if dataset is not None else self.val_set
         if dataset is None:
             return {}
         model.eval()
-        n = len(dataset)
-        idx = list(range(self.rank, n, self.world))
-        bs = self.opts["eval_batch_size"]
-        loss_sum = correct = count = 0.0
-        for b in range(0, len(idx), bs):
-            x, y = self._load_batch(dataset, idx[b:b + bs])
-            with self.autocast():
-                logits = model(x).float()
-            loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-            correct += (logits.argmax(1) == y).sum().item()
-            count += len(y)
-        loss_sum, correct, count = all_reduce_sum([loss_sum, correct, count], self.device)
-        return {"loss": loss_sum / count, "acc": correct / count}
+        return self.task.evaluate(model, dataset, self.rank, self.world, self.device, self.autocast,
+                                  self.opts["eval_batch_size"])
 
     def evaluate_and_track(self) -> dict[str, float]:
         metrics = self.evaluate()
         if metrics:
             self.log("val", metrics)
-            if self.best is None or metrics["acc"] > self.best["acc"]:
-                self.best = {"acc": metrics["acc"], "loss": metrics["loss"], "step": self.step, "epoch": self.epoch}
+            key, sign = self.task.primary_metric, (1 if self.task.greater_is_better else -1)
+            if self.best is None or sign * metrics[key] > sign * self.best[key]:
+                self.best = dict(metrics, step=self.step, epoch=self.epoch)
                 if self.is_main:
                     atomic_save_weights(self.ema.module if self.ema else self.model, self.out / "best.safetensors")
         return metrics
 
     def plot(self) -> Path | None:
-        """Training loss and validation accuracy against steps, as ``curves.png`` (needs matplotlib)."""
+        """Training loss and the validation metric against steps, as ``curves.png`` (needs matplotlib)."""
         try:
             import matplotlib
 
@@ -438,7 +417,8 @@ class Trainer:
         for r in rows:
             series.setdefault((r["split"], r["name"]), []).append((int(r["step"]), float(r["value"])))
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-        panels = {0: [("train", "loss"), ("val", "loss")], 1: [("val", "acc")]}
+        metric = self.task.primary_metric
+        panels = {0: [("train", "loss"), ("val", "loss")], 1: [("val", metric)]}
         for i, keys in panels.items():
             for key in keys:
                 if key in series:
@@ -448,7 +428,7 @@ class Trainer:
             axes[i].legend()
             axes[i].grid(alpha=0.3)
         axes[0].set_title("loss")
-        axes[1].set_title("validation accuracy")
+        axes[1].set_title(f"validation {metric}")
         fig.tight_layout()
         path = self.out / "curves.png"
         tmp = self.out / ".curves.tmp.png"
@@ -458,15 +438,18 @@ class Trainer:
         return path
 
 
-def load_model_for_eval(cfg: dict, checkpoint: str, num_classes: int) -> torch.nn.Module:
+def load_model_for_eval(cfg: dict, checkpoint: str, meta: dict) -> torch.nn.Module:
     """The recipe's model with weights from a ``.safetensors`` file or a trainer checkpoint (``last.pt``)."""
     import visionattn
 
-    model = build_model(cfg, num_classes)
+    model = get_task(cfg).build_model(cfg, meta)
     if checkpoint.endswith(".pt"):
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         if not isinstance(state, dict) or "model" not in state:
             raise ConfigError(f"{checkpoint} is not a visionattn trainer checkpoint (no 'model' entry)")
+        task = state.get("task", "classification")
+        if task != cfg.get("task", "classification"):
+            raise ConfigError(f"{checkpoint} was trained for {task}, but the recipe is a {cfg.get('task', 'classification')} recipe")
         model.load_state_dict(state["model"])
     else:
         visionattn.load_checkpoint(model, checkpoint)

@@ -90,10 +90,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     cfg.setdefault("train", {})["epochs"] = 0
     trainer = Trainer(cfg, config_path=args.config)
-    model = load_model_for_eval(cfg, args.checkpoint, len(trainer.classes)).to(trainer.device)
+    model = load_model_for_eval(cfg, args.checkpoint, trainer.meta).to(trainer.device)
     metrics = trainer.evaluate(model)
     if not metrics:
-        print("evaluate: the recipe defines no validation data (data.val_per_class, data.val_root or an npz val split)", file=sys.stderr)
+        print("evaluate: the recipe defines no validation data (e.g. data.val_per_class, data.val_root, an npz val "
+              "split, or data.val_fraction)", file=sys.stderr)
         return 2
     print(json.dumps(metrics, indent=2))
     return 0

@@ -1,0 +1,104 @@
+"""Image classification for the trainer: data sets from the recipe, the model, cross-entropy, top-1 accuracy.
+
+A task object is the trainer's plug-in for one kind of problem; the trainer itself knows nothing about
+images, labels or metrics. Every task has the methods of :class:`ClassificationTask`.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from visionattn.tasks.config import ConfigError, instantiate
+from visionattn.tasks.data import ImageFolderClassification, NpzClassification, SeededTransform, build_transforms
+
+
+def build_datasets(cfg: dict, seed: int):
+    """``(train, val or None, classes)`` from the recipe's ``data`` section (``image_folder`` or ``npz``)."""
+    data = cfg.get("data") or {}
+    kind = data.get("kind", "image_folder")
+    img_size = int(data.get("img_size", 32))
+    mean, std = data.get("mean", (0.5, 0.5, 0.5)), data.get("std", (0.5, 0.5, 0.5))
+    gray = bool(data.get("grayscale_to_rgb", False))
+    t_train = build_transforms(img_size, mean, std, True, data.get("augment"), gray)
+    t_eval = build_transforms(img_size, mean, std, False, None, gray)
+    if kind == "image_folder":
+        root, vpc = data.get("root"), int(data.get("val_per_class", 0))
+        if not root:
+            raise ConfigError("data.root is required for data.kind=image_folder")
+        train = ImageFolderClassification(root, "train" if vpc else "all", vpc, t_train)
+        val = ImageFolderClassification(data.get("val_root", root), "val" if vpc else "all", vpc, t_eval) if (vpc or data.get("val_root")) else None
+    elif kind == "npz":
+        path = data.get("path")
+        if not path:
+            raise ConfigError("data.path is required for data.kind=npz")
+        train = NpzClassification(path, data.get("train_split", "train"), t_train)
+        val = NpzClassification(path, data.get("val_split", "val"), t_eval)
+    else:
+        raise ConfigError(f"data.kind must be 'image_folder' or 'npz' for classification, got {kind!r}")
+    return SeededTransform(train, seed), val, train.classes
+
+
+def build_model_from_recipe(cfg: dict, **defaults) -> torch.nn.Module:
+    """The recipe's ``model``: a ``_target_`` entry, or ``{name, kwargs}`` for :func:`visionattn.create_model`
+    with ``defaults`` (e.g. ``num_classes``) filled in where the recipe does not set them."""
+    import visionattn
+
+    spec = cfg.get("model")
+    if not spec:
+        raise ConfigError("the recipe has no 'model' section")
+    if "_target_" in spec:
+        return instantiate(spec, where="model")
+    kwargs = dict(spec.get("kwargs") or {})
+    for key, value in defaults.items():
+        kwargs.setdefault(key, value)
+    return visionattn.create_model(spec["name"], **kwargs)
+
+
+class ClassificationTask:
+    """Single-label classification: ``(image [3, H, W], class index)`` samples, top-1 accuracy."""
+
+    name = "classification"
+    primary_metric = "acc"
+    greater_is_better = True
+
+    def __init__(self, label_smoothing: float = 0.0):
+        self.label_smoothing = label_smoothing
+
+    def build_datasets(self, cfg: dict, seed: int):
+        train, val, classes = build_datasets(cfg, seed)
+        return train, val, {"classes": list(classes)}
+
+    def build_model(self, cfg: dict, meta: dict) -> torch.nn.Module:
+        return build_model_from_recipe(cfg, num_classes=len(meta["classes"]))
+
+    def load_batch(self, dataset, indices: list[int], device):
+        """``x [B, 3, H, W]``, ``y [B]`` on ``device``."""
+        items = [dataset[i] for i in indices]
+        x = torch.stack([it[0] for it in items]).to(device)
+        y = torch.tensor([it[1] for it in items], device=device)
+        return x, y
+
+    def training_loss(self, net, x, y, loss_fn: Callable | None) -> torch.Tensor:
+        logits = net(x)
+        if loss_fn is not None:
+            return loss_fn(logits, y)
+        return F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+
+    @torch.no_grad()
+    def evaluate(self, model, dataset, rank: int, world: int, device, autocast, batch_size: int) -> dict[str, float]:
+        """Loss and top-1 accuracy over ``dataset``, each rank taking every ``world``-th sample, reduced."""
+        from visionattn.tasks.trainer import all_reduce_sum
+
+        idx = list(range(rank, len(dataset), world))
+        loss_sum = correct = count = 0.0
+        for b in range(0, len(idx), batch_size):
+            x, y = self.load_batch(dataset, idx[b:b + batch_size], device)
+            with autocast():
+                logits = model(x).float()
+            loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+            correct += (logits.argmax(1) == y).sum().item()
+            count += len(y)
+        loss_sum, correct, count = all_reduce_sum([loss_sum, correct, count], device)
+        return {"loss": loss_sum / count, "acc": correct / count}

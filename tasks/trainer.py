@@ -35,9 +35,10 @@ from visionattn.tasks.data import EpochBatches
 TRAIN_DEFAULTS = dict(
     epochs=10, batch_size=64, accumulate=1, opt="adamw", lr=1e-3, weight_decay=0.05, warmup_epochs=1.0,
     min_lr=1e-5, clip_grad=None, amp="none", ema_decay=0.0, label_smoothing=0.0, deterministic=True,
-    checkpoint_every=0, max_steps=None, max_minutes=None, eval_batch_size=256, eval_every=1, num_workers=0,
-    log_every=10,
+    checkpoint_every=0, max_steps=None, max_minutes=None, schedule_by_time=False, eval_batch_size=256, eval_every=1,
+    num_workers=0, log_every=10, threads=None, channels_last=False,
 )
+SCHEDULE_UNITS = 10_000  # with schedule_by_time, the LR schedule runs over this many units of the time budget
 TASKS = ("classification", "segmentation", "detection")
 
 
@@ -80,6 +81,13 @@ def atomic_save_weights(model: torch.nn.Module, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
     os.replace(tmp, path)
+
+
+def to_channels_last(x):
+    """Channels-last memory format for 4-D/5-D tensors (faster convolutions on CPU); others unchanged."""
+    if isinstance(x, torch.Tensor) and x.ndim in (4, 5):
+        return x.contiguous(memory_format=torch.channels_last if x.ndim == 4 else torch.channels_last_3d)
+    return x
 
 
 def rng_state() -> dict:
@@ -157,6 +165,8 @@ class Trainer:
         self.device = torch.device(cfg.get("device", "cuda" if torch.cuda.is_available() else "cpu"))
         self.rank, self.world = dist_setup(self.device.type)
         self.is_main = self.rank == 0
+        if self.opts["threads"]:
+            torch.set_num_threads(int(self.opts["threads"]))
         self.seed = int(cfg.get("seed", 0))
         torch.manual_seed(self.seed)
         np.random.seed(self.seed)
@@ -174,6 +184,9 @@ class Trainer:
         self.train_set, self.val_set, self.meta = self.task.build_datasets(cfg, self.seed)
         self.classes = list(self.meta.get("classes", []))
         self.model = self.task.build_model(cfg, self.meta).to(self.device)
+        if self.opts["channels_last"]:
+            self.model = self.model.to(memory_format=torch.channels_last_3d if self.meta.get("spatial_dims") == 3
+                                       else torch.channels_last)
         self.net = self.model
         if self.world > 1:
             self.net = torch.nn.parallel.DistributedDataParallel(
@@ -191,9 +204,15 @@ class Trainer:
         self.total_steps = self.steps_per_epoch * o["epochs"]
         if o["max_steps"]:
             self.total_steps = min(self.total_steps, int(o["max_steps"]))
+        if o["schedule_by_time"] and not o["max_minutes"]:
+            raise ConfigError("train.schedule_by_time needs train.max_minutes (the budget the schedule spans)")
+        # by steps: warmup then cosine over the run's steps; by time: the same shape over the time budget,
+        # warmup_epochs then being read as a fraction of the budget
+        t_initial, warmup_t = (SCHEDULE_UNITS, int(o["warmup_epochs"] * SCHEDULE_UNITS)) if o["schedule_by_time"] else \
+            (max(1, self.total_steps), int(o["warmup_epochs"] * self.steps_per_epoch))
         self.scheduler = CosineLRScheduler(
-            self.optimizer, t_initial=max(1, self.total_steps), lr_min=o["min_lr"],
-            warmup_t=int(o["warmup_epochs"] * self.steps_per_epoch), warmup_lr_init=o["lr"] * 1e-3, t_in_epochs=False,
+            self.optimizer, t_initial=t_initial, lr_min=o["min_lr"],
+            warmup_t=warmup_t, warmup_lr_init=o["lr"] * 1e-3, t_in_epochs=False,
         )
         self.ema = None
         if o["ema_decay"]:
@@ -302,7 +321,6 @@ class Trainer:
     def fit(self) -> dict:
         o = self.opts
         start = time.time()
-        seconds_before = self.train_seconds  # from the checkpoint when resuming
         done = self.step >= self.total_steps
         while not done and self.epoch < o["epochs"]:
             self.train_set.set_epoch(self.epoch)
@@ -317,7 +335,9 @@ class Trainer:
                 last_of_epoch = self.batch_in_epoch == len(epoch_batches)
                 if len(accum) < o["accumulate"] and not last_of_epoch:
                     continue
+                step_start = time.time()
                 loss = self._optimizer_step(accum)
+                self.train_seconds += time.time() - step_start  # kept in checkpoints, so a resumed run continues the budget
                 accum = []
                 self.step += 1
                 if self.step % o["log_every"] == 0 or self.step == 1:
@@ -326,7 +346,6 @@ class Trainer:
                     bar.set_postfix(loss=f"{loss:.3f}")
                 if o["checkpoint_every"] and self.step % o["checkpoint_every"] == 0 and not last_of_epoch:
                     self.save_checkpoint()
-                self.train_seconds = seconds_before + time.time() - start
                 if self.step >= self.total_steps or self._out_of_time():
                     done = True
                     break
@@ -360,6 +379,8 @@ class Trainer:
         total = 0.0
         for i, indices in enumerate(accum):
             x, y = self.task.load_batch(self.train_set, indices, self.device)
+            if self.opts["channels_last"]:
+                x = to_channels_last(x)
             sync = nullcontext() if (self.world == 1 or i == len(accum) - 1) else self.net.no_sync()
             with sync:
                 with self.autocast():
@@ -376,7 +397,10 @@ class Trainer:
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step_update(self.step + 1)
+        if o["schedule_by_time"]:
+            self.scheduler.step_update(min(SCHEDULE_UNITS, int(SCHEDULE_UNITS * self.train_seconds / (60 * float(o["max_minutes"])))))
+        else:
+            self.scheduler.step_update(self.step + 1)
         if self.ema:
             self.ema.update(self.model, step=self.step)
         return all_reduce_sum([total], self.device)[0] / self.world

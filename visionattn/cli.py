@@ -1,4 +1,4 @@
-"""The ``visionattn`` command: ``list``, ``info``, ``bench``, ``train``, ``evaluate``, ``predict``."""
+"""The ``visionattn`` command: ``list``, ``info``, ``bench``, ``train``, ``evaluate``, ``predict``, ``segment``, ``detect``."""
 from __future__ import annotations
 
 import argparse
@@ -107,6 +107,40 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                                   overwrite=args.overwrite)
 
 
+def _cmd_segment(args: argparse.Namespace) -> int:
+    from visionattn.tasks.segment import SegmentError, bundled_models, run_segment
+
+    if args.list_models:
+        print("\n".join(bundled_models()))
+        return 0
+    if args.input is not None and args.output is None:
+        print("visionattn segment: error: -i/--input needs -o/--output", file=sys.stderr)
+        return 2
+    try:
+        return run_segment(args.input, args.output, args.model, device=args.device, roi_size=args.roi_size,
+                           overlap=args.overlap, mode=args.mode, tta=args.tta, save_probabilities=args.save_probabilities,
+                           overwrite=args.overwrite, progress=not args.no_progress, overlay=args.overlay,
+                           labels_dir=args.labels)
+    except SegmentError as e:
+        print(f"visionattn segment: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _cmd_detect(args: argparse.Namespace) -> int:
+    from visionattn.tasks.detection import collect_images, detect, load_detection_model
+
+    classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
+    model, class_names = load_detection_model(args.model, num_classes=args.num_classes, classes=classes,
+                                              input_size=args.img_size)
+    try:
+        summary = detect(model, collect_images(args.input), args.output, score_threshold=args.score_threshold,
+                         overwrite=args.overwrite, device=args.device, batch_size=args.batch_size, classes=class_names)
+    except FileExistsError as e:
+        print(f"visionattn detect: error: {e}", file=sys.stderr)
+        return 2
+    return 1 if summary["failed"] else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="visionattn", description="Attention-based vision and medical-imaging models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -158,6 +192,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="CSV file to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("segment", help="segment NIfTI volumes: `segment -i IN -o OUT --model NAME|RUN_FOLDER`; "
+                                       "with no arguments, the bundled demo")
+    p.add_argument("-i", "--input", help="a .nii/.nii.gz file or a folder (CASE_0000.nii.gz, CASE_0001.nii.gz, ... are "
+                                         "the channels of one case); default: the bundled sample volumes")
+    p.add_argument("-o", "--output", help="output folder for CASE.nii.gz label maps and summary.json "
+                                          "(default for the demo: ./visionattn-segment-demo)")
+    p.add_argument("--model", help="a bundled model name (see --list-models), a trainer run folder, or its weights file "
+                                   "(default: hippocampus_agunet)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]; windows are stitched on the CPU either way")
+    p.add_argument("--roi-size", type=int, nargs="+", help="sliding-window size (default: the model's)")
+    p.add_argument("--overlap", type=float, help="window overlap fraction (default: the model's, 0.5)")
+    p.add_argument("--mode", choices=["gaussian", "constant"], help="window blending (default: the model's)")
+    p.add_argument("--tta", action="store_true", help="average over all axis mirrorings (8x slower in 3-D)")
+    p.add_argument("--save-probabilities", action="store_true", help="also write CASE.npz with float16 probabilities")
+    p.add_argument("--overlay", action="store_true", help="also write CASE.png: slices with the labels drawn on them")
+    p.add_argument("--labels", help="folder of reference label maps (CASE.nii.gz): report Dice per label")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--list-models", action="store_true", help="list the bundled models and exit")
+    p.set_defaults(func=_cmd_segment)
+
+    p = sub.add_parser("detect", help="detect objects: `detect -i IMAGES -o OUT --model NAME|RUN_FOLDER|WEIGHTS`")
+    p.add_argument("-i", "--input", required=True, help="an image or a folder of images")
+    p.add_argument("-o", "--output", required=True, help="folder for detections.json (COCO) and images/ with boxes drawn")
+    p.add_argument("--model", required=True, help="a registered detection model (random weights) or a "
+                   "`visionattn train` output: its folder or its best/model.safetensors (config.yaml beside it)")
+    p.add_argument("--num-classes", type=int, default=None, help="classes of a model built by name")
+    p.add_argument("--classes", help="comma-separated class names in label order (default: the run's)")
+    p.add_argument("--score-threshold", type=float, default=0.3, help="keep detections scoring at least this")
+    p.add_argument("--img-size", type=int, default=None, help="side the detector resizes images to (its input_size)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.set_defaults(func=_cmd_detect)
     return parser
 
 

@@ -267,6 +267,8 @@ def mutation_loss(outputs: Sequence[torch.Tensor], target: torch.Tensor, ce_weig
 class MutationLoss(nn.Module):
     """:func:`mutation_loss` as a module (usable as a recipe's ``loss``); a single tensor is one output."""
 
+    takes_output_list = True  # the trainer passes deep-supervision outputs to it as they are
+
     def __init__(self, ce_weight: float = 0.3, dice_weight: float = 0.7):
         super().__init__()
         self.ce_weight, self.dice_weight = ce_weight, dice_weight

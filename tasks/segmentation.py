@@ -1,0 +1,375 @@
+"""Semantic segmentation (2-D and 3-D) for the trainer, and the sliding-window inference ``segment`` shares.
+
+Data come in two layouts:
+- ``kind: msd``: a Medical Segmentation Decathlon folder (``dataset.json`` listing ``training`` pairs, or
+  ``imagesTr/`` + ``labelsTr/`` with the same file names), NIfTI volumes;
+- ``kind: image_mask``: 2-D images and masks in two folders, paired by the part of the file name before
+  the first ``_`` (DRIVE: ``21_training.tif`` and ``21_manual1.gif``).
+
+Preprocessing is MONAI dictionary transforms, described by the recipe's ``data`` section so that the same
+steps run at training, validation and ``visionattn segment`` time (the run folder's ``config.yaml`` keeps
+them): orientation, voxel spacing, intensity normalisation. The deterministic part runs once per case and
+is cached in memory; augmentation (pad, random crop, flips, intensity jitter) runs per sample, seeded per
+``(seed, epoch, index)`` through :class:`~visionattn.tasks.data.SeededTransform`.
+
+Validation runs whole cases through :func:`sliding_window_predict` and reports Dice per foreground label
+(MONAI's ``DiceMetric``) and their mean, ``dice``, the metric the trainer tracks.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from visionattn.tasks.classification import build_model_from_recipe
+from visionattn.tasks.config import ConfigError
+from visionattn.tasks.data import IMAGE_SUFFIXES, DataError, SeededTransform
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+INTENSITY_MODES = ("zscore", "zscore_nonzero", "scale01", "none")
+
+
+def _strip_nifti(name: str) -> str:
+    return name[:-7] if name.endswith(".nii.gz") else name[:-4] if name.endswith(".nii") else name
+
+
+# ---------------------------------------------------------------------------------------------------
+# finding cases
+
+
+def find_msd_cases(root: str | Path) -> list[dict]:
+    """``[{case, image, label}]`` of an MSD-style folder, sorted by case name; every file checked to exist."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data set folder not found: {root}")
+    listing = root / "dataset.json"
+    if listing.is_file():
+        try:
+            pairs = json.loads(listing.read_text())["training"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise DataError(f"{listing}: expected JSON with a 'training' list of {{image, label}} pairs ({e})") from e
+        cases = [{"image": root / p["image"], "label": root / p["label"]} for p in pairs]
+    else:
+        images_dir, labels_dir = root / "imagesTr", root / "labelsTr"
+        if not images_dir.is_dir():
+            raise DataError(f"{root} has neither dataset.json nor an imagesTr/ folder (MSD layout expected)")
+        images = sorted(p for p in images_dir.iterdir() if p.name.endswith(NIFTI_SUFFIXES) and not p.name.startswith("."))
+        cases = [{"image": p, "label": labels_dir / p.name} for p in images]
+    if not cases:
+        raise DataError(f"{root}: no training cases found")
+    for c in cases:
+        for key in ("image", "label"):
+            if not c[key].is_file():
+                raise DataError(f"{c[key]}: {key} file missing (listed for case {_strip_nifti(c['image'].name)})")
+        c["case"] = _strip_nifti(c["image"].name)
+    return sorted(cases, key=lambda c: c["case"])
+
+
+def find_image_mask_pairs(images_dir: str | Path, masks_dir: str | Path) -> list[dict]:
+    """``[{case, image, label}]`` pairing files by the name part before the first ``_``."""
+    images_dir, masks_dir = Path(images_dir), Path(masks_dir)
+    for d in (images_dir, masks_dir):
+        if not d.is_dir():
+            raise DataError(f"folder not found: {d}")
+
+    def by_key(folder: Path) -> dict[str, Path]:
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES | {".gif"})
+        out: dict[str, Path] = {}
+        for p in files:
+            key = p.stem.split("_")[0]
+            if key in out:
+                raise DataError(f"{p} and {out[key]} share the case key {key!r} (the name part before the first '_')")
+            out[key] = p
+        return out
+
+    images, masks = by_key(images_dir), by_key(masks_dir)
+    if not images:
+        raise DataError(f"{images_dir} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    unmatched = sorted(set(images) ^ set(masks))
+    if unmatched:
+        k = unmatched[0]
+        where = f"image {images[k]} has no mask in {masks_dir}" if k in images else f"mask {masks[k]} has no image in {images_dir}"
+        raise DataError(f"image/mask mismatch: {where} ({len(unmatched)} unpaired)")
+    return [{"case": k, "image": images[k], "label": masks[k]} for k in sorted(images)]
+
+
+def fixed_case_split(cases: Sequence[dict], val_fraction: float, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """A split that depends only on the case names and ``seed``: the cases sorted by name, shuffled by a
+    generator seeded with ``seed``, the first ``round(val_fraction * n)`` (at least 1) for validation."""
+    if not 0 < val_fraction < 1:
+        raise ConfigError(f"data.val_fraction must be between 0 and 1, got {val_fraction}")
+    ordered = sorted(cases, key=lambda c: c["case"])
+    order = torch.randperm(len(ordered), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = max(1, round(val_fraction * len(ordered)))
+    if n_val >= len(ordered):
+        raise ConfigError(f"val_fraction={val_fraction} leaves no training cases out of {len(ordered)}")
+    val = sorted((ordered[i] for i in order[:n_val]), key=lambda c: c["case"])
+    train = sorted((ordered[i] for i in order[n_val:]), key=lambda c: c["case"])
+    return train, val
+
+
+# ---------------------------------------------------------------------------------------------------
+# transforms
+
+
+def preprocessing(data: dict, keys: Sequence[str] = ("image", "label")) -> list:
+    """The deterministic MONAI dictionary transforms from a recipe's ``data`` section.
+
+    ``keys`` are ``("image",)`` at inference and ``("image", "label")`` in training. Images come out as
+    float32 ``[C, *spatial]``; labels as ``[1, *spatial]`` with values ``0 .. K-1`` (``data.label_values``
+    maps raw mask values, e.g. DRIVE's 0/255, to classes).
+    """
+    from monai import transforms as T
+
+    spatial_dims = int(data.get("spatial_dims", 3))
+    keys = list(keys)
+    ops: list = [T.LoadImaged(keys=keys, image_only=True, ensure_channel_first=True)]
+    if spatial_dims == 2:
+        # PIL images load as [C, W, H]; put them in [C, H, W] like every other 2-D tensor here
+        ops.append(T.Transposed(keys=keys, indices=(0, 2, 1)))
+        if data.get("grayscale", False):
+            ops.append(T.Lambdad(keys="image", func=lambda x: x.mean(0, keepdim=True)))
+    if spatial_dims == 3 and data.get("orientation"):
+        ops.append(T.Orientationd(keys=keys, axcodes=data["orientation"], labels=(("L", "R"), ("P", "A"), ("I", "S"))))
+    if spatial_dims == 3 and data.get("spacing"):
+        modes = ["bilinear" if k == "image" else "nearest" for k in keys]
+        ops.append(T.Spacingd(keys=keys, pixdim=data["spacing"], mode=modes))
+    ops.append(T.EnsureTyped(keys="image", dtype=torch.float32, track_meta=True))
+    intensity = data.get("intensity", "zscore")
+    if intensity not in INTENSITY_MODES:
+        raise ConfigError(f"data.intensity must be one of {list(INTENSITY_MODES)}, got {intensity!r}")
+    if intensity in ("zscore", "zscore_nonzero"):
+        ops.append(T.NormalizeIntensityd(keys="image", nonzero=intensity == "zscore_nonzero", channel_wise=True))
+    elif intensity == "scale01":
+        ops.append(T.ScaleIntensityd(keys="image", minv=0.0, maxv=1.0, channel_wise=True))
+    if "label" in keys:
+        values = data.get("label_values")
+        if values:
+            ops.append(T.MapLabelValued(keys="label", orig_labels=list(values), target_labels=list(range(len(values)))))
+        ops.append(T.EnsureTyped(keys="label", dtype=torch.uint8, track_meta=False))
+    return ops
+
+
+def augmentation(data: dict) -> list:
+    """Per-sample random transforms: pad to ``roi_size``, random crop, flips, intensity jitter."""
+    from monai import transforms as T
+
+    roi = list(data["roi_size"])
+    aug = dict(dict(flip_axes=list(range(len(roi))), intensity=0.1, rotate90=False), **(data.get("augment") or {}))
+    keys = ["image", "label"]
+    ops: list = [
+        T.SpatialPadd(keys=keys, spatial_size=roi),
+        T.RandCropByPosNegLabeld(keys=keys, label_key="label", spatial_size=roi, pos=float(aug.get("pos", 1.0)),
+                                 neg=float(aug.get("neg", 1.0)), num_samples=1)
+        if aug.get("foreground_crop", True) else T.RandSpatialCropd(keys=keys, roi_size=roi, random_size=False),
+    ]
+    for axis in aug["flip_axes"]:
+        ops.append(T.RandFlipd(keys=keys, prob=0.5, spatial_axis=axis))
+    if aug["rotate90"]:
+        ops.append(T.RandRotate90d(keys=keys, prob=0.5, spatial_axes=(0, 1)))
+    if aug["intensity"]:
+        ops += [T.RandScaleIntensityd(keys="image", factors=aug["intensity"], prob=0.5),
+                T.RandShiftIntensityd(keys="image", offsets=aug["intensity"], prob=0.5)]
+    return ops
+
+
+def _plain(x) -> torch.Tensor:
+    """A MONAI ``MetaTensor`` as a plain tensor (batches of plain tensors are cheaper to move around)."""
+    return x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(x)
+
+
+class SegmentationCases(Dataset):
+    """Preprocessed cases held in memory; ``__getitem__`` returns ``(image [C, *S], label [1, *S] uint8)``.
+
+    With ``augment=True`` each item is a random ``roi_size`` crop of its case (augmented); otherwise the
+    whole case. Loading errors name the file.
+    """
+
+    def __init__(self, cases: Sequence[dict], data: dict, augment: bool):
+        from monai.transforms import Compose
+
+        self.cases, self.data_cfg = list(cases), data
+        pre = Compose(preprocessing(data))
+        self.items = []
+        for c in self.cases:
+            try:
+                item = pre({"image": str(c["image"]), "label": str(c["label"])})
+            except Exception as e:
+                raise DataError(f"case {c['case']}: cannot load {c['image']} / {c['label']}: {e}") from e
+            image, label = item["image"], item["label"]
+            if image.shape[1:] != label.shape[1:]:
+                raise DataError(f"case {c['case']}: image {tuple(image.shape[1:])} and label "
+                                f"{tuple(label.shape[1:])} differ in size ({c['image']}, {c['label']})")
+            top = int(label.max())
+            if top >= len(data["labels"]):
+                raise DataError(f"case {c['case']}: label value {top} in {c['label']} but data.labels names "
+                                f"{len(data['labels'])} classes")
+            self.items.append({"image": _plain(image), "label": _plain(label)})
+        self.augment = Compose(augmentation(data)) if augment else None
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int):
+        item = self.items[index]
+        if self.augment is None:
+            return item["image"], item["label"]
+        # MONAI's random transforms keep their own generator; seed it from numpy's, which SeededTransform sets
+        self.augment.set_random_state(seed=int(np.random.randint(0, 2**31 - 1)))
+        out = self.augment(dict(item))
+        out = out[0] if isinstance(out, list) else out
+        return _plain(out["image"]).float(), _plain(out["label"]).to(torch.uint8)
+
+
+# ---------------------------------------------------------------------------------------------------
+# inference
+
+
+def sliding_window_predict(model: torch.nn.Module, image: torch.Tensor, roi_size: Sequence[int], overlap: float = 0.5,
+                           mode: str = "gaussian", sw_batch_size: int = 4, device: str | torch.device = "cpu",
+                           stitch_device: str | torch.device = "cpu", tta: bool = False,
+                           autocast: Callable | None = None, progress: bool = False) -> torch.Tensor:
+    """Class probabilities ``[1, K, *S]`` (float32, on ``stitch_device``) for ``image [1, C, *S]``.
+
+    Windows run on ``device`` and are stitched on ``stitch_device`` (the CPU by default, so the full-size
+    buffers never sit in GPU memory). ``tta`` averages over all mirrorings of the spatial axes (nnU-Net's
+    test-time augmentation; 2^spatial_dims passes).
+    """
+    from contextlib import nullcontext
+
+    from monai.inferers import sliding_window_inference
+
+    autocast = autocast or nullcontext
+    spatial = list(range(2, image.ndim))
+    flips = [()] + ([tuple(a for j, a in enumerate(spatial) if m >> j & 1) for m in range(1, 2 ** len(spatial))] if tta else [])
+
+    def predictor(window: torch.Tensor) -> torch.Tensor:
+        with autocast():
+            return model(window.to(device)).float().softmax(1)
+
+    total = None
+    for axes in flips:
+        x = image.flip(axes) if axes else image
+        probs = sliding_window_inference(x, roi_size, sw_batch_size, predictor, overlap=overlap, mode=mode,
+                                         sw_device=device, device=stitch_device, progress=progress)
+        probs = torch.as_tensor(probs)
+        probs = probs.flip(axes) if axes else probs
+        total = probs if total is None else total.add_(probs)
+    return total / len(flips)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the task
+
+
+class SegmentationTask:
+    """Dense labelling with ``data.labels`` classes (background first); Dice over the foreground labels."""
+
+    name = "segmentation"
+    primary_metric = "dice"
+    greater_is_better = True
+
+    def build_datasets(self, cfg: dict, seed: int):
+        data = cfg.get("data") or {}
+        for key in ("labels", "roi_size"):
+            if not data.get(key):
+                raise ConfigError(f"data.{key} is required for segmentation recipes")
+        kind = data.get("kind", "msd")
+        if kind == "msd":
+            if not data.get("root"):
+                raise ConfigError("data.root is required for data.kind=msd")
+            cases = find_msd_cases(data["root"])
+        elif kind == "image_mask":
+            if not data.get("images") or not data.get("masks"):
+                raise ConfigError("data.images and data.masks are required for data.kind=image_mask")
+            cases = find_image_mask_pairs(data["images"], data["masks"])
+        else:
+            raise ConfigError(f"data.kind must be 'msd' or 'image_mask' for segmentation, got {kind!r}")
+        if len(data["roi_size"]) != int(data.get("spatial_dims", 3)):
+            raise ConfigError(f"data.roi_size {data['roi_size']} does not have data.spatial_dims={data.get('spatial_dims', 3)} entries")
+        train_cases, val_cases = fixed_case_split(cases, float(data.get("val_fraction", 0.2)), int(data.get("split_seed", 0)))
+        if data.get("max_train_cases"):
+            train_cases = train_cases[: int(data["max_train_cases"])]
+        train = SeededTransform(SegmentationCases(train_cases, data, augment=True), seed)
+        val = SegmentationCases(val_cases, data, augment=False)
+        self.inference = dict(cfg.get("inference") or {})
+        meta = {"classes": list(data["labels"]), "spatial_dims": int(data.get("spatial_dims", 3)), "train_cases": [c["case"] for c in train_cases],
+                "val_cases": [c["case"] for c in val_cases]}
+        return train, val, meta
+
+    def build_model(self, cfg: dict, meta: dict) -> torch.nn.Module:
+        data = cfg.get("data") or {}
+        spec = cfg.get("model") or {}
+        defaults: dict[str, Any] = {"in_channels": int(data.get("in_channels", 1)), "out_channels": len(meta["classes"])}
+        if "_target_" in spec:
+            return build_model_from_recipe(cfg)
+        return build_model_from_recipe(cfg, **defaults)
+
+    def load_batch(self, dataset, indices: list[int], device):
+        """``image [B, C, *roi]`` float, ``label [B, 1, *roi]`` long."""
+        items = [dataset[i] for i in indices]
+        x = torch.stack([it[0] for it in items]).to(device)
+        y = torch.stack([it[1] for it in items]).long().to(device)
+        return x, y
+
+    def training_loss(self, net, x, y, loss_fn: Callable | None) -> torch.Tensor:
+        out = net(x)
+        if loss_fn is None:
+            from monai.losses import DiceCELoss
+
+            loss_fn = self._default_loss = getattr(self, "_default_loss", None) or DiceCELoss(to_onehot_y=True, softmax=True)
+        if isinstance(out, (list, tuple)) and not getattr(loss_fn, "takes_output_list", False):
+            from monai.losses import DeepSupervisionLoss
+
+            if not isinstance(loss_fn, DeepSupervisionLoss):
+                loss_fn = DeepSupervisionLoss(loss_fn)  # weights 1, 1/2, 1/4, ... finest first
+            y = y.float()  # it resizes the target (nearest) for the coarser outputs, which needs floats
+        return loss_fn(out, y)
+
+    @torch.no_grad()
+    def evaluate(self, model, dataset, rank: int, world: int, device, autocast, batch_size: int) -> dict[str, float]:
+        """Whole-case sliding-window inference; Dice per foreground label and their mean, over this rank's
+        cases (every ``world``-th), summed across ranks. A label absent from both prediction and truth in a
+        case is skipped for that case (not counted as 1 or 0)."""
+        from monai.metrics import DiceMetric
+        from visionattn.tasks.trainer import all_reduce_sum
+
+        inference = getattr(self, "inference", {})
+        roi = dataset_roi(dataset)
+        n_classes = len(dataset_classes(dataset))
+        metric = DiceMetric(include_background=False, reduction="none", ignore_empty=True, num_classes=n_classes)
+        sums, counts = [0.0] * (n_classes - 1), [0.0] * (n_classes - 1)
+        for i in range(rank, len(dataset), world):
+            image, label = dataset[i]
+            probs = sliding_window_predict(model, image[None], roi, float(inference.get("overlap", 0.5)),
+                                           inference.get("mode", "gaussian"), int(inference.get("sw_batch_size", batch_size)),
+                                           device, "cpu", autocast=autocast)
+            pred = probs.argmax(1, keepdim=True)
+            scores = metric(pred, label[None].long())[0]
+            for c, s in enumerate(scores.tolist()):
+                if not math.isnan(s):
+                    sums[c] += s
+                    counts[c] += 1
+        reduced = all_reduce_sum(sums + counts, device)
+        sums, counts = reduced[: n_classes - 1], reduced[n_classes - 1:]
+        names = dataset_classes(dataset)[1:]
+        per_label = {f"dice_{name}": (s / c if c else float("nan")) for name, s, c in zip(names, sums, counts)}
+        valid = [v for v in per_label.values() if not math.isnan(v)]
+        return {"dice": sum(valid) / len(valid) if valid else 0.0, **per_label}
+
+
+def dataset_roi(dataset) -> list[int]:
+    return list(_base(dataset).data_cfg["roi_size"])
+
+
+def dataset_classes(dataset) -> list[str]:
+    return list(_base(dataset).data_cfg["labels"])
+
+
+def _base(dataset):
+    return dataset.dataset if isinstance(dataset, SeededTransform) else dataset

@@ -1,0 +1,202 @@
+"""``visionattn segment``: geometry of the outputs (shape, affine, qform/sform, dtype) on real files including
+a non-RAS one, exact inversion of the preprocessing, multi-channel cases, every bad input of the issue, and
+the bundled demo."""
+import json
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from visionattn.cli import main
+from visionattn.tasks.segment import SegmentError, find_cases, load_segmentation_model, run_segment
+from visionattn.tasks.trainer import atomic_save_weights
+
+ANATOMICAL = Path(nib.__file__).parent / "tests" / "data" / "anatomical.nii"  # LAS, int16, 2 mm
+WEIGHT = torch.tensor([[-4.0], [1.0], [4.0]])  # 3 classes from one channel: a monotone function of intensity
+BIAS = torch.tensor([0.0, 2.0, -2.0])
+
+
+def voxelwise_model_dir(tmp_path: Path, in_channels: int = 1, task: str = "segmentation", spacing=(2.0, 2.0, 2.0)) -> Path:
+    """A run folder whose network is a 1x1x1 convolution: labels depend on each voxel's value only, so any
+    mistake in reorienting or inverting shows up as a voxel mismatch. ``spacing`` defaults to anatomical.nii's
+    2 mm, so no resampling happens unless a test asks for it."""
+    run = tmp_path / f"run_{in_channels}_{task}"
+    run.mkdir()
+    cfg = {
+        "task": task,
+        "data": {"spatial_dims": 3, "in_channels": in_channels, "labels": ["background", "a", "b"], "orientation": "RAS",
+                 "spacing": list(spacing), "intensity": "zscore", "roi_size": [16, 16, 16]},
+        "inference": {"overlap": 0.25, "mode": "constant", "sw_batch_size": 2},
+        "model": {"_target_": "torch.nn.Conv3d", "in_channels": in_channels, "out_channels": 3, "kernel_size": 1},
+    }
+    conv = torch.nn.Conv3d(in_channels, 3, 1)
+    with torch.no_grad():
+        conv.weight.copy_(WEIGHT.repeat(1, in_channels)[:, :, None, None, None] / in_channels)
+        conv.bias.copy_(BIAS)
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    atomic_save_weights(conv, run / "model.safetensors")
+    return run
+
+
+def expected_labels(volume: np.ndarray) -> np.ndarray:
+    z = (volume - volume.mean()) / volume.std()
+    logits = WEIGHT[:, 0].numpy()[:, None] * z.reshape(1, -1) + BIAS.numpy()[:, None]
+    return logits.argmax(0).reshape(volume.shape).astype(np.uint8)
+
+
+def no_temp_files(folder: Path) -> bool:
+    return not [p for p in folder.rglob(".*") if ".tmp" in p.name]
+
+
+def test_output_geometry_on_a_non_ras_file(tmp_path):
+    run = voxelwise_model_dir(tmp_path)
+    src = nib.load(str(ANATOMICAL))
+    assert nib.aff2axcodes(src.affine) == ("L", "A", "S")
+    out = tmp_path / "out"
+    assert run_segment(str(ANATOMICAL), str(out), str(run), progress=False) == 0
+    res = nib.load(str(out / "anatomical.nii.gz"))
+    assert res.shape == src.shape
+    np.testing.assert_allclose(res.affine, src.affine)
+    for form in ("get_qform", "get_sform"):
+        got, code = getattr(res.header, form)(coded=True)
+        want, want_code = getattr(src.header, form)(coded=True)
+        assert int(code) == int(want_code) and np.allclose(got, want)
+    assert res.get_data_dtype() == np.uint8
+    labels = np.asarray(res.dataobj)
+    np.testing.assert_array_equal(labels, expected_labels(np.asarray(src.dataobj, dtype=np.float64)))
+    assert no_temp_files(out)
+
+
+def test_reoriented_copies_give_the_same_labels_in_world_space(tmp_path, shared_data):
+    """The same volume stored RAS and as a flipped, axis-permuted copy: the label maps agree voxel for voxel
+    after undoing the storage change."""
+    run = voxelwise_model_dir(tmp_path, spacing=(1.0, 1.0, 1.0))
+    src = nib.load(str(shared_data / "msd_hippocampus" / "imagesTr" / "hippocampus_001.nii.gz"))
+    data = np.asarray(src.dataobj, dtype=np.float32)
+    ornt = np.array([[2, -1], [0, 1], [1, -1]])  # store z, x, y with two flips
+    moved = src.as_reoriented(ornt)
+    ins = tmp_path / "in"
+    ins.mkdir()
+    nib.save(src, str(ins / "ras.nii.gz"))
+    nib.save(moved, str(ins / "moved.nii.gz"))
+    out = tmp_path / "out"
+    assert run_segment(str(ins), str(out), str(run), progress=False) == 0
+    a = nib.load(str(out / "ras.nii.gz"))
+    b = nib.load(str(out / "moved.nii.gz"))
+    np.testing.assert_allclose(b.affine, moved.affine)
+    back = b.as_reoriented(nib.orientations.ornt_transform(nib.io_orientation(b.affine), nib.io_orientation(a.affine)))
+    np.testing.assert_array_equal(np.asarray(back.dataobj), np.asarray(a.dataobj))
+    np.testing.assert_array_equal(np.asarray(a.dataobj), expected_labels(data.astype(np.float64)))
+
+
+def test_resampling_is_inverted_onto_the_input_grid(tmp_path):
+    run = voxelwise_model_dir(tmp_path, spacing=(3.0, 3.0, 3.0))
+    out = tmp_path / "out"
+    assert run_segment(str(ANATOMICAL), str(out), str(run), progress=False, save_probabilities=True) == 0
+    res = nib.load(str(out / "anatomical.nii.gz"))
+    src = nib.load(str(ANATOMICAL))
+    assert res.shape == src.shape and np.allclose(res.affine, src.affine)
+    probs = np.load(out / "anatomical.npz")["probabilities"]
+    assert probs.dtype == np.float16 and probs.shape == (3, *src.shape)
+    np.testing.assert_allclose(probs.astype(np.float32).sum(0), 1.0, atol=1e-2)
+    # at 3 mm the labels are coarser but still mostly those of the voxel-wise rule
+    agree = (np.asarray(res.dataobj) == expected_labels(np.asarray(src.dataobj, dtype=np.float64))).mean()
+    assert agree > 0.8
+
+
+def test_multichannel_cases_and_missing_channels(tmp_path):
+    run = voxelwise_model_dir(tmp_path, in_channels=2)
+    src = nib.load(str(ANATOMICAL))
+    ins = tmp_path / "in"
+    ins.mkdir()
+    for case in ("caseA", "caseB"):
+        nib.save(src, str(ins / f"{case}_0000.nii.gz"))
+    nib.save(src, str(ins / "caseA_0001.nii.gz"))  # caseB lacks its second channel
+    out = tmp_path / "out"
+    cases = find_cases(ins, 2)
+    assert [c.name for c in cases] == ["caseA", "caseB"] and cases[1].problems
+    assert run_segment(str(ins), str(out), str(run), progress=False) == 1
+    assert (out / "caseA.nii.gz").is_file() and not (out / "caseB.nii.gz").exists()
+    summary = json.loads((out / "summary.json").read_text())
+    failed = {c["case"]: c for c in summary["cases"] if c["status"] == "failed"}
+    assert "caseB_0001" in failed["caseB"]["error"]
+    # both channels equal: same labels as the one-channel rule
+    np.testing.assert_array_equal(np.asarray(nib.load(str(out / "caseA.nii.gz")).dataobj),
+                                  expected_labels(np.asarray(src.dataobj, dtype=np.float64)))
+
+
+def test_bad_inputs_are_reported_by_case_and_the_rest_complete(tmp_path, capsys):
+    run = voxelwise_model_dir(tmp_path)
+    src = nib.load(str(ANATOMICAL))
+    ins = tmp_path / "in"
+    ins.mkdir()
+    nib.save(src, str(ins / "good.nii.gz"))
+    (ins / "corrupt.nii.gz").write_bytes(os.urandom(2000))
+    whole = (ins / "good.nii.gz").read_bytes()
+    (ins / "truncated.nii.gz").write_bytes(whole[: len(whole) // 2])
+    nib.save(nib.Nifti1Image(np.zeros((8, 8), np.float32), np.eye(4)), str(ins / "flat.nii.gz"))
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8, 3), np.float32), np.eye(4)), str(ins / "fourd.nii.gz"))
+    nanvol = np.asarray(src.dataobj, dtype=np.float32).copy()
+    nanvol[3, 3, 3] = np.nan
+    nib.save(nib.Nifti1Image(nanvol, src.affine), str(ins / "nans.nii.gz"))
+    out = tmp_path / "out"
+    assert main(["segment", "-i", str(ins), "-o", str(out), "--model", str(run), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    for case, words in (("corrupt", "cannot read"), ("truncated", "cannot read"), ("flat", "shape"),
+                        ("fourd", "shape"), ("nans", "NaN")):
+        line = next(line for line in err.splitlines() if f"case {case}:" in line)
+        assert words in line, line
+        assert not (out / f"{case}.nii.gz").exists()
+    assert (out / "good.nii.gz").is_file()
+    assert no_temp_files(out)
+    summary = json.loads((out / "summary.json").read_text())
+    assert {c["case"]: c["status"] for c in summary["cases"]}["good"] == "ok"
+
+
+def test_existing_outputs_are_kept_unless_overwrite(tmp_path, capsys):
+    run = voxelwise_model_dir(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "anatomical.nii.gz").write_bytes(b"precious")
+    assert main(["segment", "-i", str(ANATOMICAL), "-o", str(out), "--model", str(run), "--no-progress"]) == 1
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / "anatomical.nii.gz").read_bytes() == b"precious"
+    assert main(["segment", "-i", str(ANATOMICAL), "-o", str(out), "--model", str(run), "--no-progress", "--overwrite"]) == 0
+    assert nib.load(str(out / "anatomical.nii.gz")).shape == (33, 41, 25)
+
+
+def test_whole_call_errors(tmp_path, capsys):
+    run = voxelwise_model_dir(tmp_path)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["segment", "-i", str(empty), "-o", str(tmp_path / "o"), "--model", str(run)]) == 2
+    assert "no .nii" in capsys.readouterr().err
+    other = voxelwise_model_dir(tmp_path, task="classification")
+    assert main(["segment", "-i", str(ANATOMICAL), "-o", str(tmp_path / "o"), "--model", str(other)]) == 2
+    assert "classification model" in capsys.readouterr().err
+    with pytest.raises(SegmentError, match="architecture without trained weights"):
+        load_segmentation_model("agunet_3d")
+    if os.geteuid() != 0:  # root can write anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir()
+        locked.chmod(0o555)
+        try:
+            assert main(["segment", "-i", str(ANATOMICAL), "-o", str(locked / "sub"), "--model", str(run)]) == 2
+            assert "not writable" in capsys.readouterr().err
+        finally:
+            locked.chmod(0o755)
+
+
+def test_overlay_and_summary_volumes(tmp_path):
+    run = voxelwise_model_dir(tmp_path)
+    out = tmp_path / "out"
+    assert run_segment(str(ANATOMICAL), str(out), str(run), progress=False, overlay=True) == 0
+    assert (out / "anatomical.png").read_bytes()[:4] == b"\x89PNG"
+    entry = json.loads((out / "summary.json").read_text())["cases"][0]
+    labels = np.asarray(nib.load(str(out / "anatomical.nii.gz")).dataobj)
+    voxel_ml = 2.0 * 2.0 * 2.0 / 1000
+    assert entry["volume_ml"]["a"] == pytest.approx((labels == 1).sum() * voxel_ml)

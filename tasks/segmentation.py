@@ -128,7 +128,9 @@ def preprocessing(data: dict, keys: Sequence[str] = ("image", "label")) -> list:
 
     spatial_dims = int(data.get("spatial_dims", 3))
     keys = list(keys)
-    ops: list = [T.LoadImaged(keys=keys, image_only=True, ensure_channel_first=True)]
+    # PIL reads the 2-D formats (MONAI's PIL reader does not claim .tif/.gif unless asked); nibabel the NIfTIs
+    reader = "PILReader" if spatial_dims == 2 else "NibabelReader"
+    ops: list = [T.LoadImaged(keys=keys, image_only=True, ensure_channel_first=True, reader=reader)]
     if spatial_dims == 2:
         # PIL images load as [C, W, H]; put them in [C, H, W] like every other 2-D tensor here
         ops.append(T.Transposed(keys=keys, indices=(0, 2, 1)))
@@ -178,6 +180,13 @@ def augmentation(data: dict) -> list:
     return ops
 
 
+def root_cause(error: BaseException) -> str:
+    """The innermost error's message (MONAI wraps a reader's error in 'applying transform ...')."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return f"{type(error).__name__}: {error}"
+
+
 def _plain(x) -> torch.Tensor:
     """A MONAI ``MetaTensor`` as a plain tensor (batches of plain tensors are cheaper to move around)."""
     return x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(x)
@@ -200,7 +209,7 @@ class SegmentationCases(Dataset):
             try:
                 item = pre({"image": str(c["image"]), "label": str(c["label"])})
             except Exception as e:
-                raise DataError(f"case {c['case']}: cannot load {c['image']} / {c['label']}: {e}") from e
+                raise DataError(f"case {c['case']}: cannot load {c['image']} / {c['label']}: {root_cause(e)}") from e
             image, label = item["image"], item["label"]
             if image.shape[1:] != label.shape[1:]:
                 raise DataError(f"case {c['case']}: image {tuple(image.shape[1:])} and label "

@@ -79,7 +79,16 @@ def atomic_save_weights(model: torch.nn.Module, path: Path) -> None:
     from safetensors.torch import save_file
 
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    # tensors shared between modules (EMCAD's one spatial-attention block) are stored once per name, so the
+    # file loads with a strict load_state_dict
+    seen: set[int] = set()
+    tensors = {}
+    for k, v in model.state_dict().items():
+        v = v.detach().cpu()
+        ptr = v.untyped_storage().data_ptr()
+        tensors[k] = v.clone().contiguous() if ptr in seen else v.contiguous()
+        seen.add(ptr)
+    save_file(tensors, str(tmp))
     os.replace(tmp, path)
 
 
@@ -198,7 +207,7 @@ class Trainer:
         o = self.opts
         self.optimizer = create_optimizer_v2(self.model, opt=o["opt"], lr=o["lr"], weight_decay=o["weight_decay"])
         self.batches = EpochBatches(len(self.train_set), o["batch_size"], self.seed, True, True, self.rank, self.world)
-        if len(self.batches) == 0:
+        if len(self.batches) == 0 and o["epochs"] > 0:
             raise ConfigError(f"batch size {o['batch_size']} is larger than the training set ({len(self.train_set)} samples)")
         self.steps_per_epoch = math.ceil(len(self.batches) / o["accumulate"])
         self.total_steps = self.steps_per_epoch * o["epochs"]

@@ -1,0 +1,206 @@
+"""The segmentation task: data discovery and its errors, the fixed splits, MONAI preprocessing against
+direct reads, deep-supervision losses, Dice against MONAI's own pipeline, and the recipes end to end
+(train a few steps, evaluate, segment with the run folder)."""
+import json
+import shutil
+from contextlib import nullcontext
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+import visionattn
+from visionattn.cli import main
+from visionattn.tasks.data import DataError
+from visionattn.tasks.segmentation import (
+    SegmentationCases,
+    SegmentationTask,
+    find_image_mask_pairs,
+    find_msd_cases,
+    fixed_case_split,
+    sliding_window_predict,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+HIPPO = dict(kind="msd", spatial_dims=3, in_channels=1, labels=["background", "anterior", "posterior"],
+             orientation="RAS", spacing=[1.0, 1.0, 1.0], intensity="zscore", roi_size=[48, 64, 48])
+
+
+def small_msd_copy(shared_data: Path, dest: Path, n: int = 6) -> Path:
+    src = shared_data / "msd_hippocampus"
+    (dest / "imagesTr").mkdir(parents=True)
+    (dest / "labelsTr").mkdir()
+    for f in sorted((src / "imagesTr").iterdir())[:n]:
+        shutil.copy(f, dest / "imagesTr" / f.name)
+        shutil.copy(src / "labelsTr" / f.name, dest / "labelsTr" / f.name)
+    return dest
+
+
+def test_msd_discovery_and_its_errors(shared_data, tmp_path):
+    cases = find_msd_cases(shared_data / "msd_hippocampus")
+    assert len(cases) == 220 and cases[0]["case"] == "hippocampus_001"
+    with pytest.raises(DataError, match="not found"):
+        find_msd_cases(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="neither dataset.json nor an imagesTr"):
+        find_msd_cases(tmp_path / "empty")
+    root = small_msd_copy(shared_data, tmp_path / "msd", n=3)
+    victim = sorted((root / "labelsTr").iterdir())[1]
+    victim.unlink()
+    with pytest.raises(DataError, match=victim.name):
+        find_msd_cases(root)
+
+
+def test_unreadable_case_and_out_of_range_labels_are_named(shared_data, tmp_path):
+    root = small_msd_copy(shared_data, tmp_path / "msd", n=2)
+    first, second = sorted((root / "imagesTr").iterdir())
+    first.write_bytes(b"not a nifti")
+    with pytest.raises(DataError, match=first.stem.split(".")[0]):
+        SegmentationCases(find_msd_cases(root)[:1], HIPPO, augment=False)
+    label = nib.load(str(root / "labelsTr" / second.name))
+    data = np.asarray(label.dataobj).copy()
+    data[0, 0, 0] = 7
+    nib.save(nib.Nifti1Image(data, label.affine), str(root / "labelsTr" / second.name))
+    with pytest.raises(DataError, match="label value 7"):
+        SegmentationCases(find_msd_cases(root)[1:], HIPPO, augment=False)
+
+
+def test_image_mask_pairing_and_mismatch(shared_data, tmp_path):
+    drive = shared_data / "drive" / "training"
+    pairs = find_image_mask_pairs(drive / "images", drive / "1st_manual")
+    assert len(pairs) == 20 and pairs[0]["image"].name == "21_training.tif" and pairs[0]["label"].name == "21_manual1.gif"
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    shutil.copytree(drive / "images", images)
+    shutil.copytree(drive / "1st_manual", masks)
+    (masks / "33_manual1.gif").unlink()
+    with pytest.raises(DataError, match="33_training.tif has no mask"):
+        find_image_mask_pairs(images, masks)
+
+
+def test_fixed_split_is_deterministic_and_disjoint(shared_data):
+    cases = find_msd_cases(shared_data / "msd_hippocampus")
+    train, val = fixed_case_split(cases, 0.2, seed=0)
+    again_train, again_val = fixed_case_split(list(reversed(cases)), 0.2, seed=0)
+    assert [c["case"] for c in val] == [c["case"] for c in again_val]
+    assert len(train) == 176 and len(val) == 44
+    assert not {c["case"] for c in train} & {c["case"] for c in val}
+    assert [c["case"] for c in fixed_case_split(cases, 0.2, seed=1)[1]] != [c["case"] for c in val]
+
+
+def test_2d_masks_keep_the_image_orientation(shared_data):
+    from PIL import Image
+
+    drive = shared_data / "drive" / "training"
+    data = dict(kind="image_mask", spatial_dims=2, in_channels=3, labels=["background", "vessel"],
+                label_values=[0, 255], intensity="zscore", roi_size=[64, 64])
+    case = find_image_mask_pairs(drive / "images", drive / "1st_manual")[:1]
+    image, label = SegmentationCases(case, data, augment=False)[0]
+    want_mask = np.array(Image.open(case[0]["label"])) > 0
+    want_red = np.array(Image.open(case[0]["image"]))[..., 0].astype(np.float64)
+    assert label.shape == (1, *want_mask.shape)
+    np.testing.assert_array_equal(label[0].numpy(), want_mask)
+    red = image[0].double().numpy()
+    np.testing.assert_allclose(red, (want_red - want_red.mean()) / want_red.std(), atol=1e-4)
+
+
+def test_augmented_crops_are_seeded_per_sample(shared_data):
+    data = dict(HIPPO, augment={"flip_axes": [0], "intensity": 0.1, "foreground_crop": True})
+    cases = find_msd_cases(shared_data / "msd_hippocampus")[:2]
+    from visionattn.tasks.data import SeededTransform
+
+    ds = SeededTransform(SegmentationCases(cases, data, augment=True), seed=3)
+    a, b = ds[1], ds[1]
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert a[0].shape == (1, 48, 64, 48)
+    ds.set_epoch(1)
+    assert not torch.equal(ds[1][0], a[0])
+
+
+def test_deep_supervision_outputs_go_through_monai_deep_supervision_loss():
+    from monai.losses import DeepSupervisionLoss, DiceCELoss
+
+    task = SegmentationTask()
+    net = visionattn.create_model("agunet_3d", in_channels=1, out_channels=3, filters=[4, 8, 16]).train()
+    x = torch.randn(2, 1, 16, 16, 16)
+    y = torch.randint(0, 3, (2, 1, 16, 16, 16))
+    torch.manual_seed(0)
+    loss = task.training_loss(net, x, y, None)
+    torch.manual_seed(0)
+    outs = net(x)
+    assert isinstance(outs, list) and len(outs) == 2  # two decoder levels
+    want = DeepSupervisionLoss(DiceCELoss(to_onehot_y=True, softmax=True))(outs, y.float())
+    torch.testing.assert_close(loss, want)
+    loss.backward()
+    assert all(p.grad is not None for p in net.parameters())
+
+
+def test_validation_dice_matches_monai_pipeline(shared_data):
+    from monai.inferers import sliding_window_inference
+    from monai.metrics import DiceMetric
+
+    torch.manual_seed(0)
+    net = visionattn.create_model("agunet_3d", in_channels=1, out_channels=3, filters=[4, 8, 16]).eval()
+    cases = find_msd_cases(shared_data / "msd_hippocampus")[:3]
+    ds = SegmentationCases(cases, HIPPO, augment=False)
+    task = SegmentationTask()
+    task.inference = {"overlap": 0.5, "mode": "gaussian", "sw_batch_size": 2}
+    got = task.evaluate(net, ds, 0, 1, "cpu", nullcontext, 2)
+    metric = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=True, num_classes=3)
+    with torch.no_grad():
+        for image, label in ds:
+            logits = sliding_window_inference(image[None], [48, 64, 48], 2, net, overlap=0.5, mode="gaussian")
+            metric(logits.argmax(1, keepdim=True), label[None].long())
+    want = metric.aggregate()
+    assert got["dice_anterior"] == pytest.approx(float(want[0]), abs=1e-5)
+    assert got["dice_posterior"] == pytest.approx(float(want[1]), abs=1e-5)
+    assert got["dice"] == pytest.approx(float(want.mean()), abs=1e-5)
+
+
+def test_mirroring_tta_is_exact_for_a_mirror_symmetric_network():
+    net = torch.nn.Conv3d(1, 3, 1).eval()
+    x = torch.randn(1, 1, 20, 24, 18)
+    with torch.no_grad():
+        plain = sliding_window_predict(net, x, [16, 16, 16], 0.25, "constant", 2)
+        tta = sliding_window_predict(net, x, [16, 16, 16], 0.25, "constant", 2, tta=True)
+    torch.testing.assert_close(plain, tta, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(plain, net(x).softmax(1), rtol=1e-5, atol=1e-6)
+
+
+def test_hippocampus_recipe_trains_evaluates_and_segments(shared_data, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    out = tmp_path / "run"
+    args = ["train", "configs/segmentation/hippocampus_agunet.yaml", f"output_dir={out}", "train.max_steps=2",
+            "train.max_minutes=null", "train.schedule_by_time=false", "train.batch_size=2", "data.max_train_cases=4",
+            "model.kwargs.filters=[4,8,16]", "data.val_fraction=0.02"]
+    assert main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 2 and 0 <= summary["best"]["dice"] <= 1
+    for name in ("model.safetensors", "best.safetensors", "last.pt", "config.yaml", "metrics.csv"):
+        assert (out / name).is_file(), name
+    capsys.readouterr()
+    assert main(["evaluate", "configs/segmentation/hippocampus_agunet.yaml", "--checkpoint", str(out / "last.pt"),
+                 f"output_dir={tmp_path / 'eval'}", "model.kwargs.filters=[4,8,16]", "data.val_fraction=0.02",
+                 "data.max_train_cases=4"]) == 0
+    assert "dice_posterior" in json.loads(capsys.readouterr().out)
+    # the run folder is a model for `segment`; the recipe's validation cases have reference labels
+    val_case = "hippocampus_015"
+    images = shared_data / "msd_hippocampus" / "imagesTr"
+    seg_out = tmp_path / "seg"
+    assert main(["segment", "-i", str(images / f"{val_case}.nii.gz"), "-o", str(seg_out), "--model", str(out),
+                 "--labels", str(shared_data / "msd_hippocampus" / "labelsTr"), "--no-progress"]) == 0
+    entry = json.loads((seg_out / "summary.json").read_text())["cases"][0]
+    assert set(entry["dice"]) == {"anterior", "posterior"}
+
+
+def test_drive_recipe_trains_two_steps(shared_data, tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    out = tmp_path / "drive"
+    assert main(["train", "configs/segmentation/drive_emcad.yaml", f"output_dir={out}", "train.max_steps=1",
+                 "train.max_minutes=null", "train.schedule_by_time=false", "train.batch_size=2",
+                 "data.roi_size=[128,128]", "data.max_train_cases=2"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 1 and "dice_vessel" in summary["best"]
+    model = visionattn.create_model("emcad_pvt_v2_b0", in_channels=3, out_channels=2)
+    visionattn.load_checkpoint(model, str(out / "model.safetensors"))  # shared tensors load strictly

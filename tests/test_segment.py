@@ -200,3 +200,29 @@ def test_overlay_and_summary_volumes(tmp_path):
     labels = np.asarray(nib.load(str(out / "anatomical.nii.gz")).dataobj)
     voxel_ml = 2.0 * 2.0 * 2.0 / 1000
     assert entry["volume_ml"]["a"] == pytest.approx((labels == 1).sum() * voxel_ml)
+
+
+def test_segment_benchmarks_run_on_small_inputs(tmp_path, shared_data):
+    from visionattn.tasks.bench_segment import bench_segment_memory, bench_segment_time
+
+    run = voxelwise_model_dir(tmp_path, spacing=(1.0, 1.0, 1.0))
+    images = [str(shared_data / "msd_hippocampus" / "imagesTr" / "hippocampus_001.nii.gz")]
+    table, rows = bench_segment_time(str(run), images, repeats=1)
+    assert [r["method"] for r in rows] == ["visionattn segment", "plain MONAI script"] and "plain / this" in table
+    table, rows = bench_segment_memory(str(run), shape=(40, 48, 32))
+    assert rows[0]["status"] == "ok" and rows[0]["peak_rss_mib"] > 0
+
+
+def test_plain_monai_script_gives_the_same_labels(tmp_path, shared_data):
+    """The benchmark's baseline is a fair one: it writes the same label map as `segment`."""
+    from visionattn.tasks.bench_segment import plain_monai_segment
+    from visionattn.tasks.segment import load_segmentation_model
+
+    run = voxelwise_model_dir(tmp_path, spacing=(1.0, 1.0, 1.0))
+    image = shared_data / "msd_hippocampus" / "imagesTr" / "hippocampus_001.nii.gz"
+    assert run_segment(str(image), str(tmp_path / "ours"), str(run), progress=False) == 0
+    model = load_segmentation_model(str(run))
+    plain_monai_segment(model.network, model.config, str(image), str(tmp_path / "plain"))
+    ours = np.asarray(nib.load(str(tmp_path / "ours" / "hippocampus_001.nii.gz")).dataobj)
+    plain = np.asarray(nib.load(str(tmp_path / "plain" / "hippocampus_001_seg.nii.gz")).dataobj)
+    np.testing.assert_array_equal(ours, plain)

@@ -62,6 +62,20 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         table, rows = bench_kernels(
             device=args.device, problems=problems, skip=skip, min_time=args.min_time or 1.0, threads=args.threads
         )
+    elif args.what == "herseg-memory":
+        from visionattn.tasks.bench_herseg import bench_herseg_memory, format_table
+
+        rows = bench_herseg_memory(size=args.img_size or 1024, batch=1, threads=args.threads)
+        table = format_table(rows)
+    elif args.what == "segment":
+        from visionattn.tasks.bench_segment import bench_segment_time
+
+        table, rows = bench_segment_time(args.names[0] if args.names else "hippocampus_agunet", threads=args.threads)
+    elif args.what == "segment-memory":
+        from visionattn.tasks.bench_segment import bench_segment_memory
+
+        table, rows = bench_segment_memory(args.names[0] if args.names else "hippocampus_agunet",
+                                           shape=args.shape, overlap=args.overlap, threads=args.threads)
     else:
         print(f"unknown benchmark {args.what!r}", file=sys.stderr)
         return 2
@@ -156,9 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_info)
 
     p = sub.add_parser(
-        "bench", help="benchmarks: `bench models NAME... [--compare timm]`, `bench kernels [--device cpu|cuda]`"
+        "bench", help="benchmarks: `bench models NAME... [--compare timm]`, `bench kernels [--device cpu|cuda]`, "
+                      "`bench herseg-memory`, `bench segment [MODEL]`, `bench segment-memory [MODEL] [--shape X Y Z]`"
     )
-    p.add_argument("what", choices=["models", "kernels"])
+    p.add_argument("what", choices=["models", "kernels", "herseg-memory", "segment", "segment-memory"])
     p.add_argument("names", nargs="*")
     p.add_argument("--compare", choices=["timm", "gather"],
                    help="models: time timm's model of the same name (same weights), or for BiFormer the official "
@@ -170,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="kernels: device to run on")
     p.add_argument("--problems", help="kernels: comma-separated problem names (default: the four standard ones)")
     p.add_argument("--skip", help="kernels: comma-separated alternatives to leave out: naive, dense, flex")
+    p.add_argument("--shape", type=int, nargs=3, default=[512, 512, 300], help="segment-memory: volume size")
+    p.add_argument("--overlap", type=float, default=0.0, help="segment-memory: window overlap")
     p.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     p.set_defaults(func=_cmd_bench)
     p = sub.add_parser("train", help="train from a YAML recipe: `train CONFIG [key=value ...] [--resume]`")

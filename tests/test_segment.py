@@ -226,3 +226,40 @@ def test_plain_monai_script_gives_the_same_labels(tmp_path, shared_data):
     ours = np.asarray(nib.load(str(tmp_path / "ours" / "hippocampus_001.nii.gz")).dataobj)
     plain = np.asarray(nib.load(str(tmp_path / "plain" / "hippocampus_001_seg.nii.gz")).dataobj)
     np.testing.assert_array_equal(ours, plain)
+
+
+def test_torchrun_shares_cases_across_processes(tmp_path):
+    import subprocess
+    import sys
+
+    run = voxelwise_model_dir(tmp_path)
+    src = nib.load(str(ANATOMICAL))
+    ins = tmp_path / "in"
+    ins.mkdir()
+    for i in range(3):
+        nib.save(src, str(ins / f"case{i}.nii.gz"))
+    out = tmp_path / "out"
+    env = dict(os.environ, TQDM_DISABLE="1", OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "visionattn", "segment", "-i", str(ins), "-o", str(out), "--model", str(run), "--no-progress"],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert [c["case"] for c in summary["cases"]] == ["case0", "case1", "case2"]
+    want = expected_labels(np.asarray(src.dataobj, dtype=np.float64))
+    for i in range(3):
+        np.testing.assert_array_equal(np.asarray(nib.load(str(out / f"case{i}.nii.gz")).dataobj), want)
+
+
+def test_bundled_demo_segments_the_samples(tmp_path, capsys):
+    """The README's main command: the bundled model on the bundled validation cases, Dice printed."""
+    out = tmp_path / "demo"
+    assert main(["segment", "-o", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "mean Dice" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["cases"]) == 3
+    for name, dice in summary["mean_dice"].items():
+        assert dice > 0.8, (name, dice)
+    for case in summary["cases"]:
+        assert (out / f"{case['case']}.nii.gz").is_file() and (out / f"{case['case']}.png").is_file()

@@ -297,7 +297,9 @@ def model_info(name: str, **kwargs: Any) -> dict[str, Any]:
 def _model_input_size(model: nn.Module, entry: ModelEntry) -> tuple[int, ...]:
     cfg = getattr(model, "pretrained_cfg", None) or {}
     size = cfg.get("input_size") if isinstance(cfg, dict) else None
-    in_chans = getattr(model, "in_chans", None)
+    in_chans = getattr(model, "in_chans", getattr(model, "in_channels", None))  # timm's name, MONAI's name
+    if not isinstance(in_chans, int):
+        in_chans = None
     if size is None:
         size = entry.default_input_size
     if in_chans is not None:

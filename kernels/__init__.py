@@ -7,6 +7,7 @@ reference, a tiled CPU path and fused Triton kernels for CUDA.
 from visionattn.kernels.linear_attention import linear_attention, linear_attention_reference
 from visionattn.kernels.neighborhood import BACKENDS, na1d, na2d, na3d, neighborhood_attention, triton_available
 from visionattn.kernels.reference import na_reference
+from visionattn.kernels.sparse_attention import topk_attention, topk_attention_reference
 
 __all__ = ["BACKENDS", "linear_attention", "linear_attention_reference", "na1d", "na2d", "na3d", "na_reference",
-           "neighborhood_attention", "triton_available"]
+           "neighborhood_attention", "topk_attention", "topk_attention_reference", "triton_available"]

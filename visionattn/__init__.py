@@ -18,7 +18,7 @@ from visionattn.registry import (
 )
 
 # importing the families registers their models
-from visionattn import backbones, decoders  # noqa: E402,F401
+from visionattn import backbones, decoders, detectors  # noqa: E402,F401
 
 __version__ = "0.1.0"
 

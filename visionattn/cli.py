@@ -67,6 +67,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
         rows = bench_herseg_memory(size=args.img_size or 1024, batch=1, threads=args.threads)
         table = format_table(rows)
+    elif args.what == "detectors":
+        from visionattn.tasks.bench_detection import bench_detectors, format_table
+
+        rows = bench_detectors(size=args.img_size or 640, threads=args.threads)
+        table = format_table(rows)
     elif args.what == "segment":
         from visionattn.tasks.bench_segment import bench_segment_time
 
@@ -171,9 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "bench", help="benchmarks: `bench models NAME... [--compare timm]`, `bench kernels [--device cpu|cuda]`, "
-                      "`bench herseg-memory`, `bench segment [MODEL]`, `bench segment-memory [MODEL] [--shape X Y Z]`"
+                      "`bench herseg-memory`, `bench segment [MODEL]`, `bench segment-memory [MODEL] [--shape X Y Z]`, "
+                      "`bench detectors [--img-size 640]`"
     )
-    p.add_argument("what", choices=["models", "kernels", "herseg-memory", "segment", "segment-memory"])
+    p.add_argument("what", choices=["models", "kernels", "herseg-memory", "segment", "segment-memory", "detectors"])
     p.add_argument("names", nargs="*")
     p.add_argument("--compare", choices=["timm", "gather"],
                    help="models: time timm's model of the same name (same weights), or for BiFormer the official "

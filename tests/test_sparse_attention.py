@@ -1,0 +1,146 @@
+"""Top-K sparse attention: the chunked op against its dense masked reference (outputs and every gradient),
+the tie rule, the limits K = 1 and K = N, and argument checks."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from visionattn.kernels import topk_attention, topk_attention_reference
+from visionattn.kernels.sparse_attention import topk_keep_mask
+
+
+def qkv(batch=2, nq=23, nk=23, heads=3, dim=8, dim_v=5, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    make = lambda n, d: torch.randn(batch, n, heads, d, generator=g, dtype=dtype, requires_grad=True)  # noqa: E731
+    return make(nq, dim), make(nk, dim), make(nk, dim_v)
+
+
+def grads(out, inputs, seed=1):
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
+    return torch.autograd.grad(out, inputs, dout)
+
+
+@pytest.mark.parametrize("top_k", [1, 5, 12, 23])
+@pytest.mark.parametrize("chunk_size", [1, 4, None])
+def test_matches_dense_reference_forward_and_backward(top_k, chunk_size):
+    q, k, v = qkv()
+    out = topk_attention(q, k, v, top_k, chunk_size=chunk_size)
+    ref = topk_attention_reference(q, k, v, top_k)
+    torch.testing.assert_close(out, ref)
+    for got, want in zip(grads(out, (q, k, v)), grads(ref, (q, k, v))):
+        torch.testing.assert_close(got, want)
+
+
+def test_cross_attention_lengths_and_custom_scale():
+    q, k, v = qkv(nq=7, nk=19)
+    out = topk_attention(q, k, v, 6, scale=0.3, chunk_size=3)
+    ref = topk_attention_reference(q, k, v, 6, scale=0.3)
+    torch.testing.assert_close(out, ref)
+    for got, want in zip(grads(out, (q, k, v)), grads(ref, (q, k, v))):
+        torch.testing.assert_close(got, want)
+
+
+def test_mixture_of_k_matches_mixed_references():
+    q, k, v = qkv()
+    top_ks = [11, 15, 17, 19]
+    mix = torch.softmax(torch.randn(q.shape[0], len(top_ks), dtype=q.dtype), -1).requires_grad_()
+    out = topk_attention(q, k, v, top_ks, mix=mix, chunk_size=5)
+    ref = sum(mix[:, r, None, None, None] * topk_attention_reference(q, k, v, kk) for r, kk in enumerate(top_ks))
+    torch.testing.assert_close(out, ref)
+    for got, want in zip(grads(out, (q, k, v, mix)), grads(ref, (q, k, v, mix))):
+        torch.testing.assert_close(got, want)
+    # without mix: the mean of the maps
+    mean_ref = sum(topk_attention_reference(q, k, v, kk) for kk in top_ks) / len(top_ks)
+    torch.testing.assert_close(topk_attention(q, k, v, top_ks), mean_ref)
+
+
+def test_gradcheck():
+    q, k, v = qkv(batch=2, nq=6, nk=9, heads=2, dim=3, dim_v=2)
+    mix = torch.rand(2, 2, dtype=torch.float64, requires_grad=True)
+    def mixed(a, b, c, m):
+        return topk_attention(a, b, c, [4, 7], mix=m, chunk_size=4)
+
+    assert torch.autograd.gradcheck(mixed, (q, k, v, mix))
+
+
+def test_all_keys_is_full_softmax_attention():
+    q, k, v = qkv(dtype=torch.float32)
+    out = topk_attention(q, k, v, k.shape[1])
+    full = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+    torch.testing.assert_close(out, full, rtol=1e-5, atol=1e-5)
+
+
+def test_one_key_returns_the_best_keys_value():
+    q, k, v = qkv()
+    best = torch.einsum("bqhd,bkhd->bhqk", q, k).argmax(-1)  # [B, H, Nq]
+    want = torch.stack([v[b, best[b, h], h] for b in range(q.shape[0]) for h in range(q.shape[2])])
+    out = topk_attention(q, k, v, 1).permute(0, 2, 1, 3).reshape(want.shape)
+    torch.testing.assert_close(out, want)
+
+
+def test_ties_keep_the_lower_key_index():
+    # integer-valued inputs make the scores exact, so equal keys give bitwise-equal scores
+    q = torch.ones(1, 1, 1, 2, dtype=torch.float64)
+    k = torch.tensor([[3.0, 0], [1, 0], [2, 0], [1, 0], [1, 0], [0, 0]], dtype=torch.float64).view(1, 6, 1, 2)
+    v = torch.arange(6, dtype=torch.float64).view(1, 6, 1, 1)
+    # scores 3, 1, 2, 1, 1, 0: K = 3 keeps keys 0, 2 and the first of the tied 1s (key 1)
+    assert topk_keep_mask(torch.tensor([3.0, 1, 2, 1, 1, 0]), 3).tolist() == [True, True, True, False, False, False]
+    weights = torch.softmax(torch.tensor([3.0, 1, 2], dtype=torch.float64) * 2 ** -0.5, 0)
+    want = (weights * torch.tensor([0.0, 1, 2], dtype=torch.float64)).sum()
+    for chunk in (1, None):
+        torch.testing.assert_close(topk_attention(q, k, v, 3, chunk_size=chunk).flatten(), want.view(1))
+    torch.testing.assert_close(topk_attention_reference(q, k, v, 3).flatten(), want.view(1))
+
+
+def test_ties_agree_with_reference_on_duplicated_keys():
+    g = torch.Generator().manual_seed(3)
+    q = torch.randint(-2, 3, (2, 9, 2, 4), generator=g).double().requires_grad_()
+    k = torch.randint(-2, 3, (2, 5, 2, 4), generator=g).double().repeat(1, 3, 1, 1).requires_grad_()
+    v = torch.randn(2, 15, 2, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    for top_k in (2, 4, 7):
+        out = topk_attention(q, k, v, top_k, chunk_size=4)
+        ref = topk_attention_reference(q, k, v, top_k)
+        torch.testing.assert_close(out, ref)
+        for got, want in zip(grads(out, (q, k, v)), grads(ref, (q, k, v))):
+            torch.testing.assert_close(got, want)
+
+
+def test_chunking_bounds_memory_and_float32_matches():
+    q, k, v = qkv(batch=1, nq=300, nk=300, heads=2, dim=16, dim_v=16, dtype=torch.float32)
+    out = topk_attention(q, k, v, 150, chunk_size=64)
+    torch.testing.assert_close(out, topk_attention_reference(q, k, v, 150), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("top_k", [0, 24, 2.5, True])
+def test_rejects_bad_top_k(top_k):
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="top_k"):
+        topk_attention(q, k, v, top_k)
+
+
+def test_rejects_mismatched_shapes():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="agree"):
+        topk_attention(q, k[:, :, :, :4], v, 3)
+    with pytest.raises(ValueError, match="agree"):
+        topk_attention(q, k, v[:, :5], 3)
+    with pytest.raises(ValueError, match=r"\[B, N, heads, D\]"):
+        topk_attention(q[0], k, v, 3)
+
+
+def test_rejects_bad_mix():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="sequence"):
+        topk_attention(q, k, v, 3, mix=torch.ones(2, 1, dtype=q.dtype))
+    with pytest.raises(ValueError, match="mix must be"):
+        topk_attention(q, k, v, [3, 5], mix=torch.ones(2, 3, dtype=q.dtype))
+
+
+def test_threshold_mask_matches_stable_sort_mask_with_many_ties():
+    from visionattn.kernels.sparse_attention import _threshold_keep_mask
+
+    scores = torch.randint(0, 4, (200, 17), generator=torch.Generator().manual_seed(5)).float()
+    for top_k in (1, 5, 9, 17):
+        largest = scores.topk(min(top_k + 1, 17), dim=-1).values
+        runner_up = largest[..., top_k:top_k + 1] if top_k < 17 else None
+        mask = _threshold_keep_mask(scores, largest[..., top_k - 1:top_k], runner_up, top_k)
+        assert torch.equal(mask, topk_keep_mask(scores, top_k))

@@ -239,6 +239,7 @@ class SegmentationCases(Dataset):
 # inference
 
 
+@torch.no_grad()
 def sliding_window_predict(model: torch.nn.Module, image: torch.Tensor, roi_size: Sequence[int], overlap: float = 0.5,
                            mode: str = "gaussian", sw_batch_size: int = 4, device: str | torch.device = "cpu",
                            stitch_device: str | torch.device = "cpu", tta: bool = False,

@@ -35,7 +35,13 @@ def wheel(tmp_path_factory) -> Path:
 def test_wheel_contents(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     for required in ("visionattn/__init__.py", "visionattn/kernels/__init__.py", "visionattn/tasks/__init__.py",
-                     "visionattn/tasks/bench.py", "visionattn/backbones/convit.py", "visionattn/cli.py"):
+                     "visionattn/tasks/bench.py", "visionattn/backbones/convit.py", "visionattn/cli.py",
+                     "visionattn/detectors/dfir_detr.py", "visionattn/tasks/segment.py",
+                     # the segment demo's model and sample volumes are package data
+                     "visionattn/bundled/hippocampus_agunet/config.yaml",
+                     "visionattn/bundled/hippocampus_agunet/model.safetensors",
+                     "visionattn/bundled/samples/images/hippocampus_015.nii.gz",
+                     "visionattn/bundled/samples/labels/hippocampus_015.nii.gz"):
         assert required in names, required
     top = {n.split("/")[0] for n in names}
     assert top <= {"visionattn", f"{wheel.name.split('-')[0]}-{wheel.name.split('-')[1]}.dist-info"}, top
@@ -52,6 +58,8 @@ def test_wheel_imports_kernels_and_tasks(wheel, tmp_path):
         f"assert visionattn.kernels.__file__.startswith({str(target)!r}), visionattn.kernels.__file__\n"
         f"assert visionattn.tasks.__file__.startswith({str(target)!r})\n"
         "print(visionattn.list_models('convit_tiny'))\n"
+        "from visionattn.tasks.segment import BUNDLED, bundled_models\n"
+        f"assert str(BUNDLED).startswith({str(target)!r}) and bundled_models() == ['hippocampus_agunet']\n"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr

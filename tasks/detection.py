@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from visionattn.tasks.config import ConfigError, instantiate, load_config
+from visionattn.tasks.config import ConfigError, load_config
 from visionattn.tasks.data import IMAGE_SUFFIXES, DataError, SeededTransform
 
 # (annotation folder, image folder): Pascal VOC's names, then NEU-DET's
@@ -770,21 +770,16 @@ class DetectionTask:
         return SeededTransform(train, seed), val, {"classes": list(full.classes)}
 
     def build_model(self, cfg: dict, meta: dict) -> nn.Module:
-        import visionattn
+        from visionattn.tasks.classification import build_model_from_recipe
 
         if cfg.get("loss"):
             raise ConfigError("detection models compute their own losses; remove the recipe's 'loss' section")
-        spec = cfg.get("model")
-        if not spec:
-            raise ConfigError("the recipe has no 'model' section")
-        if "_target_" in spec:
-            return instantiate(spec, where="model")
-        kwargs = dict(spec.get("kwargs") or {})
-        kwargs.setdefault("num_classes", len(meta["classes"]))
-        if kwargs["num_classes"] != len(meta["classes"]):
-            raise ConfigError(f"model.kwargs.num_classes={kwargs['num_classes']} but the data has "
+        spec = cfg.get("model") or {}
+        asked = (spec.get("kwargs") or {}).get("num_classes", len(meta["classes"]))
+        if "_target_" not in spec and asked != len(meta["classes"]):
+            raise ConfigError(f"model.kwargs.num_classes={asked} but the data has "
                               f"{len(meta['classes'])} classes {meta['classes']}")
-        return visionattn.create_model(spec["name"], **kwargs)
+        return build_model_from_recipe(cfg, num_classes=len(meta["classes"]))
 
     def load_batch(self, dataset, indices: list[int], device) -> tuple[list[torch.Tensor], list[dict]]:
         """Images ``[3, H, W]`` and training targets ``{boxes [n, 4], labels [n]}`` on ``device``, difficult

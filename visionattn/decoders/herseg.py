@@ -54,10 +54,11 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, LayerNorm2d, Mlp, trunc_normal_
+from timm.layers import DropPath, LayerNorm2d, Mlp
 from torch import nn
 
 from visionattn.kernels.linear_attention import linear_attention
+from visionattn.layers.classifier import init_vit_weights
 from visionattn.registry import register_model
 
 __all__ = ["CEEncoder", "DLABlock", "DualGatedLinearAttention", "HERSeg", "MEDecoder", "MBConv", "MetaPooling",
@@ -188,17 +189,8 @@ class CEEncoder(nn.Module):
         stage_heads = [h for depth, h in zip(depths, num_heads) for _ in range(depth)]
         self.blocks = nn.ModuleList(DLABlock(embed_dim, h, mlp_ratio, rate, attention_backend)
                                     for h, rate in zip(stage_heads, rates))
-        self.apply(self._init_weights)
+        self.apply(init_vit_weights)
 
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.mbconvs(self.patch_embed(x))

@@ -12,6 +12,17 @@ from timm.models._features import feature_take_indices
 from torch import nn
 
 
+def init_vit_weights(m: nn.Module) -> None:
+    """ViT-style init used by the families: Linear trunc-normal(0.02) with zero bias, LayerNorm (1, 0)."""
+    if isinstance(m, nn.Linear):
+        trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
 class ClassifierMixin:
     GLOBAL_POOLS: tuple[str, ...] = ("", "avg")
 
@@ -19,16 +30,7 @@ class ClassifierMixin:
         if global_pool not in self.GLOBAL_POOLS:
             raise ValueError(f"global_pool must be one of {self.GLOBAL_POOLS}, got {global_pool!r}")
 
-    @staticmethod
-    def init_vit_weights(m: nn.Module) -> None:
-        """ViT-style init used by the families: Linear trunc-normal(0.02) with zero bias, LayerNorm (1, 0)."""
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+    init_vit_weights = staticmethod(init_vit_weights)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:

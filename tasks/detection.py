@@ -37,6 +37,7 @@ from torch.utils.data import Dataset
 
 from visionattn.tasks.config import ConfigError, load_config
 from visionattn.tasks.data import IMAGE_SUFFIXES, DataError, SeededTransform
+from visionattn.tasks.files import atomic_path, write_json_atomic
 
 # (annotation folder, image folder): Pascal VOC's names, then NEU-DET's
 VOC_LAYOUTS = (("Annotations", "JPEGImages"), ("ANNOTATIONS", "IMAGES"))
@@ -88,21 +89,12 @@ def collect_images(input_path: str | Path) -> list[Path]:
     return files
 
 
-def write_json_atomic(obj: Any, path: Path) -> None:
-    """Write JSON to a temporary name in the same folder, then rename: never a partial file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-
-
 def save_png_atomic(image: torch.Tensor, path: Path) -> None:
     """Save a ``[3, H, W]`` uint8 image as PNG through a temporary name in the same folder."""
     from PIL import Image
 
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    Image.fromarray(image.permute(1, 2, 0).numpy()).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(tmp, format="PNG")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import sys
 from pathlib import Path
 
 import torch
 
 from visionattn.tasks.data import IMAGE_SUFFIXES, build_transforms
+from visionattn.tasks.files import write_text_atomic
 
 
 def predict_classification(config: str, checkpoint: str, input_path: str, output: str,
@@ -65,8 +65,6 @@ def predict_classification(config: str, checkpoint: str, input_path: str, output
     w = csv.writer(buf)
     w.writerow(["path", "class_index", "class_name", "probability"])
     w.writerows(rows)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    tmp.write_text(buf.getvalue())
-    os.replace(tmp, out)
+    write_text_atomic(buf.getvalue(), out)
     print(f"predict: {len(rows)} images classified, {failed} failed -> {out}")
     return 1 if failed else 0

@@ -16,7 +16,6 @@ Inputs: a ``.nii``/``.nii.gz`` file, or a folder of them. In a folder, files nam
 from __future__ import annotations
 
 import importlib.resources
-import json
 import os
 import re
 import sys
@@ -29,13 +28,15 @@ import numpy as np
 import torch
 import yaml
 
+from visionattn.tasks.files import atomic_path, write_json_atomic
+
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 BUNDLED = Path(str(importlib.resources.files("visionattn") / "bundled"))  # bundled models and sample volumes
 DEFAULT_MODEL = "hippocampus_agunet"
 _CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
 
-class SegmentError(Exception):
+class SegmentError(ValueError):
     """A problem with one case (or the whole call); the message names what and how to fix it."""
 
 
@@ -191,11 +192,6 @@ def check_volume(case: Case, in_channels: int):
 # writing
 
 
-def _tmp_name(path: Path) -> Path:
-    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
-    return path.with_name(f".{path.name}.tmp{os.getpid()}{suffix}")
-
-
 def write_like(reference, array: np.ndarray, path: Path) -> None:
     """Write ``array`` on ``reference``'s grid: its affine, its header with both qform and sform (and codes),
     no intensity scaling; atomically (temporary file, then rename)."""
@@ -209,21 +205,13 @@ def write_like(reference, array: np.ndarray, path: Path) -> None:
     sform, scode = reference.header.get_sform(coded=True)
     img.set_qform(qform if qform is not None else reference.affine, int(qcode))
     img.set_sform(sform if sform is not None else reference.affine, int(scode))
-    tmp = _tmp_name(path)
-    try:
+    with atomic_path(path, ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix) as tmp:
         nib.save(img, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_probabilities(probs: np.ndarray, path: Path, dtype=np.float16) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.npz")
-    try:
+    with atomic_path(path, ".npz") as tmp:
         np.savez_compressed(tmp, probabilities=probs.astype(dtype))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_overlay(image: np.ndarray, labels: np.ndarray, path: Path, n_slices: int = 8, title: str = "") -> None:
@@ -250,19 +238,11 @@ def write_overlay(image: np.ndarray, labels: np.ndarray, path: Path, n_slices: i
         ax.set_title(f"slice {k}", fontsize=8)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
     try:
-        fig.savefig(tmp, dpi=80)
-        os.replace(tmp, path)
+        with atomic_path(path, ".png") as tmp:
+            fig.savefig(tmp, dpi=80)
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
-
-
-def write_json(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -373,7 +353,7 @@ def run_segment(input_path: str | None, output: str | None, model_spec: str | No
                 progress: bool = True, overlay: bool = False, labels_dir: str | None = None) -> int:
     """The ``segment`` command. Without ``input_path`` it segments the bundled sample volumes with the
     bundled model and reports Dice against their reference labels. Returns the exit code."""
-    from visionattn.tasks.trainer import progress as progress_bar
+    from visionattn.tasks.trainer import dist_setup, progress as progress_bar
 
     demo = input_path is None
     if demo:
@@ -397,7 +377,7 @@ def run_segment(input_path: str | None, output: str | None, model_spec: str | No
     out_dir = Path(output)
     _writable(out_dir)
 
-    rank, world = _dist_rank_world(device)
+    rank, world = dist_setup(device)  # (0, 1) outside torchrun
     mine = cases[rank::world]
     entries = []
     bar = progress_bar(mine, desc="segment", disable=not progress or None)
@@ -418,7 +398,7 @@ def run_segment(input_path: str | None, output: str | None, model_spec: str | No
         if scored:
             summary["mean_dice"] = {name: float(np.mean([d[name] for d in scored if d[name] is not None]))
                                     for name in model.labels[1:]}
-        write_json(summary, out_dir / "summary.json")
+        write_json_atomic(summary, out_dir / "summary.json")
         for e in summary["cases"]:
             extra = ""
             if "dice" in e:
@@ -430,15 +410,6 @@ def run_segment(input_path: str | None, output: str | None, model_spec: str | No
         print(f"segment: {len(entries) - len(failed)} of {len(entries)} cases written to {out_dir}"
               + (f"; {len(failed)} failed" if failed else ""))
     return 1 if failed else 0
-
-
-def _dist_rank_world(device: str) -> tuple[int, int]:
-    import torch.distributed as dist
-
-    from visionattn.tasks.trainer import dist_setup
-
-    rank, world = dist_setup(device)
-    return (rank, world) if dist.is_initialized() else (0, 1)
 
 
 def _gather(entries: list[dict], world: int) -> list[dict]:

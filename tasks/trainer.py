@@ -13,7 +13,6 @@ tracking, metrics to CSV (and TensorBoard when installed), a PNG of the curves a
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 import random
@@ -25,12 +24,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 import yaml
 from tqdm import tqdm
 
 from visionattn.tasks.config import ConfigError, instantiate
 from visionattn.tasks.data import EpochBatches
+from visionattn.tasks.files import atomic_path, write_json_atomic
 
 TRAIN_DEFAULTS = dict(
     epochs=10, batch_size=64, accumulate=1, opt="adamw", lr=1e-3, weight_decay=0.05, warmup_epochs=1.0,
@@ -70,15 +69,13 @@ def progress(iterable, **kwargs):
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
     """Write to a temporary name in the same folder, then rename: a crash never leaves a partial file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def atomic_save_weights(model: torch.nn.Module, path: Path) -> None:
     from safetensors.torch import save_file
 
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     # tensors shared between modules (EMCAD's one spatial-attention block) are stored once per name, so the
     # file loads with a strict load_state_dict
     seen: set[int] = set()
@@ -88,8 +85,8 @@ def atomic_save_weights(model: torch.nn.Module, path: Path) -> None:
         ptr = v.untyped_storage().data_ptr()
         tensors[k] = v.clone().contiguous() if ptr in seen else v.contiguous()
         seen.add(ptr)
-    save_file(tensors, str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp))
 
 
 def to_channels_last(x):
@@ -270,9 +267,8 @@ class Trainer:
         if not self.is_main:
             return
         atomic_torch_save(self.checkpoint_state(), self.out / "last.pt")
-        tmp = self.out / ".last.json.tmp"
-        tmp.write_text(json.dumps({"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}))
-        os.replace(tmp, self.out / "last.json")
+        write_json_atomic({"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch},
+                          self.out / "last.json", indent=None)
 
     def _resume(self) -> None:
         path = self.out / "last.pt"
@@ -372,7 +368,7 @@ class Trainer:
         summary = {"steps": self.step, "epochs": self.epoch, "best": self.best, "seconds": time.time() - start,
                    "train_seconds": self.train_seconds}
         if self.is_main:
-            (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+            write_json_atomic(summary, self.out / "summary.json")
         return summary
 
     def _out_of_time(self) -> bool:
@@ -464,10 +460,11 @@ class Trainer:
         axes[1].set_title(f"validation {metric}")
         fig.tight_layout()
         path = self.out / "curves.png"
-        tmp = self.out / ".curves.tmp.png"
-        fig.savefig(tmp, dpi=100)
-        plt.close(fig)
-        os.replace(tmp, path)
+        try:
+            with atomic_path(path, ".png") as tmp:
+                fig.savefig(tmp, dpi=100)
+        finally:
+            plt.close(fig)
         return path
 
 

@@ -3,7 +3,6 @@ the official algorithm (ops/bra_legacy.py: gather every routed region's K/V at o
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
 import visionattn
 from visionattn.backbones.biformer import AttentionLePE, BiLevelRoutingAttention

@@ -1,7 +1,6 @@
 """Gated-SwinRMT: the windowed retention on the neighborhood-attention kernel against a direct, loop-based
 implementation of the same windows (shifted windows, partial windows at the borders, the collapse to one
 window on small maps), plus sizes and the gates the abstract names."""
-import math
 
 import pytest
 import torch

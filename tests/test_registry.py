@@ -5,7 +5,6 @@ import sys
 
 import pytest
 import timm
-import torch
 
 import visionattn
 from visionattn.cli import main

@@ -178,6 +178,12 @@ def test_whole_call_errors(tmp_path, capsys):
     other = voxelwise_model_dir(tmp_path, task="classification")
     assert main(["segment", "-i", str(ANATOMICAL), "-o", str(tmp_path / "o"), "--model", str(other)]) == 2
     assert "classification model" in capsys.readouterr().err
+    (tmp_path / "broken").mkdir()
+    broken = voxelwise_model_dir(tmp_path / "broken")
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:40])  # a truncated download
+    assert main(["segment", "-i", str(ANATOMICAL), "-o", str(tmp_path / "o"), "--model", str(broken)]) == 2
+    assert f"cannot read checkpoint {weights}" in capsys.readouterr().err
     with pytest.raises(SegmentError, match="architecture without trained weights"):
         load_segmentation_model("agunet_3d")
     if os.geteuid() != 0:  # root can write anywhere

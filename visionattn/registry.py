@@ -212,7 +212,10 @@ def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
     if str(path).endswith(".safetensors"):
         from safetensors.torch import load_file
 
-        return load_file(path, device="cpu")
+        try:
+            return load_file(path, device="cpu")
+        except Exception as e:  # SafetensorError: truncated or not a safetensors file
+            raise ValueError(f"cannot read checkpoint {path} ({type(e).__name__}: {e}); is the file complete?") from e
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle.UnpicklingError carries the offending global

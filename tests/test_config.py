@@ -53,7 +53,7 @@ def test_a_refused_target_anywhere_stops_the_whole_recipe_before_anything_runs(t
     (tmp_path / "evil.yaml").write_text(
         "model: {name: convit_tiny}\n"
         "loss: {_target_: torch.nn.CrossEntropyLoss}\n"
-        f"extra: [{{_target_: builtins.open, file: '{marker}', mode: w}}]\n"
+        f"data: {{extra: [{{_target_: builtins.open, file: '{marker}', mode: w}}]}}\n"
     )
     with pytest.raises(ConfigError, match="builtins.open"):
         load_config(tmp_path / "evil.yaml")

@@ -28,12 +28,19 @@ class ImageFolderClassification(Dataset):
     Args:
         root: the folder. split: ``'all'``, ``'train'`` or ``'val'``; ``val_per_class`` images of each class
             (the last ones in sorted order) form ``'val'``, the rest ``'train'``.
-        transform: applied to the PIL image. Returns ``(image, label)``.
+        transform: applied to the PIL image (RGB, 8 bits per sample). Returns ``(image, label)``.
+        max_image_pixels: images whose header declares more pixels are refused (``None``: the default,
+            :data:`~visionattn.tasks.imageio.DEFAULT_MAX_IMAGE_PIXELS`).
+
+    The headers of the split's images are checked here (readable, within ``max_image_pixels``; nothing is
+    decoded), and one :class:`DataError` lists every bad file, so training does not stop mid-run on one.
     """
 
-    def __init__(self, root: str, split: str = "all", val_per_class: int = 0, transform: Callable | None = None):
-        from PIL import Image  # noqa: F401  (pillow comes with torchvision)
+    def __init__(self, root: str, split: str = "all", val_per_class: int = 0, transform: Callable | None = None,
+                 max_image_pixels: int | None = None):
+        from visionattn.tasks.imageio import check_images, pixel_limit  # imageio imports this module
 
+        self.max_image_pixels = pixel_limit(max_image_pixels)
         self.root = Path(root)
         if not self.root.is_dir():
             raise DataError(f"data set folder not found: {self.root}")
@@ -52,20 +59,19 @@ class ImageFolderClassification(Dataset):
                     raise DataError(f"val_per_class={val_per_class} leaves no training images in {self.root / cls}")
                 files = files[-val_per_class:] if split == "val" else files[: len(files) - val_per_class]
             self.samples += [(f, label) for f in files]
+        check_images([f for f, _ in self.samples], self.max_image_pixels, str(self.root))
         self.transform = transform
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int):
-        from PIL import Image, UnidentifiedImageError
+        from PIL import Image
+
+        from visionattn.tasks.imageio import read_image
 
         path, label = self.samples[index]
-        try:
-            with Image.open(path) as im:
-                image = im.convert("RGB")
-        except (OSError, UnidentifiedImageError) as e:
-            raise DataError(f"cannot read image {path}: {e}") from e
+        image = Image.fromarray(read_image(path, "RGB", self.max_image_pixels))  # ImageError names the file
         return (self.transform(image) if self.transform else image), label
 
 

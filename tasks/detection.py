@@ -35,9 +35,12 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from visionattn.tasks.config import ConfigError, load_config
+from visionattn.tasks.config import ConfigError, load_run_config
 from visionattn.tasks.data import IMAGE_SUFFIXES, DataError, SeededTransform
 from visionattn.tasks.files import atomic_path, write_json_atomic
+from visionattn.tasks.imageio import (
+    DEFAULT_MAX_IMAGE_PIXELS, ImageError, bad_images_error, check_image, pixel_limit, read_image,
+)
 
 # (annotation folder, image folder): Pascal VOC's names, then NEU-DET's
 VOC_LAYOUTS = (("Annotations", "JPEGImages"), ("ANNOTATIONS", "IMAGES"))
@@ -54,26 +57,17 @@ BOX_COLOURS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4",
 # images and files
 
 
-def read_rgb(path: Path) -> np.ndarray:
-    """Decode an image file to ``[H, W, 3]`` uint8 RGB, or raise :class:`DataError` naming the file."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            return np.array(im.convert("RGB"))
-    except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError and truncated-file errors are OSErrors
-        raise DataError(f"cannot read image {path}: {e}") from e
+def read_rgb(path: Path, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
+    """Decode an image file to ``[H, W, 3]`` uint8 RGB (:func:`visionattn.tasks.imageio.read_image`), or raise
+    :class:`~visionattn.tasks.imageio.ImageError` (a :class:`DataError`) naming the file."""
+    return read_image(path, "RGB", max_pixels)
 
 
-def image_size(path: Path) -> tuple[int, int]:
-    """``(width, height)`` from the image header (nothing decoded), or :class:`DataError` naming the file."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            return im.size
-    except (OSError, ValueError) as e:
-        raise DataError(f"cannot read image {path}: {e}") from e
+def image_size(path: Path, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[int, int]:
+    """``(width, height)`` from the image header (nothing decoded), or
+    :class:`~visionattn.tasks.imageio.ImageError` naming the file when :func:`read_rgb` would refuse it as
+    far as the header tells (unreadable, over ``max_pixels``, floating-point samples)."""
+    return check_image(path, max_pixels)
 
 
 def collect_images(input_path: str | Path) -> list[Path]:
@@ -132,11 +126,12 @@ def to_tensors(image: np.ndarray, target: dict) -> tuple[torch.Tensor, dict]:
 class DetectionDataset(Dataset):
     """Annotated images (``records``, class names ``classes``). Item ``i`` is ``(image [3, H, W] float in 0..1,
     {boxes [n, 4], labels [n], difficult [n]})`` after ``transform`` (a :class:`DetectionTransform`;
-    ``None`` gives the image at its own size)."""
+    ``None`` gives the image at its own size). Images over ``max_image_pixels`` pixels are refused."""
 
     classes: list[str]
     records: list[DetectionRecord]
     transform: Callable | None
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
 
     @property
     def ids(self) -> list[str]:
@@ -148,7 +143,7 @@ class DetectionDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
         record = self.records[index]
         target = {"boxes": record.boxes, "labels": record.labels, "difficult": record.difficult}
-        return (self.transform or to_tensors)(read_rgb(record.path), target)
+        return (self.transform or to_tensors)(read_rgb(record.path, self.max_image_pixels), target)
 
     def subset(self, indices: Sequence[int], transform: Callable | None) -> "DetectionDataset":
         """The records at ``indices`` (same classes) with another transform, without reading anything again."""
@@ -161,6 +156,20 @@ class DetectionDataset(Dataset):
         """COCO ``images`` entries (``id`` is the position plus one)."""
         return [{"id": i + 1, "file_name": r.path.name, "height": r.height, "width": r.width}
                 for i, r in enumerate(self.records)]
+
+
+def _records_or_error(items: Sequence, build: Callable[[Any], DetectionRecord], where: str) -> list[DetectionRecord]:
+    """``build(item)`` for each item; images failing their header check (unreadable, too large) are gathered
+    into one :class:`DataError` listing them, so every bad file is named at once (other problems raise at once)."""
+    records, bad = [], []
+    for item in items:
+        try:
+            records.append(build(item))
+        except ImageError as e:
+            bad.append(e)
+    if bad:
+        raise bad_images_error(bad, len(items), where)
+    return records
 
 
 def _clip_box(box: Sequence[float], width: int, height: int, where: str) -> list[float]:
@@ -220,15 +229,19 @@ class VOCDetection(DetectionDataset):
             ``root/ImageSets/Main/<split>.txt`` id list, or a list of ids.
         classes: class names in label order; ``None``: the names found in the annotations, sorted.
         transform: see :class:`DetectionDataset`.
+        max_image_pixels: images whose header declares more pixels are refused (``None``: the default,
+            :data:`~visionattn.tasks.imageio.DEFAULT_MAX_IMAGE_PIXELS`).
 
     Boxes are converted to 0-based continuous pixels (``xmin - 1, ymin - 1, xmax, ymax``) and clipped to the
     image. Every annotation is parsed and every image header read here, so a missing folder, an empty one,
-    an unreadable image, a broken or incomplete XML file, an unknown class or an image that does not
-    match its annotation fails at once with a :class:`DataError` naming the file.
+    a broken or incomplete XML file, an unknown class or an image that does not match its annotation fails
+    at once with a :class:`DataError` naming the file; unreadable or oversized images are gathered into one
+    :class:`DataError` listing them.
     """
 
     def __init__(self, root: str | Path, split: str | Sequence[str] = "all", classes: Sequence[str] | None = None,
-                 transform: Callable | None = None):
+                 transform: Callable | None = None, max_image_pixels: int | None = None):
+        self.max_image_pixels = pixel_limit(max_image_pixels)
         self.root = Path(root)
         if not self.root.is_dir():
             raise DataError(f"data set folder not found: {self.root}")
@@ -244,7 +257,7 @@ class VOCDetection(DetectionDataset):
         names = sorted({name for _, ann in parsed for name, _, _ in ann["objects"]})
         self.classes = list(classes) if classes is not None else names
         label_of = {name: i for i, name in enumerate(self.classes)}
-        self.records = [self._record(image_id, ann, label_of) for image_id, ann in parsed]
+        self.records = _records_or_error(parsed, lambda item: self._record(*item, label_of), str(self.image_dir))
         self.transform = transform
 
     def _select_ids(self, split: str | Sequence[str]) -> list[str]:
@@ -283,7 +296,7 @@ class VOCDetection(DetectionDataset):
                          if (self.image_dir / f"{image_id}{ext}").is_file()), None)
         if path is None:
             raise DataError(f"{xml} has no image: no {image_id}.* in {self.image_dir}")
-        width, height = image_size(path)
+        width, height = image_size(path, self.max_image_pixels)
         if ann["width"] is not None and (ann["width"], ann["height"]) != (width, height):
             raise DataError(f"{path} is {width}x{height} but {xml} gives {ann['width']}x{ann['height']}")
         boxes, labels, difficult = [], [], []
@@ -302,9 +315,12 @@ class CocoDetection(DetectionDataset):
     Categories, sorted by id, become labels ``0..K-1``; ``category_ids[label]`` is the original id and
     :attr:`categories` the ``{id, name}`` list for :func:`to_coco_json`. Boxes become xyxy, clipped to the
     image; ``iscrowd`` boxes are flagged ``difficult``. Images without annotations are kept (no boxes).
+    Image headers are checked as in :class:`VOCDetection` (``max_image_pixels`` likewise).
     """
 
-    def __init__(self, images_dir: str | Path, annotation_json: str | Path, transform: Callable | None = None):
+    def __init__(self, images_dir: str | Path, annotation_json: str | Path, transform: Callable | None = None,
+                 max_image_pixels: int | None = None):
+        self.max_image_pixels = pixel_limit(max_image_pixels)
         self.images_dir, self.annotation_json = Path(images_dir), Path(annotation_json)
         if not self.images_dir.is_dir():
             raise DataError(f"image folder not found: {self.images_dir}")
@@ -332,14 +348,15 @@ class CocoDetection(DetectionDataset):
             if ann.get("category_id") not in label_of:
                 raise DataError(f"{where}: category_id {ann.get('category_id')!r} is not in 'categories'")
             per_image[ann["image_id"]].append(ann)
-        self.records = [self._record(images[i], per_image[i], label_of) for i in images]
+        self.records = _records_or_error(list(images), lambda i: self._record(images[i], per_image[i], label_of),
+                                         str(self.images_dir))
         self.transform = transform
 
     def _record(self, image: dict, anns: list[dict], label_of: dict[int, int]) -> DetectionRecord:
         path = self.images_dir / image["file_name"]
         if not path.is_file():
             raise DataError(f"{self.annotation_json}: image {image['file_name']!r} not found in {self.images_dir}")
-        width, height = image_size(path)
+        width, height = image_size(path, self.max_image_pixels)
         if (image.get("width"), image.get("height")) not in ((width, height), (None, None)):
             raise DataError(f"{path} is {width}x{height} but {self.annotation_json} gives "
                             f"{image.get('width')}x{image.get('height')}")
@@ -572,7 +589,7 @@ def load_detection_model(spec: str, num_classes: int | None = None, classes: Seq
         config_path = weights.parent / "config.yaml"
         if not config_path.is_file():
             raise FileNotFoundError(f"{weights}: no config.yaml beside it (expected a `visionattn train` output folder)")
-        cfg = load_config(config_path)
+        cfg = load_run_config(config_path)  # a run folder is data: validated before anything is built
         task = cfg.get("task", "classification")
         if task != "detection":
             raise ConfigError(f"{weights} is a {task} model (see {config_path}); `visionattn detect` needs a detection run")
@@ -629,7 +646,7 @@ def _predict(model: nn.Module, images: list[np.ndarray], device: torch.device) -
 @torch.no_grad()
 def detect(model: nn.Module, inputs: Sequence[Path], out_dir: Path, score_threshold: float = 0.3,
            overwrite: bool = False, device: str = "cpu", batch_size: int = 4, draw: bool = True,
-           classes: Sequence[str] | None = None) -> dict:
+           classes: Sequence[str] | None = None, max_image_pixels: int | None = None) -> dict:
     """Run a detector on image files and write ``out_dir/detections.json`` and, with ``draw``,
     ``out_dir/images/<name>.png`` (boxes, class names and scores drawn; ``<name>`` is the path below the
     inputs' common folder with ``/`` written ``__``), each atomically.
@@ -637,14 +654,17 @@ def detect(model: nn.Module, inputs: Sequence[Path], out_dir: Path, score_thresh
     ``detections.json`` is a COCO dict (:func:`to_coco_json`): ``images`` (with each input's ``path``),
     ``categories``, ``annotations`` holding the detections scoring at least ``score_threshold`` (a COCO
     results list), plus ``failed`` (``{path, error}``) and ``score_threshold``. An image that cannot be read
-    (or that the model fails on) is reported by name on stderr and in the summary; the others are still
-    processed. Existing outputs are refused (``FileExistsError``) unless ``overwrite``.
+    (unreadable, corrupt, truncated, or declaring more than ``max_image_pixels`` pixels, default
+    :data:`~visionattn.tasks.imageio.DEFAULT_MAX_IMAGE_PIXELS`; see :func:`read_rgb`) or that the model fails
+    on is reported by name, one line on stderr and an entry in ``failed``; the others are still processed.
+    Existing outputs are refused (``FileExistsError``) unless ``overwrite``.
 
     Returns the summary ``{images, detections, failed: [{path, error}], output}``.
     """
     inputs = [Path(p) for p in inputs]
     if not inputs:
         raise ValueError("detect: no input images")
+    max_image_pixels = pixel_limit(max_image_pixels)
     out_dir = Path(out_dir)
     file_names, stems = _relative_names(inputs)
     json_path, image_dir = out_dir / "detections.json", out_dir / "images"
@@ -659,14 +679,17 @@ def detect(model: nn.Module, inputs: Sequence[Path], out_dir: Path, score_thresh
     infos, detections, failed = [], [], []
 
     def report(path: Path, error: Exception) -> None:
-        failed.append({"path": str(path), "error": f"{type(error).__name__}: {error}"})
-        print(f"detect: {path}: {type(error).__name__}: {error}", file=sys.stderr)
+        # a DataError already names the file; anything else (a model failure) gets the name added
+        message = str(error) if isinstance(error, DataError) else f"{path}: {type(error).__name__}: {error}"
+        message = " ".join(message.split())  # one line per image
+        failed.append({"path": str(path), "error": message})
+        print(f"detect: {message}", file=sys.stderr)
 
     for start in range(0, len(inputs), batch_size):
         readable = []
         for k in range(start, min(start + batch_size, len(inputs))):
             try:
-                readable.append((k, read_rgb(inputs[k])))
+                readable.append((k, read_rgb(inputs[k], max_image_pixels)))
             except DataError as e:
                 report(inputs[k], e)
         if not readable:
@@ -726,7 +749,9 @@ class DetectionTask:
     ``data.val_fraction`` (default 0.2, per-class :func:`fixed_split` with ``data.split_seed``, default 0;
     0 means no validation); ``data.img_size`` (square resize; none keeps the size); ``data.augment`` (see
     :data:`AUGMENT_DEFAULTS`); ``data.classes`` (label order; found in the annotations when absent and then
-    written back into the recipe, so the run's ``config.yaml`` records it).
+    written back into the recipe, so the run's ``config.yaml`` records it); ``data.max_image_pixels`` (images
+    declaring more pixels are refused when the data set is built; default
+    :data:`~visionattn.tasks.imageio.DEFAULT_MAX_IMAGE_PIXELS`).
     """
 
     name = "detection"
@@ -740,11 +765,11 @@ class DetectionTask:
         if kind == "voc":
             if not data.get("root"):
                 raise ConfigError("data.root is required for data.kind=voc")
-            full = VOCDetection(data["root"], "all", classes)
+            full = VOCDetection(data["root"], "all", classes, max_image_pixels=data.get("max_image_pixels"))
         elif kind == "coco":
             if not data.get("images") or not data.get("annotations"):
                 raise ConfigError("data.images and data.annotations are required for data.kind=coco")
-            full = CocoDetection(data["images"], data["annotations"])
+            full = CocoDetection(data["images"], data["annotations"], max_image_pixels=data.get("max_image_pixels"))
             if classes is not None and list(classes) != full.classes:
                 raise ConfigError(f"data.classes {list(classes)} differ from the categories of "
                                   f"{data['annotations']}: {full.classes}")

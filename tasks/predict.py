@@ -1,5 +1,6 @@
-"""``visionattn predict``: classify image files with a trained recipe; bad files are reported by name and
-the others still processed; the CSV is written atomically and never overwritten unless asked."""
+"""``visionattn predict``: classify image files with a trained recipe; bad files (unreadable, corrupt,
+truncated, over the recipe's ``data.max_image_pixels``) are reported by name, one line each, and the others
+still processed; the CSV is written atomically and never overwritten unless asked."""
 from __future__ import annotations
 
 import csv
@@ -9,8 +10,9 @@ from pathlib import Path
 
 import torch
 
-from visionattn.tasks.data import IMAGE_SUFFIXES, build_transforms
+from visionattn.tasks.data import IMAGE_SUFFIXES, DataError, build_transforms
 from visionattn.tasks.files import write_text_atomic
+from visionattn.tasks.imageio import pixel_limit, read_image
 
 
 def predict_classification(config: str, checkpoint: str, input_path: str, output: str,
@@ -49,18 +51,21 @@ def predict_classification(config: str, checkpoint: str, input_path: str, output
     model = load_model_for_eval(cfg, checkpoint, {"classes": list(classes)})
     tf = build_transforms(int(data.get("img_size", 32)), data.get("mean", (0.5,) * 3), data.get("std", (0.5,) * 3),
                           False, None, bool(data.get("grayscale_to_rgb", False)))
+    max_pixels = pixel_limit(data.get("max_image_pixels"))
+    mode = "L" if data.get("grayscale_to_rgb") else "RGB"
     rows, failed = [], 0
     for f in files:
         try:
-            with Image.open(f) as im:
-                x = tf(im.convert("L" if data.get("grayscale_to_rgb") else "RGB"))[None]
+            x = tf(Image.fromarray(read_image(f, mode, max_pixels)))[None]
             with torch.no_grad():
                 prob = model(x).softmax(-1)[0]
             k = int(prob.argmax())
             rows.append([str(f), k, classes[k], f"{float(prob[k]):.6f}"])
         except Exception as e:  # one bad file must not stop the others
             failed += 1
-            print(f"predict: {f}: {type(e).__name__}: {e}", file=sys.stderr)
+            # a DataError (ImageError) already names the file
+            message = str(e) if isinstance(e, DataError) else f"{f}: {type(e).__name__}: {e}"
+            print(f"predict: {' '.join(message.split())}", file=sys.stderr)
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["path", "class_index", "class_name", "probability"])

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -29,6 +30,7 @@ from torch.utils.data import Dataset
 from visionattn.tasks.classification import build_model_from_recipe
 from visionattn.tasks.config import ConfigError
 from visionattn.tasks.data import IMAGE_SUFFIXES, DataError, SeededTransform
+from visionattn.tasks.imageio import image_size, pixel_limit
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 INTENSITY_MODES = ("zscore", "zscore_nonzero", "scale01", "none")
@@ -122,7 +124,9 @@ def preprocessing(data: dict, keys: Sequence[str] = ("image", "label")) -> list:
 
     ``keys`` are ``("image",)`` at inference and ``("image", "label")`` in training. Images come out as
     float32 ``[C, *spatial]``; labels as ``[1, *spatial]`` with values ``0 .. K-1`` (``data.label_values``
-    maps raw mask values, e.g. DRIVE's 0/255, to classes).
+    maps raw mask values, e.g. DRIVE's 0/255, to classes). 2-D files are first checked from their header
+    (:func:`visionattn.tasks.imageio.image_size`: a supported format, at most ``data.max_image_pixels``
+    pixels), so a decompression bomb is refused before it is decoded.
     """
     from monai import transforms as T
 
@@ -130,7 +134,13 @@ def preprocessing(data: dict, keys: Sequence[str] = ("image", "label")) -> list:
     keys = list(keys)
     # PIL reads the 2-D formats (MONAI's PIL reader does not claim .tif/.gif unless asked); nibabel the NIfTIs
     reader = "PILReader" if spatial_dims == 2 else "NibabelReader"
-    ops: list = [T.LoadImaged(keys=keys, image_only=True, ensure_channel_first=True, reader=reader)]
+    ops: list = []
+    if spatial_dims == 2:
+        # MONAI decodes the file itself (keeping 16-bit and palette-index samples as they are, which
+        # intensity normalisation and data.label_values rely on), so only the header is checked here
+        max_pixels = pixel_limit(data.get("max_image_pixels"))
+        ops.append(T.Lambdad(keys=keys, func=partial(_checked_2d_file, max_pixels=max_pixels)))
+    ops.append(T.LoadImaged(keys=keys, image_only=True, ensure_channel_first=True, reader=reader))
     if spatial_dims == 2:
         # PIL images load as [C, W, H]; put them in [C, H, W] like every other 2-D tensor here
         ops.append(T.Transposed(keys=keys, indices=(0, 2, 1)))
@@ -155,6 +165,12 @@ def preprocessing(data: dict, keys: Sequence[str] = ("image", "label")) -> list:
             ops.append(T.MapLabelValued(keys="label", orig_labels=list(values), target_labels=list(range(len(values)))))
         ops.append(T.EnsureTyped(keys="label", dtype=torch.uint8, track_meta=False))
     return ops
+
+
+def _checked_2d_file(path: str, max_pixels: int) -> str:
+    """``path`` unchanged once its image header passes :func:`~visionattn.tasks.imageio.image_size`."""
+    image_size(path, max_pixels)
+    return path
 
 
 def augmentation(data: dict) -> list:

@@ -27,8 +27,10 @@ def build_datasets(cfg: dict, seed: int):
         root, vpc = data.get("root"), int(data.get("val_per_class", 0))
         if not root:
             raise ConfigError("data.root is required for data.kind=image_folder")
-        train = ImageFolderClassification(root, "train" if vpc else "all", vpc, t_train)
-        val = ImageFolderClassification(data.get("val_root", root), "val" if vpc else "all", vpc, t_eval) if (vpc or data.get("val_root")) else None
+        limit = data.get("max_image_pixels")
+        train = ImageFolderClassification(root, "train" if vpc else "all", vpc, t_train, max_image_pixels=limit)
+        val = ImageFolderClassification(data.get("val_root", root), "val" if vpc else "all", vpc, t_eval,
+                                        max_image_pixels=limit) if (vpc or data.get("val_root")) else None
     elif kind == "npz":
         path = data.get("path")
         if not path:

@@ -13,10 +13,16 @@ tracking, metrics to CSV (and TensorBoard when installed), a PNG of the curves a
 from __future__ import annotations
 
 import csv
+import hashlib
 import math
 import os
+import pickle
 import random
+import re
+import shutil
+import sys
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -29,7 +35,7 @@ from tqdm import tqdm
 
 from visionattn.tasks.config import ConfigError, instantiate
 from visionattn.tasks.data import EpochBatches
-from visionattn.tasks.files import atomic_path, write_json_atomic
+from visionattn.tasks.files import atomic_path, write_json_atomic, write_text_atomic
 
 TRAIN_DEFAULTS = dict(
     epochs=10, batch_size=64, accumulate=1, opt="adamw", lr=1e-3, weight_decay=0.05, warmup_epochs=1.0,
@@ -68,12 +74,16 @@ def progress(iterable, **kwargs):
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    """Write to a temporary name in the same folder, then rename: a crash never leaves a partial file."""
+    """Write to a temporary name in the same folder, flush it to the disk, then rename: neither a crash nor
+    a power cut leaves a partial file under ``path``."""
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
 
 
 def atomic_save_weights(model: torch.nn.Module, path: Path) -> None:
+    """The model's weights as ``.safetensors``, with their :func:`state_digest` in the file's metadata."""
     from safetensors.torch import save_file
 
     # tensors shared between modules (EMCAD's one spatial-attention block) are stored once per name, so the
@@ -85,8 +95,9 @@ def atomic_save_weights(model: torch.nn.Module, path: Path) -> None:
         ptr = v.untyped_storage().data_ptr()
         tensors[k] = v.clone().contiguous() if ptr in seen else v.contiguous()
         seen.add(ptr)
+    metadata = {"format": "pt", SAFETENSORS_DIGEST_KEY: state_digest(tensors)}
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp))
+        save_file(tensors, str(tmp), metadata=metadata)
 
 
 def to_channels_last(x):
@@ -114,6 +125,139 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state((np_state[0], np_state[1].numpy().astype(np.uint32), *np_state[2:]))
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
+
+
+# ---------------------------------------------------------------------------------------------------
+# checkpoint integrity
+
+CHECKSUM_KEY = "checksum"  # trainer checkpoints: {"sha256": state_digest of every other entry}
+SAFETENSORS_DIGEST_KEY = "visionattn.sha256"  # metadata of the .safetensors files atomic_save_weights writes
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: unreadable, refused by ``weights_only``, failing or lacking its
+    checksum, or holding non-finite weights. The message is one line naming the file and the problem."""
+
+
+def state_digest(obj: Any) -> str:
+    """sha256 over a (nested) checkpoint: every tensor's key path, dtype, shape and bytes and every plain
+    Python value, dict entries in sorted key order, so the same state always gives the same digest."""
+    h = hashlib.sha256()
+    _digest_into(h, "", obj)
+    return h.hexdigest()
+
+
+def _digest_into(h, path: str, obj: Any) -> None:
+    def put(text: str) -> None:  # length-prefixed, so that no two different states give the same stream
+        data = text.encode("utf-8", "backslashreplace")
+        h.update(len(data).to_bytes(8, "little") + data)
+
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().to("cpu").contiguous()
+        put(f"{path}:tensor:{t.dtype}:{tuple(t.shape)}")
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(obj, dict):
+        put(f"{path}:dict:{len(obj)}")
+        for key in sorted(obj, key=repr):
+            _digest_into(h, f"{path}/{key!r}", obj[key])
+    elif isinstance(obj, (list, tuple)):
+        put(f"{path}:{type(obj).__name__}:{len(obj)}")
+        for i, value in enumerate(obj):
+            _digest_into(h, f"{path}[{i}]", value)
+    elif obj is None or isinstance(obj, (bool, int, float, str, bytes)):
+        put(f"{path}:{type(obj).__name__}:{obj!r}")
+    else:  # other objects: only their type, since their repr may hold a memory address
+        put(f"{path}:{type(obj).__qualname__}")
+
+
+def _one_line(e: BaseException, limit: int = 240) -> str:
+    """``Type: first sentence`` of an exception, on one line (torch's messages run over several)."""
+    text = " ".join(str(e).split()).strip("'\"")
+    text = text.split(". ")[0] if text else "empty or cut short"
+    return f"{type(e).__name__}: {text[:limit]}"
+
+
+def _refusal(e: BaseException) -> str:
+    """What ``weights_only`` refused (``GLOBAL posix.system``, an unsupported opcode), from torch's message
+    (several lines of advice, one of them to allow the global: not what a hostile file deserves)."""
+    found = re.search(r"(Unsupported|Trying to load unsupported).*", str(e))
+    return found.group(0).split(". ")[0].rstrip(".") if found else type(e).__name__
+
+
+def read_checkpoint(path: str | Path, require_checksum: bool = False) -> Any:
+    """A ``torch.save`` file read with ``weights_only=True`` and checked against its :data:`CHECKSUM_KEY`.
+
+    Returns the loaded object without its checksum entry. Raises ``FileNotFoundError`` for a missing file,
+    and :class:`CheckpointError` for a file that cannot be read (truncated, not a checkpoint), holds pickled
+    code or other objects ``weights_only`` refuses, fails its checksum, or lacks one while
+    ``require_checksum``. Files without a checksum (plain state dicts, checkpoints from before visionattn
+    wrote them) are returned unchecked otherwise."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about unusual pickle protocols before refusing them
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path}: refused: it holds pickled objects that torch.load(weights_only=True) does not allow, such "
+            f"as code ({_refusal(e)}); visionattn never unpickles code"
+        ) from e
+    except Exception as e:  # RuntimeError (zip), EOFError, KeyError (pickle magic), OSError, ...
+        raise CheckpointError(f"{path}: unreadable: truncated, corrupted or not a PyTorch checkpoint ({_one_line(e)})") from e
+    stored = obj.pop(CHECKSUM_KEY, None) if isinstance(obj, dict) else None
+    if stored is None:
+        if require_checksum:
+            raise CheckpointError(f"{path}: has no checksum (not written by this trainer, or altered)")
+        return obj
+    expected = stored.get("sha256") if isinstance(stored, dict) else None
+    actual = state_digest(obj)
+    if expected != actual:
+        raise CheckpointError(
+            f"{path}: checksum mismatch: its contents changed after it was written (bit flip, partial copy or "
+            f"edit); stored sha256 {str(expected)[:16]}, computed {actual[:16]}"
+        )
+    return obj
+
+
+def verify_safetensors_digest(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Check ``tensors`` read from ``path`` against the digest in its metadata, when it has one (files from
+    timm, Hugging Face or older visionattn versions have none and pass). Raises :class:`CheckpointError`."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        expected = (f.metadata() or {}).get(SAFETENSORS_DIGEST_KEY)
+    if expected is None:
+        return
+    actual = state_digest(tensors)
+    if expected != actual:
+        raise CheckpointError(
+            f"{path}: checksum mismatch: its tensors changed after it was written (bit flip, partial copy or "
+            f"edit); stored sha256 {expected[:16]}, computed {actual[:16]}"
+        )
+
+
+def non_finite_weight(state: dict, param_names: set[str]) -> str | None:
+    """The first model or EMA parameter in a checkpoint ``state`` holding NaN or infinity, or None.
+    Only parameters are checked: a buffer may hold -inf on purpose (an attention mask)."""
+    for part, prefix in (("model", ""), ("ema", "module.")):
+        tensors = state.get(part)
+        for name, t in (tensors.items() if isinstance(tensors, dict) else ()):
+            if (name[len(prefix):] in param_names and isinstance(t, torch.Tensor) and t.is_floating_point()
+                    and not torch.isfinite(t).all()):
+                return f"{part} weight {name!r}"
+    return None
+
+
+def _keep_as_previous(last: Path, previous: Path) -> None:
+    """Make ``previous`` a second name for (or, without hard links, a copy of) ``last``, replacing it
+    atomically; ``last`` stays where it is."""
+    with atomic_path(previous) as tmp:
+        try:
+            os.link(last, tmp)
+        except OSError:  # file systems without hard links
+            shutil.copyfile(last, tmp)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -159,10 +303,34 @@ def resolve_path(value: str | None, base: Path) -> str | None:
 # the trainer
 
 
-class Trainer:
-    """Trains the recipe's model. ``cfg`` is a loaded recipe (see ``configs/``)."""
+RUN_FILES = ("config.yaml", "metrics.csv", "last.pt", "previous.pt", "last.json", "best.safetensors",
+             "model.safetensors", "summary.json", "curves.png", "tensorboard")
 
-    def __init__(self, cfg: dict, resume: bool = False, config_path: str | None = None):
+
+def refuse_to_overwrite_run(out: Path) -> None:
+    """A new run may write into a missing or empty folder, or one holding none of the files a run writes
+    (:data:`RUN_FILES`); anything else would be overwritten, which needs ``--resume`` or ``--overwrite``."""
+    if not out.is_dir():
+        if out.exists():
+            raise ConfigError(f"output_dir {out} exists and is not a folder")
+        return
+    ours = [name for name in RUN_FILES if (out / name).exists()]
+    if ours:
+        raise ConfigError(f"output_dir {out} already holds {', '.join(ours[:4])}{' ...' if len(ours) > 4 else ''}; "
+                          "pass --resume to continue that run, --overwrite to replace it, or choose another output_dir")
+
+
+class Trainer:
+    """Trains the recipe's model. ``cfg`` is a loaded recipe (see ``configs/``).
+
+    ``resume`` continues from ``OUTPUT_DIR/last.pt``, or from ``previous.pt`` when last.pt is damaged.
+    ``write_outputs=False`` (``visionattn evaluate``) leaves ``output_dir`` untouched: no config.yaml, no
+    metrics.csv reset; such a trainer is for :meth:`evaluate` only. A new run never writes over an earlier
+    run's files unless ``overwrite`` (:func:`refuse_to_overwrite_run`).
+    """
+
+    def __init__(self, cfg: dict, resume: bool = False, config_path: str | None = None, write_outputs: bool = True,
+                 overwrite: bool = False):
         self.cfg = cfg
         self.opts = dict(TRAIN_DEFAULTS, **(cfg.get("train") or {}))
         unknown = set(self.opts) - set(TRAIN_DEFAULTS)
@@ -184,8 +352,15 @@ class Trainer:
         resolve_data_paths(cfg, config_path)
         self.task = get_task(cfg)
         self.out = Path(cfg.get("output_dir", "runs/default"))
-        if self.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
+        if write_outputs and not resume and not overwrite:
+            # every process checks before any writes, and all agree, so that no rank is left waiting
+            problem = None
+            try:
+                refuse_to_overwrite_run(self.out)
+            except ConfigError as e:
+                problem = e
+            if all_reduce_sum([float(problem is not None)], self.device)[0] > 0:
+                raise problem or ConfigError(f"output_dir {self.out}: refused on another process (see its error)")
 
         self.train_set, self.val_set, self.meta = self.task.build_datasets(cfg, self.seed)
         self.classes = list(self.meta.get("classes", []))
@@ -215,7 +390,7 @@ class Trainer:
         # by steps: warmup then cosine over the run's steps; by time: the same shape over the time budget,
         # warmup_epochs then being read as a fraction of the budget
         t_initial, warmup_t = (SCHEDULE_UNITS, int(o["warmup_epochs"] * SCHEDULE_UNITS)) if o["schedule_by_time"] else \
-            (max(1, self.total_steps), int(o["warmup_epochs"] * self.steps_per_epoch))
+            (self.total_steps or 2, int(o["warmup_epochs"] * self.steps_per_epoch))  # 0 steps (evaluate): 1 would make timm warn
         self.scheduler = CosineLRScheduler(
             self.optimizer, t_initial=t_initial, lr_min=o["min_lr"],
             warmup_t=warmup_t, warmup_lr_init=o["lr"] * 1e-3, t_in_epochs=False,
@@ -240,13 +415,19 @@ class Trainer:
         self.batch_in_epoch = 0
         self.best = None
         self.train_seconds = 0.0
+        # whether last.pt / previous.pt on disk are good checkpoints of this run (see save_checkpoint)
+        self._last_is_ours = self._previous_is_ours = False
         if resume:
-            self._resume()
-        elif self.is_main:
-            (self.out / "metrics.csv").unlink(missing_ok=True)
-        if self.is_main:
-            (self.out / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-        self.tb = self._tensorboard()
+            self._resume()  # reads only: a run that cannot resume leaves the folder as it was
+        self.tb = None
+        if self.is_main and write_outputs:
+            self.out.mkdir(parents=True, exist_ok=True)
+            if resume:
+                self._drop_metrics_after(self.step)
+            else:
+                (self.out / "metrics.csv").unlink(missing_ok=True)
+            write_text_atomic(yaml.safe_dump(cfg, sort_keys=False), self.out / "config.yaml")
+            self.tb = self._tensorboard()
 
     # -- checkpoints -----------------------------------------------------------------------------
 
@@ -264,33 +445,94 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> None:
+        """Write ``last.pt`` with its checksum, keeping the checkpoint it replaces as ``previous.pt``.
+
+        last.pt is a complete file at every moment: previous.pt is made a second name for it first, then the
+        new state is written under a temporary name and renamed onto last.pt. A last.pt that is not a good
+        checkpoint of this run (a fresh run in an old folder, a damaged file resumed past) is not kept, and a
+        previous.pt from another run is removed once this run has a checkpoint. Weights that went NaN or
+        infinite are not written, so they never replace a finite checkpoint."""
         if not self.is_main:
             return
-        atomic_torch_save(self.checkpoint_state(), self.out / "last.pt")
+        last, previous = self.out / "last.pt", self.out / "previous.pt"
+        state = self.checkpoint_state()
+        bad = non_finite_weight(state, {n for n, _ in self.model.named_parameters()})
+        if bad:
+            print(f"visionattn train: step {self.step}: non-finite values in {bad}; {last} is not replaced",
+                  file=sys.stderr, flush=True)
+            return
+        state[CHECKSUM_KEY] = {"sha256": state_digest(state)}
+        if self._last_is_ours and last.is_file():
+            _keep_as_previous(last, previous)
+            self._previous_is_ours = True
+        atomic_torch_save(state, last)
+        self._last_is_ours = True
+        if not self._previous_is_ours:
+            previous.unlink(missing_ok=True)
+            self._previous_is_ours = True
         write_json_atomic({"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch},
                           self.out / "last.json", indent=None)
 
     def _resume(self) -> None:
-        path = self.out / "last.pt"
+        """Load the state of ``last.pt``, or of ``previous.pt`` when last.pt is missing or damaged (said on
+        stderr). Writes nothing; raises :class:`CheckpointError` (one line) when neither is usable."""
+        last, previous = self.out / "last.pt", self.out / "previous.pt"
+        if not last.exists() and not previous.exists():
+            raise FileNotFoundError(f"--resume: no checkpoint at {last}")
+        problems = []
+        for path in (last, previous):
+            try:
+                state = self._read_resume_state(path)
+                break
+            except (FileNotFoundError, CheckpointError) as e:
+                problems.append(str(e))
+        else:
+            raise CheckpointError(f"--resume: no usable checkpoint in {self.out}: " + "; ".join(problems))
+        if path == previous and self.is_main:
+            print(f"visionattn train: {problems[0]}", file=sys.stderr)
+            print(f"visionattn train: resuming from {previous} (step {state['step']}) instead", file=sys.stderr, flush=True)
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            if self.ema and state.get("ema"):
+                self.ema.load_state_dict(state["ema"])
+            if self.scaler and state.get("scaler"):
+                self.scaler.load_state_dict(state["scaler"])
+            set_rng_state(state["rng"])
+            self.step, self.epoch, self.batch_in_epoch = int(state["step"]), int(state["epoch"]), int(state["batch_in_epoch"])
+            self.best = state.get("best")
+            self.train_seconds = float(state.get("train_seconds", 0.0))
+        except (RuntimeError, KeyError, IndexError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: does not fit this recipe's model or training setup ({_one_line(e)})") from e
+        # the file we resumed from is good; a damaged last.pt must not become previous.pt
+        self._last_is_ours, self._previous_is_ours = path == last, True
+
+    def _read_resume_state(self, path: Path) -> dict:
+        """A trainer checkpoint with a matching checksum and finite weights, or CheckpointError."""
+        state = read_checkpoint(path, require_checksum=True)
+        missing = [k for k in ("model", "optimizer", "scheduler", "rng", "step", "epoch", "batch_in_epoch")
+                   if k not in state]
+        if missing:
+            raise CheckpointError(f"{path}: not a visionattn trainer checkpoint (no {', '.join(missing)})")
+        bad = non_finite_weight(state, {n for n, _ in self.model.named_parameters()})
+        if bad:
+            raise CheckpointError(f"{path}: non-finite values (NaN or infinity) in {bad}")
+        return state
+
+    def _drop_metrics_after(self, step: int) -> None:
+        """Remove metric rows logged after ``step`` (the run continues from there and logs them again)."""
+        path = self.out / "metrics.csv"
         if not path.is_file():
-            raise FileNotFoundError(f"--resume: no checkpoint at {path}")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if self.ema and state.get("ema"):
-            self.ema.load_state_dict(state["ema"])
-        if self.scaler and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
-        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-        self.best = state.get("best")
-        self.train_seconds = float(state.get("train_seconds", 0.0))
-        if self.is_main:  # drop metric rows written after the checkpoint
-            path = self.out / "metrics.csv"
-            if path.is_file():
-                rows = [r for r in csv.DictReader(path.open()) if int(r["step"]) <= self.step]
-                self._write_rows(rows, mode="w")
+            return
+        with path.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+        keep = [r for r in rows if int(r["step"]) <= step]
+        if len(keep) < len(rows):
+            with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=["step", "epoch", "split", "name", "value"])
+                w.writeheader()
+                w.writerows(keep)
 
     # -- metrics ---------------------------------------------------------------------------------
 
@@ -469,18 +711,24 @@ class Trainer:
 
 
 def load_model_for_eval(cfg: dict, checkpoint: str, meta: dict) -> torch.nn.Module:
-    """The recipe's model with weights from a ``.safetensors`` file or a trainer checkpoint (``last.pt``)."""
+    """The recipe's model with weights from a ``.safetensors`` file or a trainer checkpoint (``last.pt``).
+
+    Both are read without unpickling code and checked against the checksum they carry; a file that cannot
+    be used raises a one-line :class:`CheckpointError` (a ValueError) naming it."""
     import visionattn
 
     model = get_task(cfg).build_model(cfg, meta)
     if checkpoint.endswith(".pt"):
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        if not isinstance(state, dict) or "model" not in state:
-            raise ConfigError(f"{checkpoint} is not a visionattn trainer checkpoint (no 'model' entry)")
+        state = read_checkpoint(checkpoint)
+        if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+            raise CheckpointError(f"{checkpoint} is not a visionattn trainer checkpoint (no 'model' entry)")
         task = state.get("task", "classification")
         if task != cfg.get("task", "classification"):
             raise ConfigError(f"{checkpoint} was trained for {task}, but the recipe is a {cfg.get('task', 'classification')} recipe")
-        model.load_state_dict(state["model"])
+        try:
+            model.load_state_dict(state["model"])
+        except (RuntimeError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{checkpoint}: does not fit the recipe's model ({_one_line(e, 400)})") from e
     else:
         visionattn.load_checkpoint(model, checkpoint)
     return model.eval()

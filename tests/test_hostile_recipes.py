@@ -457,3 +457,23 @@ def test_allowed_kinds_still_build():
         instantiate(node)
     validate({"_target_": "monai.metrics.DiceMetric"})
     validate({"_target_": "timm.scheduler.CosineLRScheduler", "t_initial": 10})
+
+
+def test_a_recipe_cannot_make_train_write_over_files(tmp_path, capsys):
+    precious = tmp_path / "home"
+    precious.mkdir()
+    (precious / "metrics.csv").write_text("my own numbers\n")
+    (precious / "config.yaml").write_text("mine: true\n")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"model": {"name": "activator_glu_cifar"}, "output_dir": str(precious),
+                                      "data": {"root": str(tmp_path / "nowhere")}}))
+    assert main(["train", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "already holds" in err and "--overwrite" in err and "Traceback" not in err
+    assert (precious / "metrics.csv").read_text() == "my own numbers\n"
+    assert (precious / "config.yaml").read_text() == "mine: true\n"
+    assert sorted(p.name for p in precious.iterdir()) == ["config.yaml", "metrics.csv"]
+    # asked for: the data problem is reached (nothing written before it either)
+    assert main(["train", str(recipe), "--overwrite"]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert (precious / "metrics.csv").read_text() == "my own numbers\n"

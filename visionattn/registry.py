@@ -234,8 +234,20 @@ def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
 
 
 def load_checkpoint(model: nn.Module, path: str, strict: bool = True) -> None:
-    """Load weights from a local file into ``model``, through the family's checkpoint filter if any."""
-    state_dict = load_state_dict_file(path)
+    """Load weights from a local file into ``model``, through the family's checkpoint filter if any.
+
+    The checksum a visionattn trainer checkpoint or ``.safetensors`` file carries is verified (files from
+    other tools have none and load as before). An unreadable or truncated file, pickled code (refused by
+    ``weights_only=True``) or a checksum mismatch raises a one-line ``ValueError`` naming the file.
+    """
+    from visionattn.tasks.trainer import read_checkpoint, verify_safetensors_digest
+
+    if str(path).endswith(".safetensors"):
+        state_dict = load_state_dict_file(path)
+        verify_safetensors_digest(path, state_dict)
+    else:
+        read_checkpoint(path)  # one-line errors and the checksum; the file is then read again to unwrap it
+        state_dict = load_state_dict_file(path)
     filter_fn = getattr(type(model), "checkpoint_filter_fn", None)
     if filter_fn is not None:
         state_dict = filter_fn(state_dict, model)

@@ -10,8 +10,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from visionattn.tasks.config import ConfigError, instantiate
+from visionattn.tasks.config import ConfigError
 from visionattn.tasks.data import ImageFolderClassification, NpzClassification, SeededTransform, build_transforms
+from visionattn.tasks.runtime import all_reduce_sum, build_model_from_recipe
 
 
 def build_datasets(cfg: dict, seed: int):
@@ -40,22 +41,6 @@ def build_datasets(cfg: dict, seed: int):
     else:
         raise ConfigError(f"data.kind must be 'image_folder' or 'npz' for classification, got {kind!r}")
     return SeededTransform(train, seed), val, train.classes
-
-
-def build_model_from_recipe(cfg: dict, **defaults) -> torch.nn.Module:
-    """The recipe's ``model``: a ``_target_`` entry, or ``{name, kwargs}`` for :func:`visionattn.create_model`
-    with ``defaults`` (e.g. ``num_classes``) filled in where the recipe does not set them."""
-    import visionattn
-
-    spec = cfg.get("model")
-    if not spec:
-        raise ConfigError("the recipe has no 'model' section")
-    if "_target_" in spec:
-        return instantiate(spec, where="model")
-    kwargs = dict(spec.get("kwargs") or {})
-    for key, value in defaults.items():
-        kwargs.setdefault(key, value)
-    return visionattn.create_model(spec["name"], **kwargs)
 
 
 class ClassificationTask:
@@ -91,8 +76,6 @@ class ClassificationTask:
     @torch.no_grad()
     def evaluate(self, model, dataset, rank: int, world: int, device, autocast, batch_size: int) -> dict[str, float]:
         """Loss and top-1 accuracy over ``dataset``, each rank taking every ``world``-th sample, reduced."""
-        from visionattn.tasks.trainer import all_reduce_sum
-
         idx = list(range(rank, len(dataset), world))
         loss_sum = correct = count = 0.0
         for b in range(0, len(idx), batch_size):

@@ -96,7 +96,7 @@ FETCHING_ARGUMENTS = {
     "checkpoint_path": (("visionattn.registry", "create_model"),),  # safetensors / weights_only
 }
 SPECIAL_KEYS = ("_target_", "_args_", "_partial_")
-TOP_LEVEL_KEYS = ("task", "seed", "device", "output_dir", "data", "model", "loss", "train", "inference")
+TOP_LEVEL_KEYS = ("task", "seed", "device", "output_dir", "data", "model", "loss", "train", "inference", "classes")
 TASKS = ("classification", "segmentation", "detection")
 
 MAX_FILE_BYTES = 1 << 20
@@ -419,6 +419,9 @@ def check_schema(cfg: dict, where: str) -> None:
     for key in ("data", "train", "inference"):
         if cfg.get(key) is not None and not isinstance(cfg[key], dict):
             raise ConfigError(f"{where}: {key} must be a mapping, got {type(cfg[key]).__name__}")
+    classes = cfg.get("classes")
+    if classes is not None and (not isinstance(classes, list) or not all(isinstance(c, (str, int)) for c in classes)):
+        raise ConfigError(f"{where}: classes must be a list of class names")
     for key in ("output_dir", "device"):
         if cfg.get(key) is not None and not isinstance(cfg[key], str):
             raise ConfigError(f"{where}: {key} must be a string, got {cfg[key]!r}")
@@ -446,13 +449,19 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     itself, then ``key.sub=value`` overrides (values parsed as YAML, with the same bounds). The result is
     checked (:func:`check_schema`, :func:`validate`) before it is returned."""
     cfg = _load_file(Path(path), seen=())
+    return apply_overrides(cfg, overrides, str(path))
+
+
+def apply_overrides(cfg: dict, overrides: list[str] | None, where: str) -> dict:
+    """``key.sub=value`` overrides (values parsed as bounded YAML) applied to ``cfg`` in place, then the
+    whole config checked (:func:`check_schema`, :func:`validate`); returns ``cfg``."""
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key.sub=value")
         key, value = item.split("=", 1)
         set_by_path(cfg, key.lstrip("+"), parse_yaml(value, f"override {key}") if value else None)
-    check_schema(cfg, str(path))
-    validate(cfg, str(path))
+    check_schema(cfg, where)
+    validate(cfg, where)
     return cfg
 
 

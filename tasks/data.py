@@ -15,11 +15,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from visionattn.tasks.errors import DataError
+from visionattn.tasks.imageio import check_images, pixel_limit, read_image
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
-
-
-class DataError(ValueError):
-    """A data set that cannot be used as given; the message names the file or folder."""
 
 
 class ImageFolderClassification(Dataset):
@@ -38,8 +37,6 @@ class ImageFolderClassification(Dataset):
 
     def __init__(self, root: str, split: str = "all", val_per_class: int = 0, transform: Callable | None = None,
                  max_image_pixels: int | None = None):
-        from visionattn.tasks.imageio import check_images, pixel_limit  # imageio imports this module
-
         self.max_image_pixels = pixel_limit(max_image_pixels)
         self.root = Path(root)
         if not self.root.is_dir():
@@ -67,8 +64,6 @@ class ImageFolderClassification(Dataset):
 
     def __getitem__(self, index: int):
         from PIL import Image
-
-        from visionattn.tasks.imageio import read_image
 
         path, label = self.samples[index]
         image = Image.fromarray(read_image(path, "RGB", self.max_image_pixels))  # ImageError names the file

@@ -7,7 +7,7 @@ Every image file is treated as hostile until it has been checked:
 * only the formats the tasks read are tried (:data:`FORMATS`). Pillow identifies a file by its content, not
   its name, and would otherwise also try formats such as EPS, which it decodes by running Ghostscript;
 * every error Pillow raises for a truncated, corrupt or unidentifiable file, including its own
-  ``DecompressionBombError``, becomes an :class:`ImageError` (a :class:`~visionattn.tasks.data.DataError`)
+  ``DecompressionBombError``, becomes an :class:`ImageError` (a :class:`~visionattn.tasks.errors.DataError`)
   whose one-line message names the file;
 * 16-bit images are scaled to 8 bits instead of being clipped (Pillow's ``convert("RGB")`` turns almost
   every 16-bit value into 255, a blank white image).
@@ -24,7 +24,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from visionattn.tasks.data import DataError
+from visionattn.tasks.errors import DataError
 
 # 100 million pixels: a 10000x10000 scan or a 50-megapixel camera photo still reads, and the largest image
 # allowed costs 300 MB as [H, W, 3] uint8 and 1.2 GB as the float32 [3, H, W] tensor the detectors take,

@@ -15,13 +15,15 @@ from visionattn.tasks.files import write_text_atomic
 from visionattn.tasks.imageio import pixel_limit, read_image
 
 
-def predict_classification(config: str, checkpoint: str, input_path: str, output: str,
+def predict_classification(config: str, checkpoint: str | None, input_path: str, output: str,
                            overrides: list[str] | None = None, overwrite: bool = False) -> int:
+    """``config``: a run folder (or its weights file), or a recipe with ``checkpoint`` (see
+    :func:`~visionattn.tasks.run.recipe_and_weights`). Returns the exit code."""
     from PIL import Image
 
-    from visionattn.tasks.config import load_config
     from visionattn.tasks.classification import build_datasets
-    from visionattn.tasks.trainer import load_model_for_eval, resolve_data_paths
+    from visionattn.tasks.run import load_model_for_eval, recipe_and_weights
+    from visionattn.tasks.runtime import resolve_data_paths
 
     out = Path(output)
     if out.exists() and not overwrite:
@@ -41,14 +43,18 @@ def predict_classification(config: str, checkpoint: str, input_path: str, output
     if not files:
         print(f"predict: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) under {src}", file=sys.stderr)
         return 2
-    cfg = load_config(config, overrides)
-    if cfg.get("task", "classification") != "classification":
-        print(f"predict: {config} is a {cfg['task']} recipe; use `visionattn segment` or `visionattn detect`", file=sys.stderr)
+    if any(out.resolve() == f.resolve() for f in files):
+        print(f"predict: {out} is one of the input images; refusing to write over it", file=sys.stderr)
         return 2
-    resolve_data_paths(cfg, config)
+    cfg, weights, config_path = recipe_and_weights(config, checkpoint, overrides)
+    if cfg.get("task", "classification") != "classification":
+        print(f"predict: {config} is a {cfg['task']} model; use `visionattn segment` or `visionattn detect`", file=sys.stderr)
+        return 2
+    resolve_data_paths(cfg, config_path)
     data = cfg["data"]
-    _, _, classes = build_datasets(cfg, 0)
-    model = load_model_for_eval(cfg, checkpoint, {"classes": list(classes)})
+    # the class names the run recorded; only older runs need the training data to list them
+    classes = list(cfg.get("classes") or build_datasets(cfg, 0)[2])
+    model = load_model_for_eval(cfg, weights, {"classes": classes})
     tf = build_transforms(int(data.get("img_size", 32)), data.get("mean", (0.5,) * 3), data.get("std", (0.5,) * 3),
                           False, None, bool(data.get("grayscale_to_rgb", False)))
     max_pixels = pixel_limit(data.get("max_image_pixels"))

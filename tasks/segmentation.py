@@ -27,10 +27,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from visionattn.tasks.classification import build_model_from_recipe
 from visionattn.tasks.config import ConfigError
 from visionattn.tasks.data import IMAGE_SUFFIXES, DataError, SeededTransform
 from visionattn.tasks.imageio import image_size, pixel_limit
+from visionattn.tasks.runtime import all_reduce_sum, build_model_from_recipe
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 INTENSITY_MODES = ("zscore", "zscore_nonzero", "scale01", "none")
@@ -363,8 +363,6 @@ class SegmentationTask:
         cases (every ``world``-th), summed across ranks. A label absent from both prediction and truth in a
         case is skipped for that case (not counted as 1 or 0)."""
         from monai.metrics import DiceMetric
-        from visionattn.tasks.trainer import all_reduce_sum
-
         inference = getattr(self, "inference", {})
         roi = dataset_roi(dataset)
         n_classes = len(dataset_classes(dataset))

@@ -13,29 +13,27 @@ tracking, metrics to CSV (and TensorBoard when installed), a PNG of the curves a
 from __future__ import annotations
 
 import csv
-import hashlib
 import math
 import os
-import pickle
 import random
-import re
 import shutil
 import sys
 import time
-import warnings
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import yaml
-from tqdm import tqdm
 
+from visionattn.checkpoints import (CHECKSUM_KEY, CheckpointError, non_finite_weight, one_line_error, read_checkpoint,
+                                    state_digest)
 from visionattn.tasks.config import ConfigError, instantiate
 from visionattn.tasks.data import EpochBatches
 from visionattn.tasks.files import atomic_path, write_json_atomic, write_text_atomic
+from visionattn.tasks.runtime import (all_reduce_sum, atomic_save_weights, atomic_torch_save, dist_setup, progress,
+                                      resolve_data_paths, rng_state, set_rng_state, to_channels_last)
+from visionattn.tasks.task import get_task
 
 TRAIN_DEFAULTS = dict(
     epochs=10, batch_size=64, accumulate=1, opt="adamw", lr=1e-3, weight_decay=0.05, warmup_epochs=1.0,
@@ -44,210 +42,6 @@ TRAIN_DEFAULTS = dict(
     num_workers=0, log_every=10, threads=None, channels_last=False,
 )
 SCHEDULE_UNITS = 10_000  # with schedule_by_time, the LR schedule runs over this many units of the time budget
-TASKS = ("classification", "segmentation", "detection")
-
-
-# ---------------------------------------------------------------------------------------------------
-# processes
-
-
-def dist_setup(device: str) -> tuple[int, int]:
-    """Initialise torch.distributed from torchrun's environment (gloo on CPU, NCCL on CUDA)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
-def all_reduce_sum(values: list[float], device) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return t.tolist()
-
-
-def progress(iterable, **kwargs):
-    """tqdm that is quiet off a terminal and honours TQDM_DISABLE (tqdm reads it only if disable is unset)."""
-    if "TQDM_DISABLE" not in os.environ:
-        kwargs.setdefault("disable", None)
-    return tqdm(iterable, **kwargs)
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    """Write to a temporary name in the same folder, flush it to the disk, then rename: neither a crash nor
-    a power cut leaves a partial file under ``path``."""
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-
-
-def atomic_save_weights(model: torch.nn.Module, path: Path) -> None:
-    """The model's weights as ``.safetensors``, with their :func:`state_digest` in the file's metadata."""
-    from safetensors.torch import save_file
-
-    # tensors shared between modules (EMCAD's one spatial-attention block) are stored once per name, so the
-    # file loads with a strict load_state_dict
-    seen: set[int] = set()
-    tensors = {}
-    for k, v in model.state_dict().items():
-        v = v.detach().cpu()
-        ptr = v.untyped_storage().data_ptr()
-        tensors[k] = v.clone().contiguous() if ptr in seen else v.contiguous()
-        seen.add(ptr)
-    metadata = {"format": "pt", SAFETENSORS_DIGEST_KEY: state_digest(tensors)}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
-
-
-def to_channels_last(x):
-    """Channels-last memory format for 4-D/5-D tensors (faster convolutions on CPU); others unchanged."""
-    if isinstance(x, torch.Tensor) and x.ndim in (4, 5):
-        return x.contiguous(memory_format=torch.channels_last if x.ndim == 4 else torch.channels_last_3d)
-    return x
-
-
-def rng_state() -> dict:
-    np_state = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-        "python": random.getstate(),
-    }
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    np_state = state["numpy"]
-    np.random.set_state((np_state[0], np_state[1].numpy().astype(np.uint32), *np_state[2:]))
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-
-
-# ---------------------------------------------------------------------------------------------------
-# checkpoint integrity
-
-CHECKSUM_KEY = "checksum"  # trainer checkpoints: {"sha256": state_digest of every other entry}
-SAFETENSORS_DIGEST_KEY = "visionattn.sha256"  # metadata of the .safetensors files atomic_save_weights writes
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used: unreadable, refused by ``weights_only``, failing or lacking its
-    checksum, or holding non-finite weights. The message is one line naming the file and the problem."""
-
-
-def state_digest(obj: Any) -> str:
-    """sha256 over a (nested) checkpoint: every tensor's key path, dtype, shape and bytes and every plain
-    Python value, dict entries in sorted key order, so the same state always gives the same digest."""
-    h = hashlib.sha256()
-    _digest_into(h, "", obj)
-    return h.hexdigest()
-
-
-def _digest_into(h, path: str, obj: Any) -> None:
-    def put(text: str) -> None:  # length-prefixed, so that no two different states give the same stream
-        data = text.encode("utf-8", "backslashreplace")
-        h.update(len(data).to_bytes(8, "little") + data)
-
-    if isinstance(obj, torch.Tensor):
-        t = obj.detach().to("cpu").contiguous()
-        put(f"{path}:tensor:{t.dtype}:{tuple(t.shape)}")
-        h.update(t.reshape(-1).view(torch.uint8).numpy())
-    elif isinstance(obj, dict):
-        put(f"{path}:dict:{len(obj)}")
-        for key in sorted(obj, key=repr):
-            _digest_into(h, f"{path}/{key!r}", obj[key])
-    elif isinstance(obj, (list, tuple)):
-        put(f"{path}:{type(obj).__name__}:{len(obj)}")
-        for i, value in enumerate(obj):
-            _digest_into(h, f"{path}[{i}]", value)
-    elif obj is None or isinstance(obj, (bool, int, float, str, bytes)):
-        put(f"{path}:{type(obj).__name__}:{obj!r}")
-    else:  # other objects: only their type, since their repr may hold a memory address
-        put(f"{path}:{type(obj).__qualname__}")
-
-
-def _one_line(e: BaseException, limit: int = 240) -> str:
-    """``Type: first sentence`` of an exception, on one line (torch's messages run over several)."""
-    text = " ".join(str(e).split()).strip("'\"")
-    text = text.split(". ")[0] if text else "empty or cut short"
-    return f"{type(e).__name__}: {text[:limit]}"
-
-
-def _refusal(e: BaseException) -> str:
-    """What ``weights_only`` refused (``GLOBAL posix.system``, an unsupported opcode), from torch's message
-    (several lines of advice, one of them to allow the global: not what a hostile file deserves)."""
-    found = re.search(r"(Unsupported|Trying to load unsupported).*", str(e))
-    return found.group(0).split(". ")[0].rstrip(".") if found else type(e).__name__
-
-
-def read_checkpoint(path: str | Path, require_checksum: bool = False) -> Any:
-    """A ``torch.save`` file read with ``weights_only=True`` and checked against its :data:`CHECKSUM_KEY`.
-
-    Returns the loaded object without its checksum entry. Raises ``FileNotFoundError`` for a missing file,
-    and :class:`CheckpointError` for a file that cannot be read (truncated, not a checkpoint), holds pickled
-    code or other objects ``weights_only`` refuses, fails its checksum, or lacks one while
-    ``require_checksum``. Files without a checksum (plain state dicts, checkpoints from before visionattn
-    wrote them) are returned unchecked otherwise."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch warns about unusual pickle protocols before refusing them
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(
-            f"{path}: refused: it holds pickled objects that torch.load(weights_only=True) does not allow, such "
-            f"as code ({_refusal(e)}); visionattn never unpickles code"
-        ) from e
-    except Exception as e:  # RuntimeError (zip), EOFError, KeyError (pickle magic), OSError, ...
-        raise CheckpointError(f"{path}: unreadable: truncated, corrupted or not a PyTorch checkpoint ({_one_line(e)})") from e
-    stored = obj.pop(CHECKSUM_KEY, None) if isinstance(obj, dict) else None
-    if stored is None:
-        if require_checksum:
-            raise CheckpointError(f"{path}: has no checksum (not written by this trainer, or altered)")
-        return obj
-    expected = stored.get("sha256") if isinstance(stored, dict) else None
-    actual = state_digest(obj)
-    if expected != actual:
-        raise CheckpointError(
-            f"{path}: checksum mismatch: its contents changed after it was written (bit flip, partial copy or "
-            f"edit); stored sha256 {str(expected)[:16]}, computed {actual[:16]}"
-        )
-    return obj
-
-
-def verify_safetensors_digest(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
-    """Check ``tensors`` read from ``path`` against the digest in its metadata, when it has one (files from
-    timm, Hugging Face or older visionattn versions have none and pass). Raises :class:`CheckpointError`."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        expected = (f.metadata() or {}).get(SAFETENSORS_DIGEST_KEY)
-    if expected is None:
-        return
-    actual = state_digest(tensors)
-    if expected != actual:
-        raise CheckpointError(
-            f"{path}: checksum mismatch: its tensors changed after it was written (bit flip, partial copy or "
-            f"edit); stored sha256 {expected[:16]}, computed {actual[:16]}"
-        )
-
-
-def non_finite_weight(state: dict, param_names: set[str]) -> str | None:
-    """The first model or EMA parameter in a checkpoint ``state`` holding NaN or infinity, or None.
-    Only parameters are checked: a buffer may hold -inf on purpose (an attention mask)."""
-    for part, prefix in (("model", ""), ("ema", "module.")):
-        tensors = state.get(part)
-        for name, t in (tensors.items() if isinstance(tensors, dict) else ()):
-            if (name[len(prefix):] in param_names and isinstance(t, torch.Tensor) and t.is_floating_point()
-                    and not torch.isfinite(t).all()):
-                return f"{part} weight {name!r}"
-    return None
 
 
 def _keep_as_previous(last: Path, previous: Path) -> None:
@@ -258,45 +52,6 @@ def _keep_as_previous(last: Path, previous: Path) -> None:
             os.link(last, tmp)
         except OSError:  # file systems without hard links
             shutil.copyfile(last, tmp)
-
-
-# ---------------------------------------------------------------------------------------------------
-# building from the recipe
-
-
-def get_task(cfg: dict):
-    """The task object named by the recipe's ``task:`` (default ``classification``)."""
-    name = cfg.get("task", "classification")
-    if name == "classification":
-        from visionattn.tasks.classification import ClassificationTask
-
-        return ClassificationTask(label_smoothing=float((cfg.get("train") or {}).get("label_smoothing", 0.0)))
-    if name == "segmentation":
-        from visionattn.tasks.segmentation import SegmentationTask
-
-        return SegmentationTask()
-    if name == "detection":
-        from visionattn.tasks.detection import DetectionTask
-
-        return DetectionTask()
-    raise ConfigError(f"task must be one of {list(TASKS)}, got {name!r}")
-
-
-def resolve_data_paths(cfg: dict, config_path: str | None) -> None:
-    """Make the recipe's data paths usable from here (see :func:`resolve_path`), in place."""
-    base = Path(config_path).parent if config_path else Path(".")
-    data = cfg.setdefault("data", {})
-    for key in ("root", "val_root", "path", "images", "annotations"):
-        if isinstance(data.get(key), str):
-            data[key] = resolve_path(data[key], base)
-
-
-def resolve_path(value: str | None, base: Path) -> str | None:
-    """Relative data paths in a recipe are taken from the current folder, or else from the recipe's."""
-    if not value or os.path.isabs(value) or os.path.exists(value):
-        return value
-    candidate = base / value
-    return str(candidate) if candidate.exists() else value
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -426,7 +181,9 @@ class Trainer:
                 self._drop_metrics_after(self.step)
             else:
                 (self.out / "metrics.csv").unlink(missing_ok=True)
-            write_text_atomic(yaml.safe_dump(cfg, sort_keys=False), self.out / "config.yaml")
+            # the run's config.yaml: the recipe as run, with the class names found in the data (what a Run reads)
+            run_config = dict(cfg, classes=[str(c) for c in self.classes]) if self.classes else cfg
+            write_text_atomic(yaml.safe_dump(run_config, sort_keys=False), self.out / "config.yaml")
             self.tb = self._tensorboard()
 
     # -- checkpoints -----------------------------------------------------------------------------
@@ -504,7 +261,7 @@ class Trainer:
             self.best = state.get("best")
             self.train_seconds = float(state.get("train_seconds", 0.0))
         except (RuntimeError, KeyError, IndexError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{path}: does not fit this recipe's model or training setup ({_one_line(e)})") from e
+            raise CheckpointError(f"{path}: does not fit this recipe's model or training setup ({one_line_error(e)})") from e
         # the file we resumed from is good; a damaged last.pt must not become previous.pt
         self._last_is_ours, self._previous_is_ours = path == last, True
 
@@ -708,27 +465,3 @@ class Trainer:
         finally:
             plt.close(fig)
         return path
-
-
-def load_model_for_eval(cfg: dict, checkpoint: str, meta: dict) -> torch.nn.Module:
-    """The recipe's model with weights from a ``.safetensors`` file or a trainer checkpoint (``last.pt``).
-
-    Both are read without unpickling code and checked against the checksum they carry; a file that cannot
-    be used raises a one-line :class:`CheckpointError` (a ValueError) naming it."""
-    import visionattn
-
-    model = get_task(cfg).build_model(cfg, meta)
-    if checkpoint.endswith(".pt"):
-        state = read_checkpoint(checkpoint)
-        if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
-            raise CheckpointError(f"{checkpoint} is not a visionattn trainer checkpoint (no 'model' entry)")
-        task = state.get("task", "classification")
-        if task != cfg.get("task", "classification"):
-            raise ConfigError(f"{checkpoint} was trained for {task}, but the recipe is a {cfg.get('task', 'classification')} recipe")
-        try:
-            model.load_state_dict(state["model"])
-        except (RuntimeError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{checkpoint}: does not fit the recipe's model ({_one_line(e, 400)})") from e
-    else:
-        visionattn.load_checkpoint(model, checkpoint)
-    return model.eval()

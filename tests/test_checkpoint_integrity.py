@@ -24,7 +24,8 @@ from safetensors.torch import load_file, save_file
 import visionattn
 from visionattn.cli import main
 from visionattn.tasks.config import load_config
-from visionattn.tasks.trainer import CHECKSUM_KEY, CheckpointError, Trainer, read_checkpoint, state_digest
+from visionattn.checkpoints import CHECKSUM_KEY, CheckpointError, read_checkpoint, state_digest
+from visionattn.tasks.trainer import Trainer
 
 RECIPE = """
 seed: 5

@@ -16,6 +16,10 @@ from torch import nn
 
 from visionattn.cli import main
 from visionattn.tasks import detection as det
+from visionattn.tasks import detect as detect_cmd
+from visionattn.tasks import detection_data as dd
+from visionattn.tasks import detection_metrics as dm
+from visionattn.tasks import files
 from visionattn.tasks.data import DataError, SeededTransform
 
 NEU_CLASSES = ["crazing", "inclusion", "patches", "pitted_surface", "rolled-in_scale", "scratches"]
@@ -83,7 +87,7 @@ def box_prediction(boxes, labels, scores) -> dict:
 
 
 def test_voc_reads_neu_det(neu):
-    ds = det.VOCDetection(neu)
+    ds = dd.VOCDetection(neu)
     assert len(ds) == 1500 and ds.classes == NEU_CLASSES
     assert sum(len(r.labels) for r in ds.records) == 3482
     crazing = ds.records[ds.ids.index("crazing_1")]  # <xmin>2 <ymin>2 <xmax>193 <ymax>194, 1-based inclusive
@@ -97,24 +101,24 @@ def test_voc_reads_neu_det(neu):
 
 def test_voc_bad_inputs_name_the_file(neu, tmp_path):
     with pytest.raises(DataError, match="not found: .*nowhere"):
-        det.VOCDetection(tmp_path / "nowhere")
+        dd.VOCDetection(tmp_path / "nowhere")
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="empty has no annotation folder"):
-        det.VOCDetection(tmp_path / "empty")
+        dd.VOCDetection(tmp_path / "empty")
     (tmp_path / "bare" / "ANNOTATIONS").mkdir(parents=True)
     (tmp_path / "bare" / "IMAGES").mkdir()
     with pytest.raises(DataError, match="holds no .xml files"):
-        det.VOCDetection(tmp_path / "bare")
+        dd.VOCDetection(tmp_path / "bare")
 
     root = copy_voc(neu, tmp_path / "corrupt")
     (root / "IMAGES" / "patches_2.jpg").write_bytes(b"not a jpeg at all")
     with pytest.raises(DataError, match="cannot read image .*patches_2.jpg"):
-        det.VOCDetection(root)
+        dd.VOCDetection(root)
 
     root = copy_voc(neu, tmp_path / "truncated_jpeg")  # the header reads, decoding fails later
     jpg = root / "IMAGES" / "patches_2.jpg"
     jpg.write_bytes(jpg.read_bytes()[:3000])
-    ds = det.VOCDetection(root)
+    ds = dd.VOCDetection(root)
     with pytest.raises(DataError, match="cannot read image .*patches_2.jpg.*truncated"):
         ds[ds.ids.index("patches_2")]
 
@@ -122,43 +126,43 @@ def test_voc_bad_inputs_name_the_file(neu, tmp_path):
     xml = root / "ANNOTATIONS" / "scratches_10.xml"
     xml.write_text(xml.read_text()[:200])
     with pytest.raises(DataError, match="cannot parse annotation .*scratches_10.xml"):
-        det.VOCDetection(root)
+        dd.VOCDetection(root)
 
     root = copy_voc(neu, tmp_path / "unknown_class")
     xml = root / "ANNOTATIONS" / "crazing_1.xml"
     xml.write_text(xml.read_text().replace("<name>crazing</name>", "<name>rust</name>"))
     with pytest.raises(DataError, match="crazing_1.xml: object 0 has class 'rust'"):
-        det.VOCDetection(root, classes=NEU_CLASSES)
+        dd.VOCDetection(root, classes=NEU_CLASSES)
 
     root = copy_voc(neu, tmp_path / "no_annotation")
     (root / "ANNOTATIONS" / "patches_2.xml").unlink()
     with pytest.raises(DataError, match="have no annotation .*patches_2"):
-        det.VOCDetection(root)
+        dd.VOCDetection(root)
 
     root = copy_voc(neu, tmp_path / "no_image")
     (root / "IMAGES" / "patches_2.jpg").unlink()
     with pytest.raises(DataError, match="patches_2.xml has no image"):
-        det.VOCDetection(root)
+        dd.VOCDetection(root)
 
     root = copy_voc(neu, tmp_path / "wrong_size")
     xml = root / "ANNOTATIONS" / "crazing_1.xml"
     xml.write_text(xml.read_text().replace("<width>200</width>", "<width>300</width>"))
     with pytest.raises(DataError, match="crazing_1.jpg is 200x200 but .*crazing_1.xml gives 300x200"):
-        det.VOCDetection(root)
+        dd.VOCDetection(root)
 
     root = copy_voc(neu, tmp_path / "wrong_filename")
     xml = root / "ANNOTATIONS" / "crazing_1.xml"
     xml.write_text(xml.read_text().replace("crazing_1.jpg", "crazing_2.jpg"))
     with pytest.raises(DataError, match="crazing_1.xml describes image 'crazing_2.jpg'"):
-        det.VOCDetection(root)
+        dd.VOCDetection(root)
 
 
 def test_coco_round_trip(neu, tmp_path):
-    voc = det.VOCDetection(neu, SAMPLE_IDS)
+    voc = dd.VOCDetection(neu, SAMPLE_IDS)
     truth = [{"boxes": r.boxes, "labels": r.labels, "difficult": r.difficult} for r in voc.records]
-    det.write_json_atomic(det.to_coco_json(voc.image_infos(), truth, voc.classes), tmp_path / "gt.json")
+    files.write_json_atomic(dm.to_coco_json(voc.image_infos(), truth, voc.classes), tmp_path / "gt.json")
     assert [p.name for p in tmp_path.iterdir()] == ["gt.json"]  # no temporary file left
-    coco = det.CocoDetection(voc.image_dir, tmp_path / "gt.json")
+    coco = dd.CocoDetection(voc.image_dir, tmp_path / "gt.json")
     assert coco.classes == voc.classes and coco.category_ids == [1, 2, 3, 4]
     assert coco.ids == voc.ids
     for a, b in zip(voc.records, coco.records):
@@ -172,23 +176,23 @@ def test_coco_category_ids_and_errors(neu, tmp_path):
     coco = {"images": images, "categories": [{"id": 30, "name": "b"}, {"id": 10, "name": "a"}],
             "annotations": [{"id": 1, "image_id": 7, "category_id": 30, "bbox": [10, 20, 30, 40], "iscrowd": 0}]}
     (tmp_path / "a.json").write_text(json.dumps(coco))
-    ds = det.CocoDetection(neu / "IMAGES", tmp_path / "a.json")
+    ds = dd.CocoDetection(neu / "IMAGES", tmp_path / "a.json")
     assert ds.classes == ["a", "b"] and ds.category_ids == [10, 30]
     _, target = ds[0]
     assert target["boxes"].tolist() == [[10, 20, 40, 60]] and target["labels"].tolist() == [1]
     assert len(ds[1][1]["boxes"]) == 0  # an image without annotations has no boxes
-    export = det.to_coco_json(ds.image_infos(), [ds[0][1], ds[1][1]], ds.categories)
+    export = dm.to_coco_json(ds.image_infos(), [ds[0][1], ds[1][1]], ds.categories)
     assert export["annotations"][0]["category_id"] == 30 and export["annotations"][0]["bbox"] == [10, 20, 30, 40]
 
     coco["annotations"][0]["category_id"] = 99
     (tmp_path / "bad_cat.json").write_text(json.dumps(coco))
     with pytest.raises(DataError, match="bad_cat.json annotation 1: category_id 99"):
-        det.CocoDetection(neu / "IMAGES", tmp_path / "bad_cat.json")
+        dd.CocoDetection(neu / "IMAGES", tmp_path / "bad_cat.json")
     (tmp_path / "broken.json").write_text('{"images": [')
     with pytest.raises(DataError, match="cannot parse .*broken.json"):
-        det.CocoDetection(neu / "IMAGES", tmp_path / "broken.json")
+        dd.CocoDetection(neu / "IMAGES", tmp_path / "broken.json")
     with pytest.raises(DataError, match="image 'crazing_1.jpg' not found"):
-        det.CocoDetection(tmp_path, tmp_path / "a.json")
+        dd.CocoDetection(tmp_path, tmp_path / "a.json")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -196,47 +200,47 @@ def test_coco_category_ids_and_errors(neu, tmp_path):
 
 
 def test_fixed_split_is_stratified_and_fixed(neu):
-    ids = det.VOCDetection(neu).ids
-    train, val = det.fixed_split(ids, 0.2, seed=0)
-    assert Counter(map(det.class_of_id, val)) == {c: 50 for c in NEU_CLASSES}
-    assert Counter(map(det.class_of_id, train)) == {c: 200 for c in NEU_CLASSES}
+    ids = dd.VOCDetection(neu).ids
+    train, val = dd.fixed_split(ids, 0.2, seed=0)
+    assert Counter(map(dd.class_of_id, val)) == {c: 50 for c in NEU_CLASSES}
+    assert Counter(map(dd.class_of_id, train)) == {c: 200 for c in NEU_CLASSES}
     assert not set(train) & set(val) and sorted(train + val) == sorted(ids)
     assert val[:5] == ["crazing_1", "crazing_4", "crazing_9", "crazing_16", "crazing_18"]  # pinned: the recipes' split
-    assert det.fixed_split(list(reversed(ids)), 0.2, seed=0) == (train, val)  # input order does not matter
-    assert det.fixed_split(ids, 0.2, seed=1)[1] != val
+    assert dd.fixed_split(list(reversed(ids)), 0.2, seed=0) == (train, val)  # input order does not matter
+    assert dd.fixed_split(ids, 0.2, seed=1)[1] != val
 
 
 def test_fixed_split_small_groups():
     ids = [f"a_{i}" for i in range(1, 11)] + [f"b_{i}" for i in range(1, 4)] + ["lonely"]
-    train, val = det.fixed_split(ids, 0.2, seed=0)
-    assert Counter(map(det.class_of_id, val)) == {"a": 2, "b": 1}  # at least one per class of two or more
-    assert "lonely" in train and det.fixed_split(ids, 0.0)[1] == []
+    train, val = dd.fixed_split(ids, 0.2, seed=0)
+    assert Counter(map(dd.class_of_id, val)) == {"a": 2, "b": 1}  # at least one per class of two or more
+    assert "lonely" in train and dd.fixed_split(ids, 0.0)[1] == []
     with pytest.raises(ValueError, match="val_fraction"):
-        det.fixed_split(ids, 1.0)
+        dd.fixed_split(ids, 1.0)
 
 
 def test_horizontal_flip_mirrors_boxes_exactly(neu):
-    ds = det.VOCDetection(neu, ["inclusion_136"])
-    image = det.read_rgb(ds.records[0].path)
+    ds = dd.VOCDetection(neu, ["inclusion_136"])
+    image = dd.read_rgb(ds.records[0].path)
     target = {"boxes": ds.records[0].boxes, "labels": ds.records[0].labels, "difficult": ds.records[0].difficult}
-    plain, original = det.build_detection_transforms(None, False)(image, target)
-    flip = det.build_detection_transforms(None, True, dict(NO_AUGMENT, hflip=1.0))
+    plain, original = dd.build_detection_transforms(None, False)(image, target)
+    flip = dd.build_detection_transforms(None, True, dict(NO_AUGMENT, hflip=1.0))
     flipped, mirrored = flip(image, target)
     assert torch.equal(flipped, plain.flip(-1))
     x1, y1, x2, y2 = original["boxes"].unbind(1)
     assert torch.allclose(mirrored["boxes"], torch.stack([200 - x2, y1, 200 - x1, y2], 1), atol=1e-3)
     assert torch.equal(mirrored["labels"], original["labels"]) and torch.equal(mirrored["difficult"], original["difficult"])
 
-    resized, scaled = det.build_detection_transforms(100, False)(image, target)  # the resize scales boxes
+    resized, scaled = dd.build_detection_transforms(100, False)(image, target)  # the resize scales boxes
     assert resized.shape == (3, 100, 100) and torch.allclose(scaled["boxes"], original["boxes"] / 2, atol=1e-3)
-    empty, none = det.build_detection_transforms(64, True)(image, {"boxes": np.zeros((0, 4)), "labels": [], "difficult": []})
+    empty, none = dd.build_detection_transforms(64, True)(image, {"boxes": np.zeros((0, 4)), "labels": [], "difficult": []})
     assert empty.shape == (3, 64, 64) and none["boxes"].shape == (0, 4) and none["labels"].dtype == torch.int64
     with pytest.raises(ValueError, match="unknown data.augment keys \\['rotate'\\]"):
-        det.build_detection_transforms(64, True, {"rotate": 10})
+        dd.build_detection_transforms(64, True, {"rotate": 10})
 
 
 def test_augmentation_is_seeded_per_epoch_and_index(neu):
-    base = det.VOCDetection(neu, SAMPLE_IDS, transform=det.build_detection_transforms(64, True))
+    base = dd.VOCDetection(neu, SAMPLE_IDS, transform=dd.build_detection_transforms(64, True))
     seeded = SeededTransform(base, seed=5)
     first = [seeded[i] for i in range(len(seeded))]
     again = [seeded[i] for i in range(len(seeded))]
@@ -253,18 +257,18 @@ def test_map_perfect_partial_and_empty():
     truth = [box_target([[10, 10, 50, 50], [60, 60, 90, 90]], [0, 1]), box_target([[5, 5, 40, 40]], [0])]
     perfect = [box_prediction([[10, 10, 50, 50], [60, 60, 90, 90]], [0, 1], [0.9, 0.8]),
                box_prediction([[5, 5, 40, 40]], [0], [0.7])]
-    m = det.evaluate_detections(perfect, truth, ["a", "b"])
+    m = dm.evaluate_detections(perfect, truth, ["a", "b"])
     assert m == pytest.approx({"map_50": 1.0, "map": 1.0, "map_75": 1.0, "ap50_a": 1.0, "ap50_b": 1.0})
 
     # class a: one of its two objects found, with the top score: precision 1 up to recall 0.5, so
     # 51 of COCO's 101 recall points -> AP 51/101; class b missed -> 0
     half = [box_prediction([[10, 10, 50, 50]], [0], [0.9]), box_prediction([], [], [])]
-    m = det.evaluate_detections(half, truth, ["a", "b"])
+    m = dm.evaluate_detections(half, truth, ["a", "b"])
     assert m["ap50_a"] == pytest.approx(51 / 101) and m["ap50_b"] == 0.0
     assert m["map_50"] == pytest.approx(51 / 202) and m["map"] == pytest.approx(51 / 202)
 
     empty = [box_prediction([], [], []), box_prediction([], [], [])]
-    assert det.evaluate_detections(empty, truth, ["a", "b"]) == {"map_50": 0.0, "map": 0.0, "map_75": 0.0,
+    assert dm.evaluate_detections(empty, truth, ["a", "b"]) == {"map_50": 0.0, "map": 0.0, "map_75": 0.0,
                                                                   "ap50_a": 0.0, "ap50_b": 0.0}
 
 
@@ -272,13 +276,13 @@ def test_map_images_without_truth_difficult_and_undefined():
     truth = [box_target([[10, 10, 50, 50], [60, 60, 90, 90]], [0, 0], [False, True]), box_target([], [])]
     # hitting the difficult box counts neither way; an image without boxes is fine
     preds = [box_prediction([[10, 10, 50, 50], [60, 60, 90, 90]], [0, 0], [0.9, 0.95]), box_prediction([], [], [])]
-    m = det.evaluate_detections(preds, truth, ["a", "b"])
+    m = dm.evaluate_detections(preds, truth, ["a", "b"])
     assert m["map_50"] == 1.0 and m["ap50_a"] == 1.0 and np.isnan(m["ap50_b"])  # no truth for b: undefined
     # a false positive on the image without truth, scored above the hit: precision 1/2 from the start
     preds[1] = box_prediction([[0, 0, 10, 10]], [0], [0.99])
-    assert det.evaluate_detections(preds, truth)["map_50"] == pytest.approx(0.5)
-    assert list(det.evaluate_detections(preds, truth)) == ["map_50", "map", "map_75", "ap50_0"]
-    nothing = det.evaluate_detections([box_prediction([], [], [])], [box_target([], [])])
+    assert dm.evaluate_detections(preds, truth)["map_50"] == pytest.approx(0.5)
+    assert list(dm.evaluate_detections(preds, truth)) == ["map_50", "map", "map_75", "ap50_0"]
+    nothing = dm.evaluate_detections([box_prediction([], [], [])], [box_target([], [])])
     assert all(np.isnan(v) for v in nothing.values())
 
 
@@ -290,19 +294,19 @@ def test_coco_export_format_agrees_with_pycocotools(tmp_path):
     truth = [box_target([[10, 10, 50, 50], [60, 60, 90, 90]], [0, 1]), box_target([[5, 5, 40, 40]], [0])]
     preds = [box_prediction([[10, 10, 50, 50], [62, 60, 90, 90]], [0, 1], [0.9, 0.8]),
              box_prediction([[5, 5, 20, 40]], [0], [0.95])]
-    gt = det.to_coco_json(infos, truth, ["a", "b"])
-    res = det.to_coco_json(infos, preds, ["a", "b"])
+    gt = dm.to_coco_json(infos, truth, ["a", "b"])
+    res = dm.to_coco_json(infos, preds, ["a", "b"])
     assert gt["categories"] == [{"id": 1, "name": "a", "supercategory": "none"}, {"id": 2, "name": "b", "supercategory": "none"}]
     assert [im["id"] for im in gt["images"]] == [1, 2]
     assert res["annotations"][1] == {"id": 2, "image_id": 1, "category_id": 2, "bbox": [62.0, 60.0, 28.0, 30.0],
                                      "area": 840.0, "iscrowd": 0, "score": 0.8}
-    det.write_json_atomic(gt, tmp_path / "gt.json")
+    files.write_json_atomic(gt, tmp_path / "gt.json")
     coco_gt = COCO(str(tmp_path / "gt.json"))
     evaluator = COCOeval(coco_gt, coco_gt.loadRes(res["annotations"]), "bbox")
     evaluator.evaluate()
     evaluator.accumulate()
     evaluator.summarize()
-    ours = det.evaluate_detections(preds, truth)
+    ours = dm.evaluate_detections(preds, truth)
     assert ours["map"] == pytest.approx(evaluator.stats[0]) and ours["map_50"] == pytest.approx(evaluator.stats[1])
 
 
@@ -323,8 +327,8 @@ def detect_inputs(neu, tmp_path) -> Path:
 
 def test_detect_end_to_end(detect_inputs, tmp_path, capsys):
     out = tmp_path / "out"
-    files = det.collect_images(detect_inputs)
-    summary = det.detect(BrightBoxDetector(), files, out, classes=NEU_CLASSES)
+    files = detect_cmd.collect_images(detect_inputs)
+    summary = detect_cmd.detect(BrightBoxDetector(), files, out, classes=NEU_CLASSES)
     assert summary["images"] == 3 and summary["detections"] == 3
     assert [Path(f["path"]).name for f in summary["failed"]] == ["broken.jpg"]
     assert "broken.jpg" in capsys.readouterr().err
@@ -342,13 +346,13 @@ def test_detect_end_to_end(detect_inputs, tmp_path, capsys):
     assert not [p for p in out.rglob(".*")]  # no temporary files left
 
     with pytest.raises(FileExistsError, match="already holds outputs .*detections.json.*--overwrite"):
-        det.detect(BrightBoxDetector(), files, out)
-    summary = det.detect(BrightBoxDetector(), files, out, score_threshold=0.95, overwrite=True)
+        detect_cmd.detect(BrightBoxDetector(), files, out)
+    summary = detect_cmd.detect(BrightBoxDetector(), files, out, score_threshold=0.95, overwrite=True)
     assert summary["detections"] == 0 and json.loads((out / "detections.json").read_text())["annotations"] == []
 
 
 def test_detect_command(detect_inputs, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(det, "load_detection_model", lambda *a, **k: (BrightBoxDetector(), NEU_CLASSES))
+    monkeypatch.setattr(detect_cmd, "load_detection_model", lambda *a, **k: (BrightBoxDetector(), NEU_CLASSES))
     out = tmp_path / "out"
     assert main(["detect", "-i", str(detect_inputs), "-o", str(out), "--model", "stand_in"]) == 1  # one bad image
     captured = capsys.readouterr()

@@ -20,7 +20,8 @@ from PIL import Image
 
 import visionattn
 from visionattn.cli import main
-from visionattn.tasks import detection as det
+from visionattn.tasks import detect as detect_cmd
+from visionattn.tasks import detection_data as dd
 from visionattn.tasks.data import DataError, ImageFolderClassification
 from visionattn.tasks.imageio import (
     DEFAULT_MAX_IMAGE_PIXELS, ImageError, check_image, image_size, pixel_limit, read_image,
@@ -299,7 +300,7 @@ def test_detect_names_bad_images_and_finishes_the_good_ones(small_detector, tmp_
     inputs.mkdir()
     bomb, cut = bomb_png(inputs / "bomb.png"), truncated(inputs / "cut.jpg", "JPEG")
     good = good_png(inputs / "good.png")
-    summary = det.detect(small_detector, det.collect_images(inputs), tmp_path / "out", classes=["a", "b"],
+    summary = detect_cmd.detect(small_detector, detect_cmd.collect_images(inputs), tmp_path / "out", classes=["a", "b"],
                          score_threshold=0.0)
     assert summary["images"] == 1 and sorted(Path(f["path"]).name for f in summary["failed"]) == ["bomb.png", "cut.jpg"]
     lines = stderr_lines(capsys.readouterr())
@@ -314,7 +315,7 @@ def test_detect_names_bad_images_and_finishes_the_good_ones(small_detector, tmp_
 
 
 def test_detect_command_exit_codes_and_pixel_limit_option(small_detector, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(det, "load_detection_model", lambda *a, **k: (small_detector, ["a", "b"]))
+    monkeypatch.setattr(detect_cmd, "load_detection_model", lambda *a, **k: (small_detector, ["a", "b"]))
     inputs = tmp_path / "in"
     inputs.mkdir()
     valid_bomb_png(inputs / "big.png")
@@ -422,15 +423,15 @@ def test_detection_data_set_lists_every_bad_image(tmp_path):
     for path in [root / "JPEGImages" / "ok.png", *bad]:
         (root / "Annotations" / f"{path.stem}.xml").write_text(VOC_XML.format(name=path.name))
     with pytest.raises(DataError) as info:
-        det.VOCDetection(root)
+        dd.VOCDetection(root)
     message = str(info.value)
     assert message.startswith("2 of 3 images") and all(f"cannot read image {p}" in message for p in bad)
     for path in bad:
         path.unlink()
         (root / "Annotations" / f"{path.stem}.xml").unlink()
-    assert len(det.VOCDetection(root)) == 1
+    assert len(dd.VOCDetection(root)) == 1
     with pytest.raises(DataError, match="ok.png: 40x48 = 1,920 pixels is over the limit of 1,000"):
-        det.VOCDetection(root, max_image_pixels=1000)
+        dd.VOCDetection(root, max_image_pixels=1000)
 
 
 def test_2d_segmentation_refuses_a_bomb_before_decoding_it(tmp_path):

@@ -33,7 +33,7 @@ def _partial_writer(marker):
 PAYLOADS = {
     # a file writer of our own package (allowed prefix, its module is not a "code runner")
     "own_file_writer": lambda m: {"_target_": "visionattn.tasks.files.write_text_atomic", "text": "x", "path": str(m)},
-    "own_torch_save": lambda m: {"_target_": "visionattn.tasks.trainer.atomic_torch_save", "obj": {"a": 1}, "path": str(m)},
+    "own_torch_save": lambda m: {"_target_": "visionattn.tasks.runtime.atomic_torch_save", "obj": {"a": 1}, "path": str(m)},
     # pathlib.Path reached through one of our modules
     "pathlib_through_our_module": lambda m: {
         "_target_": "visionattn.tasks.segment.Path.write_text",
@@ -333,7 +333,7 @@ DANGEROUS_FUNCTIONS = [
     "timm.models._factory.create_model", "timm.models._helpers.load_checkpoint", "timm.data.dataset_factory.create_dataset",
     "timm.utils.summary.update_summary", "albumentations.core.serialization.save",
     "albumentations.core.serialization.load", "visionattn.tasks.files.write_text_atomic",
-    "visionattn.tasks.files.write_json_atomic", "visionattn.tasks.trainer.atomic_torch_save", "visionattn.cli.main",
+    "visionattn.tasks.files.write_json_atomic", "visionattn.tasks.runtime.atomic_torch_save", "visionattn.cli.main",
     "safetensors.torch.save_file", "safetensors.torch.load_file", "yaml.load", "yaml.unsafe_load", "glob.glob",
     "tempfile.mkstemp", "tempfile.mkdtemp", "functools.partial", "webbrowser.open", "runpy.run_path", "runpy.run_module",
 ]
@@ -375,7 +375,7 @@ def _reachable_names(max_class_attrs: int = 60):
     """Dotted public names reachable from the allowed packages: every attribute of every module met under
     them (what each module defines or merely imported), and the public attributes of the classes found."""
     roots = [importlib.import_module(p) for p in config_module.NAME_PREFIXES]
-    import visionattn.tasks.trainer, visionattn.tasks.segment, visionattn.tasks.detection, visionattn.cli  # noqa: F401
+    import visionattn.cli, visionattn.tasks.detect, visionattn.tasks.segment, visionattn.tasks.trainer  # noqa: F401
     seen_modules, names = set(), []
     queue = [(m.__name__, m) for m in roots]
     for name, mod in list(sys.modules.items()):

@@ -240,7 +240,7 @@ def load_checkpoint(model: nn.Module, path: str, strict: bool = True) -> None:
     other tools have none and load as before). An unreadable or truncated file, pickled code (refused by
     ``weights_only=True``) or a checksum mismatch raises a one-line ``ValueError`` naming the file.
     """
-    from visionattn.tasks.trainer import read_checkpoint, verify_safetensors_digest
+    from visionattn.checkpoints import read_checkpoint, verify_safetensors_digest
 
     if str(path).endswith(".safetensors"):
         state_dict = load_state_dict_file(path)

@@ -1,0 +1,130 @@
+"""What the trainer, the task plug-ins and the commands share: processes (torchrun), reductions, progress
+bars, atomic saving, RNG state, data paths and building the recipe's model.
+
+This module sits below every task and command in ``visionattn.tasks`` and imports none of them.
+"""
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from visionattn.checkpoints import SAFETENSORS_DIGEST_KEY, state_digest
+from visionattn.tasks.config import ConfigError, instantiate
+from visionattn.tasks.files import atomic_path
+
+
+
+def dist_setup(device: str) -> tuple[int, int]:
+    """Initialise torch.distributed from torchrun's environment (gloo on CPU, NCCL on CUDA)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def all_reduce_sum(values: list[float], device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def progress(iterable, **kwargs):
+    """tqdm that is quiet off a terminal and honours TQDM_DISABLE (tqdm reads it only if disable is unset)."""
+    if "TQDM_DISABLE" not in os.environ:
+        kwargs.setdefault("disable", None)
+    return tqdm(iterable, **kwargs)
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """Write to a temporary name in the same folder, flush it to the disk, then rename: neither a crash nor
+    a power cut leaves a partial file under ``path``."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+
+
+def atomic_save_weights(model: torch.nn.Module, path: Path) -> None:
+    """The model's weights as ``.safetensors``, with their :func:`state_digest` in the file's metadata."""
+    from safetensors.torch import save_file
+
+    # tensors shared between modules (EMCAD's one spatial-attention block) are stored once per name, so the
+    # file loads with a strict load_state_dict
+    seen: set[int] = set()
+    tensors = {}
+    for k, v in model.state_dict().items():
+        v = v.detach().cpu()
+        ptr = v.untyped_storage().data_ptr()
+        tensors[k] = v.clone().contiguous() if ptr in seen else v.contiguous()
+        seen.add(ptr)
+    metadata = {"format": "pt", SAFETENSORS_DIGEST_KEY: state_digest(tensors)}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+
+
+def to_channels_last(x):
+    """Channels-last memory format for 4-D/5-D tensors (faster convolutions on CPU); others unchanged."""
+    if isinstance(x, torch.Tensor) and x.ndim in (4, 5):
+        return x.contiguous(memory_format=torch.channels_last if x.ndim == 4 else torch.channels_last_3d)
+    return x
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    np_state = state["numpy"]
+    np.random.set_state((np_state[0], np_state[1].numpy().astype(np.uint32), *np_state[2:]))
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+
+
+def resolve_data_paths(cfg: dict, config_path: str | None) -> None:
+    """Make the recipe's data paths usable from here (see :func:`resolve_path`), in place."""
+    base = Path(config_path).parent if config_path else Path(".")
+    data = cfg.setdefault("data", {})
+    for key in ("root", "val_root", "path", "images", "annotations"):
+        if isinstance(data.get(key), str):
+            data[key] = resolve_path(data[key], base)
+
+
+def resolve_path(value: str | None, base: Path) -> str | None:
+    """Relative data paths in a recipe are taken from the current folder, or else from the recipe's."""
+    if not value or os.path.isabs(value) or os.path.exists(value):
+        return value
+    candidate = base / value
+    return str(candidate) if candidate.exists() else value
+
+
+def build_model_from_recipe(cfg: dict, **defaults) -> torch.nn.Module:
+    """The recipe's ``model``: a ``_target_`` entry, or ``{name, kwargs}`` for :func:`visionattn.create_model`
+    with ``defaults`` (e.g. ``num_classes``) filled in where the recipe does not set them."""
+    import visionattn
+
+    spec = cfg.get("model")
+    if not spec:
+        raise ConfigError("the recipe has no 'model' section")
+    if "_target_" in spec:
+        return instantiate(spec, where="model")
+    kwargs = dict(spec.get("kwargs") or {})
+    for key, value in defaults.items():
+        kwargs.setdefault(key, value)
+    return visionattn.create_model(spec["name"], **kwargs)

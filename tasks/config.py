@@ -42,6 +42,8 @@ from typing import Any
 
 import yaml
 
+from visionattn.errors import InvalidInputError, UserError
+
 # the names a recipe may write: `visionattn.create_model`, `monai.losses.DiceCELoss`, ...
 NAME_PREFIXES = (
     "visionattn", "torch.nn", "torch.optim", "timm", "monai.transforms", "monai.losses", "monai.networks",
@@ -105,7 +107,7 @@ MAX_DEPTH = 40
 MAX_INCLUDE_DEPTH = 8
 
 
-class ConfigError(ValueError):
+class ConfigError(InvalidInputError):
     """A recipe that cannot be loaded or that names something it may not build."""
 
 
@@ -309,8 +311,10 @@ def _build(node: Any, args: tuple = (), extra: dict | None = None, where: str = 
         return functools.partial(fn, *pos, **kwargs)
     try:
         return fn(*pos, **kwargs)
-    except TypeError as e:
-        raise ConfigError(f"{where}: building {node['_target_']} failed: {e}") from e
+    except UserError:
+        raise
+    except (TypeError, ValueError) as e:  # the target refused the recipe's arguments
+        raise ConfigError(f"{where}: building {node['_target_']} failed: {type(e).__name__}: {e}") from e
 
 
 # ---------------------------------------------------------------------------------------------------

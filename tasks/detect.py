@@ -106,7 +106,7 @@ def _relative_names(inputs: Sequence[Path]) -> tuple[list[str], list[str]]:
     stems = ["__".join(r.with_suffix("").parts) for r in relative]
     duplicates = sorted({n for n in stems if stems.count(n) > 1})
     if duplicates:
-        raise ValueError(f"several inputs would be written as the same output: {', '.join(duplicates[:5])}")
+        raise DataError(f"several inputs would be written as the same output: {', '.join(duplicates[:5])}")
     return [r.as_posix() for r in relative], stems
 
 
@@ -144,7 +144,7 @@ def detect(model: nn.Module, inputs: Sequence[Path], out_dir: Path, score_thresh
     """
     inputs = [Path(p) for p in inputs]
     if not inputs:
-        raise ValueError("detect: no input images")
+        raise DataError("detect: no input images")
     max_image_pixels = pixel_limit(max_image_pixels)
     out_dir = Path(out_dir)
     file_names, stems = _relative_names(inputs)

@@ -367,7 +367,7 @@ def fixed_split(ids: Sequence[str], val_fraction: float = 0.2, seed: int = 0) ->
     ``round(val_fraction * n)`` ids (at least one when ``val_fraction > 0`` and the group has two or more) go
     to validation. Returns ``(train_ids, val_ids)``, each in natural order."""
     if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}")
     groups: dict[str, list[str]] = {}
     for image_id in sorted(ids, key=_natural_key):
         groups.setdefault(class_of_id(image_id), []).append(image_id)

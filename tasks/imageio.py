@@ -55,7 +55,7 @@ def pixel_limit(max_pixels: int | float | None) -> int:
         return DEFAULT_MAX_IMAGE_PIXELS
     whole = isinstance(max_pixels, (int, np.integer)) or (isinstance(max_pixels, float) and max_pixels.is_integer())
     if isinstance(max_pixels, bool) or not whole or max_pixels < 1:
-        raise ValueError(f"max_image_pixels must be a positive whole number of pixels, got {max_pixels!r}")
+        raise DataError(f"max_image_pixels must be a positive whole number of pixels, got {max_pixels!r}")
     return int(max_pixels)
 
 

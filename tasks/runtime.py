@@ -16,6 +16,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from visionattn.checkpoints import SAFETENSORS_DIGEST_KEY, state_digest
+from visionattn.errors import UserError
 from visionattn.tasks.config import ConfigError, instantiate
 from visionattn.tasks.files import atomic_path
 
@@ -127,4 +128,9 @@ def build_model_from_recipe(cfg: dict, **defaults) -> torch.nn.Module:
     kwargs = dict(spec.get("kwargs") or {})
     for key, value in defaults.items():
         kwargs.setdefault(key, value)
-    return visionattn.create_model(spec["name"], **kwargs)
+    try:
+        return visionattn.create_model(spec["name"], **kwargs)
+    except UserError:
+        raise
+    except (TypeError, ValueError) as e:  # the model refused the recipe's arguments
+        raise ConfigError(f"model: building {spec['name']} with {kwargs} failed: {type(e).__name__}: {e}") from e

@@ -17,12 +17,14 @@ from typing import Any
 
 import torch
 
+from visionattn.errors import InvalidInputError
+
 
 CHECKSUM_KEY = "checksum"  # trainer checkpoints: {"sha256": state_digest of every other entry}
 SAFETENSORS_DIGEST_KEY = "visionattn.sha256"  # metadata of the .safetensors files atomic_save_weights writes
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InvalidInputError):
     """A checkpoint that cannot be used: unreadable, refused by ``weights_only``, failing or lacking its
     checksum, or holding non-finite weights. The message is one line naming the file and the problem."""
 

@@ -96,20 +96,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from visionattn.tasks.trainer import Trainer
 
     cfg = load_config(args.config, args.overrides)
-    summary = Trainer(cfg, resume=args.resume, config_path=args.config).fit()
+    summary = Trainer(cfg, resume=args.resume, config_path=args.config, overwrite=args.overwrite).fit()
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary, indent=2))
     return 0
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from visionattn.tasks.config import load_config
-    from visionattn.tasks.trainer import Trainer, load_model_for_eval
+    from visionattn.tasks.run import load_model_for_eval, recipe_and_weights
+    from visionattn.tasks.trainer import Trainer
 
-    cfg = load_config(args.config, args.overrides)
+    cfg, weights, config_path = recipe_and_weights(args.config, args.checkpoint, args.overrides)
     cfg.setdefault("train", {})["epochs"] = 0
-    trainer = Trainer(cfg, config_path=args.config)
-    model = load_model_for_eval(cfg, args.checkpoint, trainer.meta).to(trainer.device)
+    trainer = Trainer(cfg, config_path=config_path, write_outputs=False)  # evaluating leaves the run folder as it is
+    model = load_model_for_eval(cfg, weights, trainer.meta).to(trainer.device)
     metrics = trainer.evaluate(model)
     if not metrics:
         print("evaluate: the recipe defines no validation data (e.g. data.val_per_class, data.val_root, an npz val "
@@ -139,21 +139,22 @@ def _cmd_segment(args: argparse.Namespace) -> int:
         return run_segment(args.input, args.output, args.model, device=args.device, roi_size=args.roi_size,
                            overlap=args.overlap, mode=args.mode, tta=args.tta, save_probabilities=args.save_probabilities,
                            overwrite=args.overwrite, progress=not args.no_progress, overlay=args.overlay,
-                           labels_dir=args.labels)
+                           labels_dir=args.labels, max_voxels=args.max_voxels)
     except SegmentError as e:
         print(f"visionattn segment: error: {e}", file=sys.stderr)
         return 2
 
 
 def _cmd_detect(args: argparse.Namespace) -> int:
-    from visionattn.tasks.detection import collect_images, detect, load_detection_model
+    from visionattn.tasks.detect import collect_images, detect, load_detection_model
 
     classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
     model, class_names = load_detection_model(args.model, num_classes=args.num_classes, classes=classes,
                                               input_size=args.img_size)
     try:
         summary = detect(model, collect_images(args.input), args.output, score_threshold=args.score_threshold,
-                         overwrite=args.overwrite, device=args.device, batch_size=args.batch_size, classes=class_names)
+                         overwrite=args.overwrite, device=args.device, batch_size=args.batch_size, classes=class_names,
+                         max_image_pixels=args.max_image_pixels)
     except FileExistsError as e:
         print(f"visionattn detect: error: {e}", file=sys.stderr)
         return 2
@@ -199,18 +200,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides of the recipe")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/last.pt")
+    p.add_argument("--overwrite", action="store_true", help="start over in an OUTPUT_DIR that holds an earlier run")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("evaluate", help="validation metrics of a checkpoint: `evaluate CONFIG --checkpoint PATH`")
-    p.add_argument("config")
+    p = sub.add_parser("evaluate", help="validation metrics of a trained run: `evaluate RUN_FOLDER` or "
+                                        "`evaluate RECIPE --checkpoint WEIGHTS`")
+    p.add_argument("config", metavar="RUN_OR_RECIPE", help="a run folder (or its weights file), or a recipe .yaml")
     p.add_argument("overrides", nargs="*")
-    p.add_argument("--checkpoint", required=True, help=".safetensors weights or a trainer last.pt")
+    p.add_argument("--checkpoint", help=".safetensors weights or a trainer last.pt (with a recipe: required)")
     p.set_defaults(func=_cmd_evaluate)
 
-    p = sub.add_parser("predict", help="classify images: `predict CONFIG --checkpoint PATH -i IMAGES -o OUT.csv`")
-    p.add_argument("config")
+    p = sub.add_parser("predict", help="classify images: `predict RUN_FOLDER -i IMAGES -o OUT.csv` (or "
+                                       "`predict RECIPE --checkpoint WEIGHTS ...`)")
+    p.add_argument("config", metavar="RUN_OR_RECIPE", help="a run folder (or its weights file), or a recipe .yaml")
     p.add_argument("overrides", nargs="*")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", help=".safetensors weights or a trainer last.pt (with a recipe: required)")
     p.add_argument("-i", "--input", required=True, help="an image or a folder of images")
     p.add_argument("-o", "--output", required=True, help="CSV file to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
@@ -232,7 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-probabilities", action="store_true", help="also write CASE.npz with float16 probabilities")
     p.add_argument("--overlay", action="store_true", help="also write CASE.png: slices with the labels drawn on them")
     p.add_argument("--labels", help="folder of reference label maps (CASE.nii.gz): report Dice per label")
-    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--overwrite", action="store_true",
+                   help="redo cases whose outputs exist (default: skip them); inputs are never written over")
+    p.add_argument("--max-voxels", type=int, default=2**28,
+                   help="refuse a volume with more voxels than this, in the file or once resampled to the model's "
+                        "spacing, from its header before reading it (default: 2**28 = 268435456, 512x512x1024)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--list-models", action="store_true", help="list the bundled models and exit")
     p.set_defaults(func=_cmd_segment)
@@ -249,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--max-image-pixels", type=int, default=None, metavar="N",
+                   help="refuse images whose header declares more than N pixels (decompression bombs); "
+                        "default 100,000,000")
     p.set_defaults(func=_cmd_detect)
     return parser
 
@@ -261,11 +272,13 @@ def main(argv: list[str] | None = None) -> int:
             args.overrides = list(args.overrides) + extra
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    from visionattn.errors import UserError
+
     try:
         return args.func(args)
-    except (KeyError, ValueError, TypeError, FileNotFoundError) as e:  # ConfigError/DataError are ValueErrors
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        print(f"visionattn {args.command}: error: {msg}", file=sys.stderr)
+    except (UserError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError) as e:
+        # a problem with what the user gave: one line and exit 2. Anything else is a bug: its traceback stays.
+        print(f"visionattn {args.command}: error: {e}", file=sys.stderr)
         return 2
 
 

@@ -12,11 +12,13 @@ import fnmatch
 import inspect
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 from torch import nn
+
+from visionattn.errors import InvalidInputError, ModelArgumentError, UnknownModelError
 
 TIMM_PREFIX = "va_"
 TASKS = ("classification", "segmentation", "detection")
@@ -34,7 +36,6 @@ class ModelEntry:
     default_input_size: tuple[int, ...]
     timm_name: str | None
     notes: str = ""
-    extra: dict = field(default_factory=dict)
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
@@ -105,7 +106,7 @@ def _register_in_timm(fn: Callable[..., nn.Module]) -> str:
 def _canonical_name(name: str) -> tuple[str, str]:
     """Split ``name[.tag]`` and strip the ``va_`` prefix. Returns ``(arch, tag)``."""
     if not isinstance(name, str) or not name:
-        raise TypeError(f"model name must be a non-empty string, got {name!r}")
+        raise ModelArgumentError(f"model name must be a non-empty string, got {name!r}")
     arch, _, tag = name.partition(".")
     if arch.startswith(TIMM_PREFIX) and arch[len(TIMM_PREFIX):] in _REGISTRY:
         arch = arch[len(TIMM_PREFIX):]
@@ -119,7 +120,7 @@ def get_entry(name: str) -> ModelEntry:
         candidates = list(_REGISTRY) + [TIMM_PREFIX + n for n in _REGISTRY if _REGISTRY[n].timm_name]
         close = difflib.get_close_matches(name, candidates, n=5, cutoff=0.5)
         hint = f" Closest names: {', '.join(close)}." if close else ""
-        raise KeyError(
+        raise UnknownModelError(
             f"Unknown visionattn model {name!r}.{hint} `visionattn list` or "
             "`visionattn.list_models()` shows all names."
         )
@@ -157,7 +158,7 @@ def _check_kwargs(entry: ModelEntry, kwargs: dict) -> None:
     accepted = {p for p in params if p != "self"}
     bad = sorted(k for k in kwargs if k not in accepted and k not in builder_keys)
     if bad:
-        raise TypeError(
+        raise ModelArgumentError(
             f"{entry.name}: unknown keyword argument(s) {bad}. "
             f"Accepted model arguments: {', '.join(sorted(accepted))}."
         )
@@ -192,7 +193,7 @@ def create_model(
         model = timm.create_model(full, pretrained=pretrained, **kwargs)
     else:
         if tag:
-            raise ValueError(f"{entry.name} has no pretrained tags; got {name!r}")
+            raise InvalidInputError(f"{entry.name} has no pretrained tags; got {name!r}")
         model = entry.fn(pretrained=pretrained, **kwargs)
     if checkpoint_path is not None:
         load_checkpoint(model, checkpoint_path)
@@ -215,11 +216,11 @@ def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
         try:
             return load_file(path, device="cpu")
         except Exception as e:  # SafetensorError: truncated or not a safetensors file
-            raise ValueError(f"cannot read checkpoint {path} ({type(e).__name__}: {e}); is the file complete?") from e
+            raise InvalidInputError(f"cannot read checkpoint {path} ({type(e).__name__}: {e}); is the file complete?") from e
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle.UnpicklingError carries the offending global
-        raise ValueError(
+        raise InvalidInputError(
             f"cannot read checkpoint {path} with weights_only=True ({type(e).__name__}: {e}). visionattn "
             "never unpickles code; re-save the weights as a plain state dict or as .safetensors."
         ) from e
@@ -229,7 +230,7 @@ def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
                 obj = obj[key]
                 break
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{path} does not hold a state dict of tensors")
+        raise InvalidInputError(f"{path} does not hold a state dict of tensors")
     return {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
 
 
@@ -253,7 +254,7 @@ def load_checkpoint(model: nn.Module, path: str, strict: bool = True) -> None:
         state_dict = filter_fn(state_dict, model)
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     if strict and (missing or unexpected):
-        raise ValueError(
+        raise InvalidInputError(
             f"checkpoint {path} does not match {type(model).__name__}: "
             f"missing keys {missing[:8]}{'...' if len(missing) > 8 else ''}, "
             f"unexpected keys {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}"

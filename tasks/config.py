@@ -323,11 +323,13 @@ def _build(node: Any, args: tuple = (), extra: dict | None = None, where: str = 
 
 def parse_yaml(text: str, where: str) -> Any:
     """``yaml.safe_load`` with bounds: at most :data:`MAX_FILE_BYTES`, at most :data:`MAX_NODES` nodes
-    counting every use of an alias, at most :data:`MAX_DEPTH` levels. Checked on the parsed node graph
-    before any Python object is constructed, so an alias bomb is refused in milliseconds."""
+    counting every use of an alias, at most :data:`MAX_DEPTH` levels. The tokens are scanned first (depth
+    and count), then the node graph is checked before any Python object is constructed, so an alias bomb
+    or a deeply nested file is refused in milliseconds."""
     if len(text.encode("utf-8", "surrogatepass")) > MAX_FILE_BYTES:
         raise ConfigError(f"{where}: larger than {MAX_FILE_BYTES // 1024} KiB; a recipe this large is refused")
-    loader = yaml.SafeLoader(text)
+    _scan_tokens(text, where)
+    loader = _Loader(text)
     try:
         try:
             root = loader.get_single_node()
@@ -344,6 +346,36 @@ def parse_yaml(text: str, where: str) -> Any:
             raise ConfigError(f"{where}: invalid YAML: {e}") from None
     finally:
         loader.dispose()
+
+
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when present: fast, and bounds nesting itself
+_OPENING_TOKENS = (yaml.BlockMappingStartToken, yaml.BlockSequenceStartToken, yaml.FlowMappingStartToken,
+                   yaml.FlowSequenceStartToken)
+_CLOSING_TOKENS = (yaml.BlockEndToken, yaml.FlowMappingEndToken, yaml.FlowSequenceEndToken)
+
+
+def _scan_tokens(text: str, where: str) -> None:
+    """Refuse a file nested deeper than :data:`MAX_DEPTH` or holding far more tokens than a recipe of
+    :data:`MAX_NODES` entries could, from the scanner's token stream (iterative, no node built)."""
+    scanner = _Loader(text)
+    depth = count = 0
+    try:
+        while (token := scanner.get_token()) is not None:
+            count += 1
+            if count > 4 * MAX_NODES:
+                raise ConfigError(f"{where}: more than {MAX_NODES} entries; a recipe this large is refused")
+            if isinstance(token, _OPENING_TOKENS):
+                depth += 1
+                if depth > MAX_DEPTH:
+                    raise ConfigError(f"{where}: nested more than {MAX_DEPTH} levels deep; refused")
+            elif isinstance(token, _CLOSING_TOKENS):
+                depth -= 1
+    except yaml.YAMLError as e:
+        if "nesting depth" in str(e):  # libyaml's own bound (1000 levels), met before ours in flow style
+            raise ConfigError(f"{where}: nested more than {MAX_DEPTH} levels deep; refused") from None
+        raise ConfigError(f"{where}: invalid YAML: {' '.join(str(e).split())}") from None
+    finally:
+        scanner.dispose()
 
 
 def _check_node_graph(root: yaml.Node, where: str) -> None:

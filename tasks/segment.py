@@ -5,19 +5,34 @@ intensity, from the model's saved recipe), sliding-window inference with stitchi
 invert the preprocessing exactly (MONAI's ``Invertd``, nearest-neighbour for labels), and write
 ``OUT/CASE.nii.gz`` with the input's affine and header (qform and sform both kept, with their codes).
 
-Nothing is lost or left half-written: every output goes to a temporary name and is renamed into place;
-an existing output is never replaced without ``overwrite``; a bad case is reported by name and the others
-still run; the return code is non-zero when any case failed. ``OUT/summary.json`` lists every case (time,
-volume per label in ml, Dice when reference labels are given, or the error).
+Nothing is lost or left half-written, whatever the input:
+
+- every output goes to a temporary name and is renamed into place;
+- an output path that is an input (a channel file or a reference label file, compared after resolving
+  symlinks) is refused, ``overwrite`` or not, and so is an output folder that is the input or labels folder;
+- a case whose requested outputs all exist is skipped (nnU-Net's behaviour on re-runs) and keeps its earlier
+  ``summary.json`` entry; ``overwrite`` redoes it. Outputs that only partly exist are never replaced
+  without ``overwrite``;
+- ``OUT/summary.json`` lists every case (time, volume per label in ml, Dice when reference labels are given,
+  or the error) and is merged with the one an earlier run left; one that cannot be read is moved aside;
+- headers are checked before any voxel data is read: voxel counts (``max_voxels``, also after resampling to
+  the model's spacing), header extensions, intensity scaling; then the values are checked as the model sees
+  them (float32 after scaling, and again after the intensity normalisation);
+- a bad case is reported by name once and the others still run; the return code is non-zero when any case
+  failed (skipped cases are not failures).
 
 Inputs: a ``.nii``/``.nii.gz`` file, or a folder of them. In a folder, files named ``CASE_0000.nii.gz``,
 ``CASE_0001.nii.gz``, ... are the channels of one case (nnU-Net's convention); other files are one case each.
+Two files that name the same case (``a.nii`` + ``a.nii.gz``, ``a.nii.gz`` + ``a_0000.nii.gz``) fail that case.
 """
 from __future__ import annotations
 
+import gzip
 import importlib.resources
+import json
 import os
 import re
+import struct
 import sys
 import time
 from dataclasses import dataclass, field
@@ -26,8 +41,8 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import yaml
 
+from visionattn.errors import InvalidInputError
 from visionattn.tasks.files import atomic_path, write_json_atomic
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -35,8 +50,15 @@ BUNDLED = Path(str(importlib.resources.files("visionattn") / "bundled"))  # bund
 DEFAULT_MODEL = "hippocampus_agunet"
 _CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
+# 512 x 512 x 1024 voxels; a volume (or its resampling to the model's spacing) above this is refused from its
+# header. Peak memory grows with the voxel count (tens of bytes per voxel through preprocessing, windows
+# and inversion), so this keeps a hostile header from taking the machine down; raise it with --max-voxels.
+DEFAULT_MAX_VOXELS = 2**28
+MAX_HEADER_EXTENSION_BYTES = 64 * 2**20  # nibabel reads header extensions whole, before the voxel data
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
-class SegmentError(ValueError):
+
+class SegmentError(InvalidInputError):
     """A problem with one case (or the whole call); the message names what and how to fix it."""
 
 
@@ -74,43 +96,38 @@ class SegmentationModel:
 
 
 def bundled_models() -> list[str]:
-    return sorted(p.name for p in BUNDLED.iterdir() if (p / "config.yaml").is_file()) if BUNDLED.is_dir() else []
+    from visionattn.tasks.run import bundled_runs
+
+    return bundled_runs()
 
 
 def load_segmentation_model(spec: str) -> SegmentationModel:
-    """``spec``: a bundled model name (``visionattn segment --list-models``), a trainer run folder
-    (``config.yaml`` + ``model.safetensors``), or a weights file (``.safetensors``/``.pt``) beside its
-    run's ``config.yaml``."""
-    from visionattn.tasks.trainer import load_model_for_eval
+    """``spec``: a bundled model name (``visionattn segment --list-models``), a trainer run folder, or a
+    weights file beside its run's ``config.yaml``: a :class:`~visionattn.tasks.run.Run`, loaded with the
+    weights precedence every command shares."""
+    from visionattn.tasks.run import Run
 
     path = Path(spec)
-    if not path.exists() and (BUNDLED / spec / "config.yaml").is_file():
-        path = BUNDLED / spec
-    if path.is_dir():
-        weights = next((path / n for n in ("model.safetensors", "best.safetensors", "last.pt") if (path / n).is_file()), None)
-        if weights is None:
-            raise SegmentError(f"--model {spec}: no model.safetensors, best.safetensors or last.pt in {path}")
-    elif path.is_file():
-        weights = path
-    else:
+    if not path.exists() and spec not in bundled_models():
         import visionattn
 
         hint = (f"{spec!r} is an architecture without trained weights; train it with `visionattn train` and pass "
                 f"the run folder") if spec in visionattn.list_models() else f"{spec!r} is neither a file nor a folder"
         raise SegmentError(f"--model: {hint} (bundled models: {', '.join(bundled_models()) or 'none'})")
-    config_path = weights.parent / "config.yaml"
-    if not config_path.is_file():
-        raise SegmentError(f"--model {spec}: {config_path} not found; a model needs the config.yaml its training run wrote")
-    config = yaml.safe_load(config_path.read_text()) or {}
-    task = config.get("task", "classification")
-    if task != "segmentation":
-        raise SegmentError(f"--model {spec}: this is a {task} model ({config_path} says task: {task}); "
-                           f"`segment` needs a segmentation model")
-    data = config.get("data") or {}
+    try:
+        run = Run.load(spec)  # a run folder is data: its config is validated before anything is built
+    except (InvalidInputError, FileNotFoundError) as e:
+        raise SegmentError(f"--model {spec}: {e}") from None
+    if run.task != "segmentation":
+        raise SegmentError(f"--model {spec}: this is a {run.task} model ({run.folder / 'config.yaml'} says task: "
+                           f"{run.task}); `segment` needs a segmentation model")
+    data = run.config.get("data") or {}
     if int(data.get("spatial_dims", 3)) != 3:
         raise SegmentError(f"--model {spec}: a 2-D model; `segment` reads 3-D NIfTI volumes")
-    network = load_model_for_eval(config, str(weights), {"classes": list(data["labels"]), "spatial_dims": 3})
-    return SegmentationModel(network, config, str(weights))
+    if not data.get("labels"):
+        raise SegmentError(f"--model {spec}: {run.folder / 'config.yaml'} records no data.labels")
+    network = run.build_model({"classes": list(data["labels"]), "spatial_dims": 3})
+    return SegmentationModel(network, run.config, str(run.weights))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -124,14 +141,21 @@ class Case:
     reference: Path | None = None
     problems: list[str] = field(default_factory=list)
 
+    def inputs(self) -> list[Path]:
+        """Every file this case reads: its channel files and its reference labels."""
+        return self.channels + ([self.reference] if self.reference is not None else [])
+
 
 def find_cases(input_path: str | Path, in_channels: int) -> list[Case]:
-    """The cases under ``input_path`` (a file or a folder), sorted by name. Missing channel files are
-    recorded as a problem of their case rather than raised, so the other cases still run."""
+    """The cases under ``input_path`` (a file or a folder), sorted by name. Missing channel files, two files
+    that name the same case or channel, and files that are not regular files are recorded as problems of
+    their case rather than raised, so the other cases still run."""
     src = Path(input_path)
-    if src.is_file():
+    if src.exists() and not src.is_dir():
         if not src.name.endswith(NIFTI_SUFFIXES):
             raise SegmentError(f"input {src} is not a .nii or .nii.gz file")
+        if not src.is_file():
+            raise SegmentError(f"input {src} is not a regular file")
         m = _CHANNEL.match(_stem(src))
         return [Case(m["case"] if m else _stem(src), [src])]
     if not src.is_dir():
@@ -139,53 +163,274 @@ def find_cases(input_path: str | Path, in_channels: int) -> list[Case]:
     files = sorted(p for p in src.iterdir() if p.name.endswith(NIFTI_SUFFIXES) and not p.name.startswith("."))
     if not files:
         raise SegmentError(f"input folder {src} holds no .nii or .nii.gz files")
-    grouped: dict[str, dict[int, Path]] = {}
-    singles: dict[str, Path] = {}
+    # case name -> channel number (None: a single-file case) -> the files claiming that slot
+    slots: dict[str, dict[int | None, list[Path]]] = {}
     for f in files:
         m = _CHANNEL.match(_stem(f))
-        if m:
-            grouped.setdefault(m["case"], {})[int(m["channel"])] = f
-        else:
-            singles[_stem(f)] = f
-    cases = [Case(name, [f]) for name, f in singles.items()]
-    for name, chans in grouped.items():
-        case = Case(name, [chans[i] for i in sorted(chans)])
+        name, channel = (m["case"], int(m["channel"])) if m else (_stem(f), None)
+        slots.setdefault(name, {}).setdefault(channel, []).append(f)
+    cases = []
+    for name, by_channel in slots.items():
+        channels = sorted(by_channel, key=lambda c: -1 if c is None else c)
+        problems = [f"{' and '.join(f.name for f in fs)} are both "
+                    + (f"case {name}" if c is None else f"channel {c:04d} of case {name}") + "; rename or remove one"
+                    for c, fs in by_channel.items() if len(fs) > 1]
+        if None in by_channel and len(by_channel) > 1:
+            problems.append(f"{by_channel[None][0].name} and {by_channel[channels[1]][0].name} both name case {name} "
+                            f"(a single-file case and a channel file); rename or remove one")
+        if problems:  # the case fails, listing every file that claims it
+            cases.append(Case(name, sorted(f for fs in by_channel.values() for f in fs), problems=problems))
+            continue
+        case = Case(name, [by_channel[c][0] for c in channels])
         expected = list(range(in_channels))
-        if sorted(chans) != expected:
-            missing = [f"{name}_{i:04d}" for i in expected if i not in chans]
-            extra = [f"{name}_{i:04d}" for i in sorted(chans) if i not in expected]
+        if None not in by_channel and channels != expected:
+            missing = [f"{name}_{i:04d}" for i in expected if i not in by_channel]
+            extra = [f"{name}_{i:04d}" for i in channels if i not in expected]
             case.problems.append(f"the model takes {in_channels} channel file(s) {name}_0000..{name}_{in_channels - 1:04d}; "
                                  + (f"missing {', '.join(missing)}" if missing else f"unexpected {', '.join(extra)}"))
+        case.problems += [f"{f.name} is not a regular file" for f in case.channels if not f.is_file()]
         cases.append(case)
     return sorted(cases, key=lambda c: c.name)
 
 
-def check_volume(case: Case, in_channels: int):
-    """Read the channel headers and data once to check them; returns the first channel's nibabel image
-    (whose grid and header the output takes). Raises :class:`SegmentError` naming the problem."""
+def find_references(cases: list[Case], labels_dir: str | Path) -> None:
+    """Set each case's reference label file from ``labels_dir`` (``CASE.nii.gz`` or ``CASE.nii``); both
+    present is a problem of the case, since either could be meant."""
+    folder = Path(labels_dir)
+    if not folder.is_dir():
+        raise SegmentError(f"--labels {folder}: not a folder")
+    for case in cases:
+        found = [folder / f"{case.name}{s}" for s in NIFTI_SUFFIXES if (folder / f"{case.name}{s}").is_file()]
+        if len(found) > 1:
+            case.problems.append(f"reference labels {' and '.join(f.name for f in found)} are both in {folder}; "
+                                 f"rename or remove one")
+        case.reference = found[0] if found else None
+
+
+# ---------------------------------------------------------------------------------------------------
+# outputs never replace inputs
+
+
+def case_outputs(name: str, out_dir: Path, save_probabilities: bool = False, overlay: bool = False) -> dict[str, Path]:
+    """The files a case writes, by kind."""
+    outputs = {"labels": out_dir / f"{name}.nii.gz"}
+    if save_probabilities:
+        outputs["probabilities"] = out_dir / f"{name}.npz"
+    if overlay:
+        outputs["overlay"] = out_dir / f"{name}.png"
+    return outputs
+
+
+def _same_folder(a: str | Path, b: str | Path) -> bool:
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)  # bind mounts, case-insensitive file systems
+    except OSError:
+        return False
+
+
+def outputs_that_are_inputs(outputs: Sequence[Path], inputs: Sequence[Path]) -> list[tuple[Path, Path]]:
+    """``(output, input)`` pairs naming the same file: the same path once symlinks, ``.`` and ``..`` are
+    resolved, or, for an output that exists, the same file on disk (hard links, case-insensitive file systems)."""
+    by_path = {os.path.realpath(p): p for p in inputs}
+    by_inode = {}
+    for p in inputs:
+        try:
+            st = os.stat(p)
+            by_inode[st.st_dev, st.st_ino] = p
+        except OSError:
+            pass
+    pairs = []
+    for out in outputs:
+        hit = by_path.get(os.path.realpath(out))
+        if hit is None:
+            try:
+                st = os.stat(out)
+                hit = by_inode.get((st.st_dev, st.st_ino))
+            except OSError:
+                pass
+        if hit is not None:
+            pairs.append((out, hit))
+    return pairs
+
+
+def refuse_outputs_on_inputs(cases: list[Case], out_dir: Path, input_path: str | Path, labels_dir: str | Path | None,
+                             save_probabilities: bool = False, overlay: bool = False) -> None:
+    """Raise :class:`SegmentError` when any output would land on an input file, or the output folder is the
+    input or labels folder. Checked for the whole call before anything is written; ``--overwrite`` does not
+    lift it."""
+    if labels_dir is not None and _same_folder(out_dir, labels_dir):
+        raise SegmentError(f"-o {out_dir} is the --labels folder {labels_dir}: label maps written there would replace "
+                           f"or mix with the reference labels; choose another output folder")
+    if Path(input_path).is_dir() and _same_folder(out_dir, input_path):
+        raise SegmentError(f"-o {out_dir} is the input folder {input_path}: label maps written there would replace "
+                           f"single-file inputs and be read as inputs by the next run; choose another output folder")
+    outputs = [p for case in cases for p in case_outputs(case.name, out_dir, save_probabilities, overlay).values()]
+    clashes = outputs_that_are_inputs(outputs, [f for case in cases for f in case.inputs()])
+    if clashes:
+        listed = "; ".join(f"{out} is the input {inp}" for out, inp in clashes[:3])
+        more = f" (and {len(clashes) - 3} more)" if len(clashes) > 3 else ""
+        raise SegmentError(f"refusing to write over inputs, --overwrite or not: {listed}{more}; "
+                           f"choose another output folder")
+
+
+# ---------------------------------------------------------------------------------------------------
+# checking a case: headers first, then the values as the model sees them
+
+
+@dataclass
+class NiftiHeader:
+    """The header fields that bound the cost of reading a file, read from its first bytes."""
+
+    dims: tuple[int, ...]
+    vox_offset: float
+    header_size: int
+    has_extensions: bool
+    scl_slope: float
+    scl_inter: float
+
+
+def read_nifti_header(path: Path) -> NiftiHeader:
+    """Parse the fixed NIfTI-1/NIfTI-2 header of ``path`` (decompressing only its first 544 bytes), before
+    nibabel reads anything else: nibabel reads the header extensions whole, and the voxel count and scaling
+    must be judged before any voxel data is decompressed."""
+    try:
+        with (gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")) as f:
+            raw = f.read(544)
+    except (OSError, EOFError) as e:
+        raise SegmentError(f"cannot read {path.name}: {type(e).__name__}: {e} (corrupt or truncated file?)") from e
+    for endian in "<>":
+        size = struct.unpack(endian + "i", raw[:4])[0] if len(raw) >= 4 else 0
+        if size == 348 and len(raw) >= 348:  # NIfTI-1: dim int16[8] at 40, vox_offset and scl_* float32 at 108
+            dim = struct.unpack(endian + "8h", raw[40:56])
+            vox_offset, slope, inter = struct.unpack(endian + "3f", raw[108:120])
+            break
+        if size == 540 and len(raw) >= 540:  # NIfTI-2: dim int64[8] at 16, vox_offset int64 at 168, scl_* float64
+            dim = struct.unpack(endian + "8q", raw[16:80])
+            vox_offset = struct.unpack(endian + "q", raw[168:176])[0]
+            slope, inter = struct.unpack(endian + "2d", raw[176:192])
+            break
+    else:
+        raise SegmentError(f"cannot read {path.name}: not a NIfTI-1 or NIfTI-2 header (corrupt or truncated file?)")
+    ndim = dim[0]
+    if not 1 <= ndim <= 7 or any(d < 1 for d in dim[1:ndim + 1]):
+        raise SegmentError(f"cannot read {path.name}: its header declares dimensions {list(dim[:ndim + 1])} "
+                           f"(corrupt file?)")
+    has_extensions = raw[size:size + 1] not in (b"", b"\x00")  # the 4 bytes after the header; nonzero: extensions
+    return NiftiHeader(tuple(int(d) for d in dim[1:ndim + 1]), float(vox_offset), size, has_extensions,
+                       float(slope), float(inter))
+
+
+def check_header(path: Path, max_voxels: int) -> NiftiHeader:
+    """Refuse, from the header alone, a file whose voxel count is over ``max_voxels``, whose header extensions
+    are implausibly large, or whose intensity scaling is not finite or does not fit float32."""
+    hdr = read_nifti_header(path)
+    n = int(np.prod(hdr.dims, dtype=object))
+    if n > max_voxels:
+        raise SegmentError(f"{path.name}: {'x'.join(map(str, hdr.dims))} = {n:,} voxels, over the limit of "
+                           f"{max_voxels:,} (--max-voxels); refused before reading any voxel data")
+    # nibabel reads extensions up to vox_offset, or to the end of the file when vox_offset is before them
+    unbounded = hdr.has_extensions and hdr.vox_offset < hdr.header_size + 4
+    if unbounded or not np.isfinite(hdr.vox_offset) or hdr.vox_offset - hdr.header_size > MAX_HEADER_EXTENSION_BYTES:
+        extent = "to the end of the file" if unbounded else f"to byte {hdr.vox_offset:,.0f}"
+        raise SegmentError(f"{path.name}: its header extensions run {extent}; more than "
+                           f"{MAX_HEADER_EXTENSION_BYTES // 2**20} MiB of them is refused (corrupt or hostile file)")
+    # scl_slope 0 or NaN means "no scaling" (nibabel writes NaN), and scl_inter is then unused
+    slope_used = hdr.scl_slope != 0 and not np.isnan(hdr.scl_slope)
+    for field_name, value, used in (("scl_slope", hdr.scl_slope, slope_used), ("scl_inter", hdr.scl_inter, slope_used)):
+        if np.isinf(value) or (used and (np.isnan(value) or abs(value) > _FLOAT32_MAX)):
+            raise SegmentError(f"{path.name}: intensity scaling {field_name} = {value} in its header is not a finite "
+                               f"float32 number; fix the header (e.g. nibabel's header.set_slope_inter)")
+    return hdr
+
+
+def _voxel_sizes(img, path: Path) -> np.ndarray:
     import nibabel as nib
 
-    first = None
+    affine = np.asarray(img.affine, dtype=np.float64)
+    sizes = nib.affines.voxel_sizes(affine) if np.isfinite(affine).all() else np.full(3, np.nan)
+    if not (np.isfinite(sizes).all() and (sizes[:3] > 0).all()):
+        raise SegmentError(f"{path.name}: its affine gives voxel sizes {np.round(sizes[:3], 6).tolist()}; they must be "
+                           f"finite and positive (check pixdim, qform and sform)")
+    return sizes[:3]
+
+
+def count_nonfinite_float32(data: np.ndarray, chunk: int = 2**22) -> int:
+    """How many values of ``data`` are NaN/Inf once cast to float32, as the model's loader casts them (values
+    beyond float32's range become Inf); chunk by chunk, so no float32 copy of the whole volume is made."""
+    flat = data.reshape(-1, order="F" if data.flags.f_contiguous else "C")
+    bad = 0
+    with np.errstate(over="ignore", invalid="ignore"):
+        for start in range(0, flat.size, chunk):
+            bad += int((~np.isfinite(flat[start:start + chunk].astype(np.float32))).sum())
+    return bad
+
+
+def check_volume(case: Case, in_channels: int, max_voxels: int = DEFAULT_MAX_VOXELS,
+                 spacing: Sequence[float] | float | None = None):
+    """Check a case's files; returns the first channel's nibabel image (whose grid and header the output
+    takes). Raises :class:`SegmentError` naming the file and the problem.
+
+    First every header (channels and reference labels), before any voxel data is read: readability, voxel
+    count against ``max_voxels`` (and, with ``spacing``, the count after resampling to it), extensions,
+    scaling, shape, data type, voxel sizes and a shared grid. Then the channels' values, as float32 after
+    scaling, must all be finite."""
+    import nibabel as nib
+
+    images = []
     for f in case.channels:
+        check_header(f, max_voxels)
         try:
             img = nib.load(str(f))
-            data = np.asanyarray(img.dataobj)
         except Exception as e:
             raise SegmentError(f"cannot read {f.name}: {type(e).__name__}: {e} (corrupt or truncated file?)") from e
-        all_channels_in_one = len(case.channels) == 1 and data.ndim == 4 and data.shape[3] == in_channels
-        one_channel = data.ndim == 3 or (data.ndim == 4 and data.shape[3] == 1)
+        shape = tuple(img.shape)
+        all_channels_in_one = len(case.channels) == 1 and len(shape) == 4 and shape[3] == in_channels
+        one_channel = len(shape) == 3 or (len(shape) == 4 and shape[3] == 1)
         if not (all_channels_in_one or (one_channel and len(case.channels) == in_channels)):
             want = "a 3-D volume" if in_channels == 1 else \
                 f"{in_channels} 3-D files {case.name}_0000 .. {case.name}_{in_channels - 1:04d}, or one 4-D file with {in_channels} channels last"
-            raise SegmentError(f"{f.name} has shape {tuple(data.shape)}; the model needs {want}")
-        if not np.isfinite(data).all():
-            bad = int((~np.isfinite(data)).sum())
-            raise SegmentError(f"{f.name} has {bad} NaN/Inf voxels; fix or mask them before segmenting")
-        if first is None:
-            first = img
-        elif img.shape[:3] != first.shape[:3] or not np.allclose(img.affine, first.affine, atol=1e-4):
+            raise SegmentError(f"{f.name} has shape {shape}; the model needs {want}")
+        if img.get_data_dtype().kind not in "iuf":
+            raise SegmentError(f"{f.name}: voxel type {img.get_data_dtype()} is not a real number type")
+        sizes = _voxel_sizes(img, f)
+        if spacing is not None:
+            target = np.broadcast_to(np.asarray(spacing, dtype=np.float64), (3,))
+            resampled = int(np.prod(np.ceil(np.asarray(shape[:3]) * sizes / target) + 1) * (shape[3] if len(shape) == 4 else 1))
+            if resampled > max_voxels:
+                raise SegmentError(f"{f.name}: resampled to the model's spacing {target.tolist()} mm (voxels of "
+                                   f"{np.round(sizes, 3).tolist()} mm) it would have about {resampled:,} voxels, over the "
+                                   f"limit of {max_voxels:,} (--max-voxels); refused before reading any voxel data")
+        if images and (shape[:3] != images[0].shape[:3] or not np.allclose(img.affine, images[0].affine, atol=1e-4)):
             raise SegmentError(f"{f.name} does not share the grid of {case.channels[0].name} (shape or affine differ)")
-    return first
+        images.append(img)
+    if case.reference is not None:
+        ref = case.reference
+        check_header(ref, max_voxels)
+        try:
+            ref_shape = tuple(nib.load(str(ref)).shape)
+        except Exception as e:
+            raise SegmentError(f"cannot read reference labels {ref}: {type(e).__name__}: {e}") from e
+        if ref_shape[:3] != images[0].shape[:3] or any(d != 1 for d in ref_shape[3:]):
+            raise SegmentError(f"reference labels {ref} have shape {ref_shape}, the case has {images[0].shape[:3]}")
+
+    for f, img in zip(case.channels, images):
+        try:
+            data = np.asanyarray(img.dataobj)
+        except Exception as e:
+            raise SegmentError(f"cannot read {f.name}: {type(e).__name__}: {e} (corrupt or truncated file?)") from e
+        bad = count_nonfinite_float32(data)
+        if bad and bool(np.isfinite(data).all()):
+            slope, inter = getattr(img.dataobj, "slope", 1.0), getattr(img.dataobj, "inter", 0.0)
+            scaled = f" once scaled (scl_slope {slope:g}, scl_inter {inter:g})" if (slope, inter) != (1.0, 0.0) else ""
+            raise SegmentError(f"{f.name}: {bad} voxel values overflow float32{scaled}, and the model reads float32; "
+                               f"fix the file's intensity scaling or values")
+        if bad:
+            raise SegmentError(f"{f.name} has {bad} NaN/Inf voxels; fix or mask them before segmenting")
+        del data
+        img.uncache()
+    return images[0]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -262,8 +507,13 @@ def dice_per_label(pred: np.ndarray, truth: np.ndarray, n_labels: int) -> list[f
 def segment_case(model: SegmentationModel, case: Case, out_dir: Path, *, device: str = "cpu",
                  roi_size: Sequence[int] | None = None, overlap: float | None = None, mode: str | None = None,
                  tta: bool = False, save_probabilities: bool = False, overlay: bool = False,
-                 overwrite: bool = False, sw_batch_size: int | None = None) -> dict:
-    """Segment one case; returns its summary entry. Raises :class:`SegmentError` for a bad case."""
+                 overwrite: bool = False, sw_batch_size: int | None = None,
+                 max_voxels: int = DEFAULT_MAX_VOXELS) -> dict:
+    """Segment one case; returns its summary entry. Raises :class:`SegmentError` for a bad case.
+
+    A case whose requested outputs all exist is not read at all: without ``overwrite`` its entry is
+    ``{"status": "skipped", ...}`` (``run_segment`` fills in the earlier run's entry). Outputs that exist only
+    in part are an error without ``overwrite``, since the existing ones may come from another model or input."""
     import nibabel as nib
     from monai.data import MetaTensor
     from monai.transforms import Compose, Invertd
@@ -271,17 +521,25 @@ def segment_case(model: SegmentationModel, case: Case, out_dir: Path, *, device:
     from visionattn.tasks.segmentation import preprocessing, sliding_window_predict
 
     start = time.time()
+    outputs = case_outputs(case.name, out_dir, save_probabilities, overlay)
+    clashes = outputs_that_are_inputs(list(outputs.values()), case.inputs())
+    if clashes:
+        raise SegmentError("refusing to write over inputs, --overwrite or not: "
+                           + "; ".join(f"{out} is the input {inp}" for out, inp in clashes))
     if case.problems:
         raise SegmentError("; ".join(case.problems))
-    outputs = {"labels": out_dir / f"{case.name}.nii.gz"}
-    if save_probabilities:
-        outputs["probabilities"] = out_dir / f"{case.name}.npz"
-    if overlay:
-        outputs["overlay"] = out_dir / f"{case.name}.png"
+    odd = [p.name for p in outputs.values() if (p.exists() or p.is_symlink()) and not p.is_file()]
+    if odd:
+        raise SegmentError(f"{', '.join(odd)} in {out_dir} is not a regular file; move it away")
     existing = [p.name for p in outputs.values() if p.exists()]
     if existing and not overwrite:
-        raise SegmentError(f"{', '.join(existing)} already in {out_dir}; pass --overwrite to replace")
-    reference = check_volume(case, model.in_channels)
+        if len(existing) == len(outputs):
+            return {"case": case.name, "status": "skipped", "inputs": [str(f) for f in case.channels],
+                    "outputs": {k: str(v) for k, v in outputs.items()}}
+        missing = [p.name for p in outputs.values() if not p.exists()]
+        raise SegmentError(f"{', '.join(existing)} already in {out_dir} but {', '.join(missing)} not; "
+                           f"--overwrite to redo the case")
+    reference = check_volume(case, model.in_channels, max_voxels, model.data.get("spacing"))
 
     data = model.data
     inference = dict(model.config.get("inference") or {})
@@ -291,6 +549,10 @@ def segment_case(model: SegmentationModel, case: Case, out_dir: Path, *, device:
     image = item["image"]
     if image.shape[0] != model.in_channels:
         raise SegmentError(f"{case.channels[0].name}: {image.shape[0]} channel(s), the model takes {model.in_channels}")
+    if not bool(torch.isfinite(image.as_tensor()).all()):
+        # finite float32 values whose mean or spread overflows float32 (e.g. values near 3e38)
+        raise SegmentError(f"{', '.join(f.name for f in case.channels)}: the values overflow float32 in the model's "
+                           f"intensity normalisation ({data.get('intensity', 'zscore')}); rescale the volume")
     probs = sliding_window_predict(
         model.network, image.as_tensor()[None], list(roi_size or data["roi_size"]),
         float(overlap if overlap is not None else inference.get("overlap", 0.5)),
@@ -318,7 +580,7 @@ def segment_case(model: SegmentationModel, case: Case, out_dir: Path, *, device:
         write_probabilities(np.asarray(inverted["probs"]), outputs["probabilities"])
     voxel_ml = float(np.prod(reference.header.get_zooms()[:3])) / 1000.0
     entry = {
-        "case": case.name, "status": "ok", "inputs": [str(f) for f in case.channels],
+        "case": case.name, "status": "ok", "model": model.source, "inputs": [str(f) for f in case.channels],
         "outputs": {k: str(v) for k, v in outputs.items()},
         "volume_ml": {name: float((labels == k).sum()) * voxel_ml for k, name in enumerate(model.labels) if k > 0},
     }
@@ -334,10 +596,91 @@ def segment_case(model: SegmentationModel, case: Case, out_dir: Path, *, device:
 
 
 # ---------------------------------------------------------------------------------------------------
+# the summary
+
+
+SUMMARY = "summary.json"
+MAX_SUMMARY_BYTES = 256 * 2**20
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _summary_entries(obj) -> dict[str, dict]:
+    """The per-case entries of a summary written by this command; ``ValueError`` when it is not one."""
+    if not isinstance(obj, dict) or not isinstance(obj.get("cases"), list):
+        raise ValueError("no 'cases' list")
+    entries = {}
+    for e in obj["cases"]:
+        if not (isinstance(e, dict) and isinstance(e.get("case"), str) and isinstance(e.get("status"), str)):
+            raise ValueError("a case entry without a 'case' name and a 'status'")
+        dice = e.get("dice", {})
+        if not (isinstance(dice, dict) and all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+                                               for v in dice.values())):
+            raise ValueError(f"case {e['case']}: 'dice' is not a table of numbers")
+        entries[e["case"]] = e
+    return entries
+
+
+def read_earlier_summary(out_dir: Path) -> dict[str, dict]:
+    """The entries of ``OUT/summary.json`` from an earlier run, by case. A summary that cannot be read is not
+    destroyed: it is renamed ``summary.json.unreadable-TIME`` (and said so on stderr), and an empty one starts."""
+    path = out_dir / SUMMARY
+    if not (path.exists() or path.is_symlink()):
+        return {}
+    try:
+        if not path.is_file():
+            raise ValueError("not a regular file")
+        if path.stat().st_size > MAX_SUMMARY_BYTES:
+            raise ValueError(f"over {MAX_SUMMARY_BYTES // 2**20} MiB")
+        return _summary_entries(json.loads(path.read_text(encoding="utf-8"), parse_constant=_reject_constant))
+    except (OSError, ValueError) as e:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        aside = out_dir / f"{SUMMARY}.unreadable-{stamp}"
+        n = 1
+        while aside.exists() or aside.is_symlink():
+            aside, n = out_dir / f"{SUMMARY}.unreadable-{stamp}-{n}", n + 1
+        try:
+            os.rename(path, aside)
+        except OSError as err:
+            raise SegmentError(f"{path} cannot be read ({e}) nor moved aside ({err.strerror or err}); "
+                               f"move it away and run again") from err
+        print(f"segment: {path} cannot be read ({type(e).__name__}: {e}); kept it as {aside.name} "
+              f"and started a new summary", file=sys.stderr)
+        return {}
+
+
+def merge_summary(earlier: dict[str, dict], entries: list[dict]) -> list[dict]:
+    """This run's entries merged into the earlier ones, by case name. A skipped case keeps its earlier entry
+    (time, volumes, Dice) with status ``skipped``; cases not run this time keep theirs unchanged."""
+    merged = dict(earlier)
+    for e in entries:
+        before = earlier.get(e["case"])
+        if e["status"] == "skipped" and before is not None and before["status"] in ("ok", "skipped"):
+            e = {**before, "status": "skipped"}
+        merged[e["case"]] = e
+    return [merged[name] for name in sorted(merged)]
+
+
+def mean_dice(entries: list[dict], label_names: Sequence[str]) -> dict[str, float]:
+    """Mean Dice per label over the entries that have one (written or skipped), leaving out labels with none."""
+    means = {}
+    for name in label_names:
+        values = [e["dice"][name] for e in entries if e["status"] in ("ok", "skipped")
+                  and isinstance(e.get("dice"), dict) and e["dice"].get(name) is not None]
+        if values:
+            means[name] = float(np.mean(values))
+    return means
+
+
+# ---------------------------------------------------------------------------------------------------
 # the command
 
 
 def _writable(folder: Path) -> None:
+    if folder.exists() and not folder.is_dir():
+        raise SegmentError(f"output {folder} exists and is not a folder; -o takes a folder")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / f".write-test.{os.getpid()}"
@@ -350,10 +693,12 @@ def _writable(folder: Path) -> None:
 def run_segment(input_path: str | None, output: str | None, model_spec: str | None = None, *, device: str = "cpu",
                 roi_size: Sequence[int] | None = None, overlap: float | None = None, mode: str | None = None,
                 tta: bool = False, save_probabilities: bool = False, overwrite: bool = False,
-                progress: bool = True, overlay: bool = False, labels_dir: str | None = None) -> int:
+                progress: bool = True, overlay: bool = False, labels_dir: str | None = None,
+                max_voxels: int = DEFAULT_MAX_VOXELS) -> int:
     """The ``segment`` command. Without ``input_path`` it segments the bundled sample volumes with the
-    bundled model and reports Dice against their reference labels. Returns the exit code."""
-    from visionattn.tasks.trainer import dist_setup, progress as progress_bar
+    bundled model and reports Dice against their reference labels. Returns the exit code: 1 when a case
+    failed, 0 otherwise (cases skipped because their outputs exist are not failures)."""
+    from visionattn.tasks.runtime import dist_setup, progress as progress_bar
 
     demo = input_path is None
     if demo:
@@ -365,49 +710,61 @@ def run_segment(input_path: str | None, output: str | None, model_spec: str | No
         raise SegmentError("-o/--output is required with -i/--input")
     if mode is not None and mode not in ("gaussian", "constant"):
         raise SegmentError(f"--mode must be 'gaussian' or 'constant', got {mode!r}")
+    if max_voxels < 1:
+        raise SegmentError(f"--max-voxels must be positive, got {max_voxels}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SegmentError("--device cuda: no CUDA device is available here; use --device cpu")
     model = load_segmentation_model(model_spec or DEFAULT_MODEL)
     model.network.to(device)
     cases = find_cases(input_path, model.in_channels)
     if labels_dir:
-        for case in cases:
-            ref = next((Path(labels_dir) / f"{case.name}{s}" for s in NIFTI_SUFFIXES if (Path(labels_dir) / f"{case.name}{s}").is_file()), None)
-            case.reference = ref
+        find_references(cases, labels_dir)
     out_dir = Path(output)
+    refuse_outputs_on_inputs(cases, out_dir, input_path, labels_dir, save_probabilities, overlay)
     _writable(out_dir)
 
     rank, world = dist_setup(device)  # (0, 1) outside torchrun
-    mine = cases[rank::world]
+    earlier = read_earlier_summary(out_dir) if rank == 0 else {}
     entries = []
-    bar = progress_bar(mine, desc="segment", disable=not progress or None)
+    bar = progress_bar(cases[rank::world], desc="segment", disable=not progress or None)
     for case in bar:
         try:
             entry = segment_case(model, case, out_dir, device=device, roi_size=roi_size, overlap=overlap, mode=mode,
-                                 tta=tta, save_probabilities=save_probabilities, overlay=overlay, overwrite=overwrite)
+                                 tta=tta, save_probabilities=save_probabilities, overlay=overlay, overwrite=overwrite,
+                                 max_voxels=max_voxels)
         except Exception as e:  # one bad case must not stop the others
             msg = str(e) if isinstance(e, SegmentError) else f"{type(e).__name__}: {e}"
-            print(f"segment: case {case.name}: {msg}", file=sys.stderr)
+            print(f"segment: case {case.name}: {msg}", file=sys.stderr)  # the one place the error is printed
             entry = {"case": case.name, "status": "failed", "inputs": [str(f) for f in case.channels], "error": msg}
         entries.append(entry)
     entries = _gather(entries, world)
-    failed = [e for e in entries if e["status"] != "ok"]
+    failed = [e for e in entries if e["status"] == "failed"]
     if rank == 0:
-        summary = {"model": model.source, "device": device, "cases": sorted(entries, key=lambda e: e["case"])}
-        scored = [e["dice"] for e in entries if "dice" in e]
-        if scored:
-            summary["mean_dice"] = {name: float(np.mean([d[name] for d in scored if d[name] is not None]))
-                                    for name in model.labels[1:]}
-        write_json_atomic(summary, out_dir / "summary.json")
-        for e in summary["cases"]:
-            extra = ""
-            if "dice" in e:
-                extra = "  Dice " + ", ".join(f"{k} {v:.3f}" for k, v in e["dice"].items() if v is not None)
-            print(f"{e['case']:24s} {e['status']:6s} {e.get('seconds', 0):6.2f} s{extra}" if e["status"] == "ok"
-                  else f"{e['case']:24s} failed  {e['error']}")
-        if "mean_dice" in summary:
-            print("mean Dice: " + ", ".join(f"{k} {v:.3f}" for k, v in summary["mean_dice"].items()))
-        print(f"segment: {len(entries) - len(failed)} of {len(entries)} cases written to {out_dir}"
+        cases_now = {e["case"] for e in entries}
+        merged = merge_summary(earlier, entries)
+        summary = {"model": model.source, "device": device, "cases": merged}
+        means = mean_dice(merged, model.labels[1:])
+        if means:
+            summary["mean_dice"] = means
+        write_json_atomic(summary, out_dir / SUMMARY)
+        this_run = [e for e in merged if e["case"] in cases_now]
+        for e in this_run:
+            dice = ""
+            if isinstance(e.get("dice"), dict):
+                dice = "  Dice " + ", ".join(f"{k} {v:.3f}" for k, v in e["dice"].items() if v is not None)
+            if e["status"] == "ok":
+                print(f"{e['case']:24s} ok      {e.get('seconds', 0):6.2f} s{dice}")
+            elif e["status"] == "skipped":
+                print(f"{e['case']:24s} skipped: already in {out_dir}; --overwrite to redo{dice}")
+            else:
+                print(f"{e['case']:24s} failed (error above)")
+        run_means = mean_dice(this_run, model.labels[1:])
+        if run_means:
+            print(f"mean Dice ({sum('dice' in e for e in this_run if e['status'] != 'failed')} cases): "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in run_means.items()))
+        skipped = sum(e["status"] == "skipped" for e in entries)
+        print(f"segment: {len(entries) - len(failed) - skipped} of {len(entries)} cases written to {out_dir}"
+              + (f", {skipped} skipped (already there)" if skipped else "")
               + (f"; {len(failed)} failed" if failed else ""))
     return 1 if failed else 0
 

@@ -9,7 +9,11 @@ Per batch and head, with feature-mapped queries and keys ``q, k`` (the kernel fe
     z_n   = 1 / (q_n . kbar + eps)                      (the normaliser uses the UNrotated features)
     out_n = (q~_n S) z_n                      [dv]
 
-Backends (``backend=``):
+Signature: ``linear_attention(q, k, v, q_rot=None, k_rot=None, *, eps=1e-6, chunk_size=1024,
+backend='auto')``: the tensors are positional (``q_rot``/``k_rot`` together or not at all), every option is
+keyword-only.
+
+Backends (``backend=``, the vocabulary of :mod:`visionattn.kernels.backends`):
 
 - ``"reference"``: the quadratic form ``A = q~ k~^T / N``, ``out = (A v) z`` with autograd; small inputs
   only, the test oracle.
@@ -40,7 +44,7 @@ import os
 import torch
 from torch.autograd.function import once_differentiable
 
-from visionattn.kernels.neighborhood import triton_available
+from visionattn.kernels.backends import BACKENDS, check_backend, resolve_backend
 
 try:
     import triton
@@ -50,14 +54,12 @@ except ImportError:  # only the Triton backend needs it
 
 __all__ = ["BACKENDS", "linear_attention", "linear_attention_reference"]
 
-BACKENDS = ("auto", "reference", "torch", "triton")
-
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def linear_attention_reference(q, k, v, q_rot=None, k_rot=None, eps: float = 1e-6) -> torch.Tensor:
+def linear_attention_reference(q, k, v, q_rot=None, k_rot=None, *, eps: float = 1e-6) -> torch.Tensor:
     """Quadratic oracle: forms the ``[B, heads, N, N]`` matrix ``A = q~ k~^T / N``; ``out = (A v) z``.
 
     Shapes as :func:`linear_attention`; computed in the inputs' dtype, differentiable by autograd.
@@ -378,9 +380,10 @@ _register_flop_formula()
 # ----------------------------------------------------------------------------------------------- API
 
 
-def _check(q, k, v, q_rot, k_rot, eps, backend, chunk_size) -> None:
-    if backend not in BACKENDS:
-        raise ValueError(f"linear_attention: backend must be one of {BACKENDS}, got {backend!r}")
+def _check(q, k, v, q_rot, k_rot, eps, chunk_size) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v), ("q_rot", q_rot), ("k_rot", k_rot)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"linear_attention: {name} must be a tensor, got {type(t).__name__}")
     if q.ndim != 4:
         raise ValueError(f"linear_attention: q must be [B, N, heads, d], got shape {tuple(q.shape)}")
     for name, t in (("k", k), ("q_rot", q_rot), ("k_rot", k_rot)):
@@ -396,39 +399,41 @@ def _check(q, k, v, q_rot, k_rot, eps, backend, chunk_size) -> None:
         raise ValueError(f"linear_attention: inputs must be floating point, got {q.dtype}")
     if q.shape[1] == 0:
         raise ValueError("linear_attention: N must be at least 1")
-    if eps < 0:
-        raise ValueError(f"linear_attention: eps must be >= 0, got {eps}")
-    if chunk_size < 1:
-        raise ValueError(f"linear_attention: chunk_size must be >= 1, got {chunk_size}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"linear_attention: eps must be a number >= 0, got {eps!r}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"linear_attention: chunk_size must be an int >= 1, got {chunk_size!r}")
 
 
 def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_rot: torch.Tensor | None = None,
-                     k_rot: torch.Tensor | None = None, *, eps: float = 1e-6, backend: str = "auto",
-                     chunk_size: int = 1024) -> torch.Tensor:
+                     k_rot: torch.Tensor | None = None, *, eps: float = 1e-6, chunk_size: int = 1024,
+                     backend: str = "auto") -> torch.Tensor:
     """Non-causal linear attention with an un-rotated normaliser (HER-Seg's DLA; formulas in the module doc).
+
+    Positional: the tensors ``q, k, v`` and, optionally, ``q_rot, k_rot``; everything else is keyword-only.
 
     Args:
         q, k: feature-mapped (non-negative for a well-defined normaliser) queries and keys ``[B, N, heads, d]``.
         v: values ``[B, N, heads, dv]``.
-        q_rot, k_rot: rotated copies of ``q, k`` (same shape) used in the ``q~ k~^T v`` product;
-            default ``q, k`` (plain linear attention).
+        q_rot, k_rot: rotated copies of ``q, k`` (same shape) used in the ``q~ k~^T v`` product; both or
+            neither (default ``q, k``: plain linear attention).
         eps: added to the normaliser's denominator ``q_n . mean(k)``.
-        backend: ``'auto'``, ``'reference'``, ``'torch'`` or ``'triton'``.
         chunk_size: tokens per chunk of the ``'torch'`` backend.
+        backend: ``'auto'``, ``'reference'``, ``'torch'`` or ``'triton'`` (:mod:`visionattn.kernels.backends`).
 
     Returns:
         ``[B, N, heads, dv]`` in the inputs' dtype.
     """
+    check_backend("linear_attention", backend)
+    if (q_rot is None) != (k_rot is None):
+        raise ValueError("linear_attention: pass q_rot and k_rot together (rotating only one side mixes "
+                         "rotated and unrotated features), or neither")
     q_rot = q if q_rot is None else q_rot
     k_rot = k if k_rot is None else k_rot
-    _check(q, k, v, q_rot, k_rot, eps, backend, chunk_size)
-    if backend == "auto":
-        backend = "triton" if q.is_cuda and triton_available() else "torch"
+    _check(q, k, v, q_rot, k_rot, eps, chunk_size)
+    backend = resolve_backend("linear_attention", backend, q)
     if backend == "reference":
-        return linear_attention_reference(q, k, v, q_rot, k_rot, eps)
+        return linear_attention_reference(q, k, v, q_rot, k_rot, eps=eps)
     if backend == "triton":
-        if not triton_available():
-            raise ValueError("linear_attention: backend='triton' needs triton and a CUDA device "
-                             "(or TRITON_INTERPRET=1 set before the first call)")
         return _triton_forward_op(q_rot, k_rot, q, k, v, float(eps))[0]
     return _ChunkedLinearAttention.apply(q_rot, k_rot, q, k, v, float(eps), int(chunk_size))

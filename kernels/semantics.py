@@ -1,4 +1,4 @@
-"""Neighborhood-attention window rules (exactly NATTEN's) and argument checking.
+"""Neighborhood-attention window rules (exactly NATTEN's), argument checking and :class:`NAParams`.
 
 Per axis of length ``L`` with kernel size ``K``, dilation ``d``, stride ``s`` and a causal flag, a query at
 index ``i`` attends to keys ``j`` with ``j % d == i % d`` (same dilation group) whose group coordinate
@@ -16,10 +16,14 @@ query (for ``s <= K``), so offsets stay within ``[-(K - 1), K - 1]``.
 """
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Sequence
 
 import torch
+
+from visionattn.kernels.backends import resolve_backend
 
 
 def group_length(L: int, d: int, g: int) -> int:
@@ -66,43 +70,107 @@ def axis_mask_and_offsets(L: int, K: int, d: int, s: int, causal: bool) -> tuple
 
 
 # ---------------------------------------------------------------------------------------------------
-# argument checking
+# argument checking and the parameters object
 
 
-def _as_tuple(name: str, value, n: int, kind: type) -> tuple:
+SCORES = ("softmax", "sigmoid")
+
+
+@dataclass(frozen=True)
+class NAParams:
+    """One neighborhood-attention call's settings, validated and normalised (per-axis tuples), built once
+    by :func:`na_params` and handed down to the backends instead of positional chains. Frozen and
+    hashable (it holds no tensors, only whether ``rpb``/``score_decay`` are present).
+
+    ``backend`` is the concrete backend (``'reference'``, ``'torch'`` or ``'triton'``; ``'auto'`` is
+    resolved when the parameters are built).
+    """
+
+    n_dims: int
+    kernel_size: tuple[int, ...]
+    stride: tuple[int, ...]
+    dilation: tuple[int, ...]
+    is_causal: tuple[bool, ...]
+    scale: float
+    score: str = "softmax"
+    has_rpb: bool = False
+    has_score_decay: bool = False
+    return_lse: bool = False
+    backend: str = "torch"
+
+    @property
+    def sigmoid(self) -> bool:
+        return self.score == "sigmoid"
+
+    @property
+    def name(self) -> str:
+        return f"na{self.n_dims}d"
+
+    def op_args(self) -> tuple:
+        """The primitive arguments of the ``visionattn::na_forward`` / ``na_backward`` custom ops, in their
+        order: ``(kernel_size, stride, dilation, is_causal, scale, sigmoid, backend)`` as lists and scalars
+        (``torch.library`` schemas take no dataclasses). :meth:`from_op_args` inverts it."""
+        return (list(self.kernel_size), list(self.stride), list(self.dilation), list(self.is_causal),
+                float(self.scale), self.sigmoid, self.backend)
+
+    @classmethod
+    def from_op_args(cls, kernel_size, stride, dilation, is_causal, scale, sigmoid, backend, *,
+                     has_rpb: bool, has_score_decay: bool) -> "NAParams":
+        """Rebuild the parameters inside a custom op from :meth:`op_args` (already validated)."""
+        return cls(n_dims=len(kernel_size), kernel_size=tuple(kernel_size), stride=tuple(stride),
+                   dilation=tuple(dilation), is_causal=tuple(bool(c) for c in is_causal), scale=float(scale),
+                   score="sigmoid" if sigmoid else "softmax", has_rpb=has_rpb, has_score_decay=has_score_decay,
+                   backend=backend)
+
+
+def _as_tuple(fn: str, name: str, value, n: int, kind: type) -> tuple:
     if isinstance(value, (list, tuple)):
         if len(value) != n:
-            raise ValueError(f"{name} must be a {kind.__name__} or a tuple of {n}, got {value!r}")
+            raise ValueError(f"{fn}: {name} must be a {kind.__name__} or a tuple of {n}, got {value!r}")
         values = tuple(value)
     else:
         values = (value,) * n
     for v in values:
         if kind is bool:
             if not isinstance(v, bool):
-                raise ValueError(f"{name} must be bool or a tuple of {n} bools, got {value!r}")
+                raise ValueError(f"{fn}: {name} must be bool or a tuple of {n} bools, got {value!r}")
         elif isinstance(v, bool) or not isinstance(v, int):
-            raise ValueError(f"{name} must be a positive int or a tuple of {n} positive ints, got {value!r}")
+            raise ValueError(f"{fn}: {name} must be a positive int or a tuple of {n} positive ints, got {value!r}")
     return values
 
 
-def check_args(
+def _check_table(fn: str, name: str, table, query: torch.Tensor, kernel_size: tuple[int, ...]) -> None:
+    """``rpb`` / ``score_decay``: a ``[heads, 2K_0-1, ...]`` floating-point tensor on the query's device."""
+    expected = (query.shape[-2], *(2 * k - 1 for k in kernel_size))
+    if not isinstance(table, torch.Tensor) or tuple(table.shape) != expected:
+        got = tuple(table.shape) if isinstance(table, torch.Tensor) else type(table).__name__
+        raise ValueError(f"{fn}: {name} must have shape [heads, 2*K-1 per axis] = {expected}, got {got}")
+    if not table.is_floating_point():
+        raise ValueError(f"{fn}: {name} must be a floating-point tensor, got {table.dtype}")
+    if table.device != query.device:
+        raise ValueError(f"{fn}: {name} is on {table.device} but query is on {query.device}")
+
+
+def na_params(
     n_dims: int,
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
     kernel_size,
-    dilation,
-    stride,
-    is_causal,
-    rpb: torch.Tensor | None,
-    score: str,
-    return_lse: bool,
+    *,
+    stride=1,
+    dilation=1,
+    is_causal=False,
+    scale: float | None = None,
+    rpb: torch.Tensor | None = None,
+    attn_bias_fn=None,
+    score: str = "softmax",
     score_decay: torch.Tensor | None = None,
-) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[bool, ...]]:
-    """Validate a neighborhood-attention call; returns per-axis ``(kernel_size, dilation, stride, is_causal)``.
-
-    Raises ``ValueError`` naming the argument and the allowed range.
-    """
+    return_lse: bool = False,
+    backend: str = "auto",
+) -> NAParams:
+    """Validate a neighborhood-attention call (NATTEN-style: every argument, with the allowed range in the
+    message) and return its :class:`NAParams`. Raises ``ValueError``."""
     fn = f"na{n_dims}d"
     layout = "[batch, " + ", ".join(f"X{a}" for a in range(n_dims)) + ", heads, head_dim]"
     for name, t in (("query", query), ("key", key), ("value", value)):
@@ -124,16 +192,23 @@ def check_args(
         raise ValueError(f"{fn}: query must be a floating-point tensor, got {query.dtype}")
     if not (query.device == key.device == value.device):
         raise ValueError(f"{fn}: query, key and value are on different devices")
-    if score not in ("softmax", "sigmoid"):
+    if score not in SCORES:
         raise ValueError(f"{fn}: score must be 'softmax' or 'sigmoid', got {score!r}")
+    if not isinstance(return_lse, bool):
+        raise ValueError(f"{fn}: return_lse must be bool, got {return_lse!r}")
     if return_lse and score != "softmax":
         raise ValueError(f"{fn}: return_lse is only defined for score='softmax'")
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            raise ValueError(f"{fn}: scale must be a finite number or None, got {scale!r}")
+    if attn_bias_fn is not None and not callable(attn_bias_fn):
+        raise ValueError(f"{fn}: attn_bias_fn must be callable, got {type(attn_bias_fn).__name__}")
 
     spatial = tuple(query.shape[1:-2])
-    ks = _as_tuple("kernel_size", kernel_size, n_dims, int)
-    dil = _as_tuple("dilation", dilation, n_dims, int)
-    st = _as_tuple("stride", stride, n_dims, int)
-    causal = _as_tuple("is_causal", is_causal, n_dims, bool)
+    ks = _as_tuple(fn, "kernel_size", kernel_size, n_dims, int)
+    st = _as_tuple(fn, "stride", stride, n_dims, int)
+    dil = _as_tuple(fn, "dilation", dilation, n_dims, int)
+    causal = _as_tuple(fn, "is_causal", is_causal, n_dims, bool)
     for a in range(n_dims):
         if ks[a] < 1:
             raise ValueError(f"{fn}: kernel_size must be >= 1 on every axis, got {ks}")
@@ -148,23 +223,17 @@ def check_args(
                 f"kernel_size or dilation, or pad the input"
             )
     if rpb is not None:
-        heads = query.shape[-2]
-        expected = (heads, *(2 * k - 1 for k in ks))
-        if not isinstance(rpb, torch.Tensor) or tuple(rpb.shape) != expected:
-            got = tuple(rpb.shape) if isinstance(rpb, torch.Tensor) else type(rpb).__name__
-            raise ValueError(f"{fn}: rpb must have shape [heads, 2*K-1 per axis] = {expected}, got {got}")
-        if rpb.device != query.device:
-            raise ValueError(f"{fn}: rpb is on {rpb.device} but query is on {query.device}")
+        _check_table(fn, "rpb", rpb, query, ks)
     if score_decay is not None:
         if score != "sigmoid":
             raise ValueError(f"{fn}: score_decay multiplies sigmoid weights; it needs score='sigmoid'")
-        expected = (query.shape[-2], *(2 * k - 1 for k in ks))
-        if not isinstance(score_decay, torch.Tensor) or tuple(score_decay.shape) != expected:
-            got = tuple(score_decay.shape) if isinstance(score_decay, torch.Tensor) else type(score_decay).__name__
-            raise ValueError(f"{fn}: score_decay must have shape [heads, 2*K-1 per axis] = {expected}, got {got}")
-        if score_decay.device != query.device:
-            raise ValueError(f"{fn}: score_decay is on {score_decay.device} but query is on {query.device}")
-    return ks, dil, st, causal
+        _check_table(fn, "score_decay", score_decay, query, ks)
+    return NAParams(
+        n_dims=n_dims, kernel_size=ks, stride=st, dilation=dil, is_causal=causal,
+        scale=query.shape[-1] ** -0.5 if scale is None else float(scale), score=score,
+        has_rpb=rpb is not None or attn_bias_fn is not None, has_score_decay=score_decay is not None,
+        return_lse=return_lse, backend=resolve_backend(fn, backend, query),
+    )
 
 
 def offset_grids(kernel_size: Sequence[int], dilation: Sequence[int], device=None) -> list[torch.Tensor]:

@@ -4,9 +4,11 @@ For every query row the scaled scores ``q . k / sqrt(D)`` are ranked, all but th
 and the softmax runs over the ``K`` kept scores; the output is their weighted sum of values. This is the
 aggregation of DFIR-DETR's dynamic K-sparse attention (DKSA, ``visionattn.detectors.dfir_detr``).
 
-Two implementations, with the same semantics:
+``topk_attention(query, key, value, top_k, *, mix=None, scale=None, chunk_size=None, backend='auto')``
+has three implementations with the same semantics, chosen by ``backend`` (the vocabulary of
+:mod:`visionattn.kernels.backends`):
 
-- :func:`topk_attention` processes the queries in chunks. Per chunk it forms the ``[chunk, Nk]`` scores,
+- ``'torch'`` processes the queries in chunks. Per chunk it forms the ``[chunk, Nk]`` scores,
   finds each row's ``K``-th largest score with a partial sort, drops the scores below it, takes the
   softmax over the ``K`` kept scores (zero elsewhere) and multiplies ``V``. A custom autograd function
   saves only its inputs and recomputes each chunk's weights in the backward pass, so forward *and*
@@ -14,51 +16,75 @@ Two implementations, with the same semantics:
   (``top_k`` a sequence): their weight maps are mixed per batch element (``mix``) before one product with
   ``V``, so a mixture of ``R`` sparsity levels costs one attention, not ``R`` (DKSA's input-adaptive
   choice of ``K``).
-- :func:`topk_attention_reference` forms the full score matrix, masks all but the top ``K`` to ``-inf``
-  and lets autograd differentiate it: the test oracle, small inputs only.
+- ``'triton'`` (:mod:`.triton_topk`) does the same per block of queries in one kernel, forward and
+  backward, finding each ``K``-th largest score by an exact radix select on the scores' bits; up to
+  ``TRITON_MAX_KEYS`` keys.
+- ``'reference'`` (and :func:`topk_attention_reference`, for one ``K``) forms the full score matrix, masks
+  all but the top ``K`` to ``-inf`` and lets autograd differentiate it: the test oracle, small inputs only.
 
 Aggregating with masked dense weights (a ``[chunk, Nk] @ [Nk, Dv]`` product whose dropped entries are
 zero) rather than gathering the ``K`` value rows is a deliberate choice: DKSA keeps 1/2 to 4/5 of the keys,
 and a gathered ``[chunk, K, Dv]`` copy of ``V`` would be ``Dv`` times larger than the weights.
 
 Ties: when several keys share the ``K``-th largest score, the keys with the **lower index** are kept, so
-exactly ``K`` keys are always kept and the result is deterministic (in :func:`topk_attention`, a threshold
-plus a running count of the tied keys; in the reference, a stable descending sort).
+exactly ``K`` keys are always kept and the result is deterministic (in ``'torch'`` and ``'triton'``, a
+threshold plus a running count of the tied keys; in the reference, a stable descending sort).
 Layout is heads-last, as the other kernels: ``query [B, Nq, heads, D]``, ``key [B, Nk, heads, D]``,
 ``value [B, Nk, heads, Dv]``.
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
+
+from visionattn.kernels.backends import check_backend, resolve_backend
 
 __all__ = ["topk_attention", "topk_attention_reference", "topk_keep_mask"]
 
 # per chunk, at most this many scores (batch x heads x chunk x Nk) are held at once
 DEFAULT_CHUNK_SCORES = 1 << 22
+# the Triton kernel keeps a query block's whole score row in registers: at most this many keys
+TRITON_MAX_KEYS = 4096
 
 
-def _check_args(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, top_ks: Sequence[int]) -> None:
+def _check_args(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, top_ks: Sequence[int],
+                scale: float | None = None, fn: str = "topk_attention") -> None:
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{fn}: {name} must be a tensor, got {type(t).__name__}")
     if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
         raise ValueError(
-            "topk_attention: query, key and value must be [B, N, heads, D], got shapes "
+            f"{fn}: query, key and value must be [B, N, heads, D], got shapes "
             f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}"
         )
     if query.shape[0] != key.shape[0] or query.shape[2] != key.shape[2] or query.shape[3] != key.shape[3]:
         raise ValueError(
-            f"topk_attention: query {tuple(query.shape)} and key {tuple(key.shape)} must agree in batch, heads "
-            "and head dim"
+            f"{fn}: query {tuple(query.shape)} and key {tuple(key.shape)} must agree in batch, heads and head dim"
         )
     if key.shape[:3] != value.shape[:3]:
         raise ValueError(
-            f"topk_attention: key {tuple(key.shape)} and value {tuple(value.shape)} must agree in batch, length "
-            "and heads"
+            f"{fn}: key {tuple(key.shape)} and value {tuple(value.shape)} must agree in batch, length and heads"
         )
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if t.numel() == 0:
+            raise ValueError(f"{fn}: {name} is empty (shape {tuple(t.shape)})")
+    if not (query.dtype == key.dtype == value.dtype):
+        raise ValueError(f"{fn}: query, key and value dtypes differ ({query.dtype}, {key.dtype}, {value.dtype})")
+    if not query.is_floating_point():
+        raise ValueError(f"{fn}: query must be a floating-point tensor, got {query.dtype}")
+    if not (query.device == key.device == value.device):
+        raise ValueError(f"{fn}: query, key and value are on different devices")
     num_keys = key.shape[1]
+    if not top_ks:
+        raise ValueError(f"{fn}: top_k must be an int or a non-empty sequence of ints")
     for k in top_ks:
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_keys:
-            raise ValueError(f"topk_attention: top_k must be integers in [1, {num_keys}] (the key count), got {k!r}")
+            raise ValueError(f"{fn}: top_k must be integers in [1, {num_keys}] (the key count), got {k!r}")
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            raise ValueError(f"{fn}: scale must be a finite number or None, got {scale!r}")
 
 
 def _threshold_keep_mask(scores: torch.Tensor, threshold: torch.Tensor, runner_up: torch.Tensor | None,
@@ -159,11 +185,15 @@ def topk_attention(
     key: torch.Tensor,
     value: torch.Tensor,
     top_k: int | Sequence[int],
+    *,
     mix: torch.Tensor | None = None,
     scale: float | None = None,
     chunk_size: int | None = None,
+    backend: str = "auto",
 ) -> torch.Tensor:
-    """Top-K sparse softmax attention, chunked over the queries (forward and backward).
+    """Top-K sparse softmax attention, forward and backward without ``N x N`` memory.
+
+    Positional: ``query, key, value, top_k``; everything else is keyword-only.
 
     Args:
         query: ``[B, Nq, heads, D]``; key: ``[B, Nk, heads, D]``; value: ``[B, Nk, heads, Dv]``.
@@ -172,26 +202,57 @@ def topk_attention(
         mix: ``[B, R]`` weights of the ``R`` maps per batch element (differentiable); the mean when omitted.
             Only with a sequence ``top_k``.
         scale: score scale; ``D ** -0.5`` by default.
-        chunk_size: queries per chunk; by default as many as keep a chunk's scores under
-            ``DEFAULT_CHUNK_SCORES`` elements.
+        chunk_size: queries per chunk of the ``'torch'`` backend; by default as many as keep a chunk's
+            scores under ``DEFAULT_CHUNK_SCORES`` elements.
+        backend: ``'auto'``, ``'reference'`` (dense masked scores, autograd), ``'torch'`` (chunked, the
+            default off-GPU) or ``'triton'`` (fused kernel, up to ``TRITON_MAX_KEYS`` (4096)
+            keys; ``'auto'`` uses it for CUDA tensors within that limit). See :mod:`visionattn.kernels.backends`.
     Returns:
         ``[B, Nq, heads, Dv]``: ``sum_r mix[:, r] * softmax_topK_r(q k^T * scale) V``. Ties at the ``K``-th
         score keep the lower key index (see the module docstring).
     """
-    single = not isinstance(top_k, Sequence)
+    check_backend("topk_attention", backend)
+    single = isinstance(top_k, int) or not isinstance(top_k, Sequence)
     top_ks = (top_k,) if single else tuple(top_k)
-    _check_args(query, key, value, top_ks)
+    _check_args(query, key, value, top_ks, scale)
     B = query.shape[0]
     if mix is None:
         mix = query.new_full((B, len(top_ks)), 1.0 / len(top_ks))
     elif single:
         raise ValueError("topk_attention: mix needs a sequence of top_k values")
-    elif tuple(mix.shape) != (B, len(top_ks)):
-        raise ValueError(f"topk_attention: mix must be [B, len(top_k)] = {(B, len(top_ks))}, got {tuple(mix.shape)}")
+    elif not isinstance(mix, torch.Tensor) or tuple(mix.shape) != (B, len(top_ks)):
+        got = tuple(mix.shape) if isinstance(mix, torch.Tensor) else type(mix).__name__
+        raise ValueError(f"topk_attention: mix must be [B, len(top_k)] = {(B, len(top_ks))}, got {got}")
+    elif not mix.is_floating_point() or mix.device != query.device:
+        raise ValueError(f"topk_attention: mix must be a floating-point tensor on {query.device}, "
+                         f"got {mix.dtype} on {mix.device}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"topk_attention: chunk_size must be an int >= 1 or None, got {chunk_size!r}")
     scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
+    backend = _resolve_topk_backend(backend, query, key.shape[1])
+    mix = mix.to(query.dtype)
+    if backend == "reference":
+        return sum(mix[:, r, None, None, None] * _dense_topk(query, key, value, k, scale) for r, k in enumerate(top_ks))
     q, k, v = (t.transpose(1, 2).contiguous() for t in (query, key, value))
-    out = _TopKAttention.apply(q, k, v, mix.to(query.dtype).contiguous(), top_ks, scale, chunk_size)
+    if backend == "triton":
+        from visionattn.kernels.triton_topk import triton_topk_attention
+
+        out = triton_topk_attention(q, k, v, mix.contiguous(), top_ks, scale)
+    else:
+        out = _TopKAttention.apply(q, k, v, mix.contiguous(), top_ks, scale, chunk_size)
     return out.transpose(1, 2)
+
+
+def _resolve_topk_backend(backend: str, query: torch.Tensor, num_keys: int) -> str:
+    """The vocabulary's resolution plus the Triton kernel's key limit (it holds each query's whole score
+    row on chip): ``'auto'`` takes ``'torch'`` beyond ``TRITON_MAX_KEYS``, an explicit ``'triton'`` is refused."""
+    if backend == "auto" and num_keys > TRITON_MAX_KEYS:
+        return "torch"
+    resolved = resolve_backend("topk_attention", backend, query)
+    if resolved == "triton" and num_keys > TRITON_MAX_KEYS:
+        raise ValueError(f"topk_attention: backend 'triton' handles up to {TRITON_MAX_KEYS} keys, got {num_keys}; "
+                         "use 'torch' (chunked, any length) or 'auto'")
+    return resolved
 
 
 def topk_keep_mask(scores: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -202,14 +263,19 @@ def topk_keep_mask(scores: torch.Tensor, top_k: int) -> torch.Tensor:
     return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, order[..., :top_k], True)
 
 
-def topk_attention_reference(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, top_k: int, scale: float | None = None
-) -> torch.Tensor:
-    """Dense top-K attention, the oracle for :func:`topk_attention`: full ``[Nq, Nk]`` scores per head,
-    all but the top ``K`` per row set to ``-inf``, softmax, times ``V``. Same shapes and tie rule."""
-    _check_args(query, key, value, (top_k,))
-    scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
+def _dense_topk(query, key, value, top_k: int, scale: float) -> torch.Tensor:
     scores = torch.einsum("bqhd,bkhd->bhqk", query, key) * scale
     keep = topk_keep_mask(scores.detach(), top_k)
     weights = torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1)
     return torch.einsum("bhqk,bkhd->bqhd", weights, value)
+
+
+def topk_attention_reference(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, top_k: int, *, scale: float | None = None
+) -> torch.Tensor:
+    """Dense top-K attention, the oracle for :func:`topk_attention`: full ``[Nq, Nk]`` scores per head,
+    all but the top ``K`` per row set to ``-inf``, softmax, times ``V``. Same shapes and tie rule; one
+    ``top_k`` (``topk_attention(..., backend='reference')`` mixes several)."""
+    _check_args(query, key, value, (top_k,), scale, fn="topk_attention_reference")
+    scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
+    return _dense_topk(query, key, value, top_k, scale)

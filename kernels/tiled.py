@@ -1,4 +1,4 @@
-"""Tiled neighborhood attention in plain PyTorch: the fast CPU path (it also runs on any other device).
+"""Tiled neighborhood attention in plain PyTorch: the ``'torch'`` backend (any device; what ``'auto'`` picks off-GPU).
 
 Queries are cut into tiles (per axis, within one dilation group); each tile attends to the union of its
 queries' windows (the "halo"), a small dense block, with the exact window mask applied inside it. Tiles
@@ -16,7 +16,7 @@ from functools import lru_cache
 
 import torch
 
-from visionattn.kernels.semantics import group_length, window_bounds
+from visionattn.kernels.semantics import NAParams, group_length, window_bounds
 
 # elements of one chunk's score block [B, tiles, heads, Tq, Hk]; bounds memory, keeps matmuls large
 CHUNK_ELEMENTS = 1 << 23
@@ -92,8 +92,9 @@ def _tiles_on(device, key) -> AxisTiles:
 class _Problem:
     """The per-axis tiles of one call and, per chunk of N-D tiles, the flat index tensors and masks."""
 
-    def __init__(self, spatial, kernel_size, dilation, stride, is_causal, device, tile=None):
+    def __init__(self, spatial, params: NAParams, device, tile=None):
         n = len(spatial)
+        kernel_size, stride, dilation, is_causal = params.kernel_size, params.stride, params.dilation, params.is_causal
         tile = tile or DEFAULT_TILE[n]
         self.n = n
         self.spatial = tuple(spatial)
@@ -170,13 +171,13 @@ class _Problem:
 _problems: dict = {}
 
 
-def _problem(spatial, kernel_size, dilation, stride, is_causal, device, tile=None) -> _Problem:
+def _problem(spatial, params: NAParams, device, tile=None) -> _Problem:
     """Cached :class:`_Problem` (a layer calls with the same shape every step)."""
-    key = (tuple(spatial), tuple(kernel_size), tuple(dilation), tuple(stride), tuple(is_causal), str(device), tile)
+    key = (tuple(spatial), params.kernel_size, params.stride, params.dilation, params.is_causal, str(device), tile)
     if key not in _problems:
         if len(_problems) >= 8:
             _problems.pop(next(iter(_problems)))
-        _problems[key] = _Problem(spatial, kernel_size, dilation, stride, is_causal, device, tile)
+        _problems[key] = _Problem(spatial, params, device, tile)
     return _problems[key]
 
 
@@ -217,13 +218,14 @@ def _gather_tiles_heads(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return t.reshape(C, B * h, T, D)
 
 
-def tiled_forward(q, k, v, rpb, decay, kernel_size, dilation, stride, is_causal, scale, sigmoid, tile=None):
+def tiled_forward(q, k, v, rpb, decay, params: NAParams, tile=None):
     """Forward. ``q, k [B, *spatial, h, D]``, ``v [B, *spatial, h, Dv]`` -> ``(out, lse [B, *spatial, h])``;
     ``lse`` is fp32 (fp64 for fp64 inputs; zeros for sigmoid scores). ``decay`` (sigmoid only) multiplies
-    the weights, indexed like ``rpb``."""
+    the weights, indexed like ``rpb``. Windows, scale and score come from ``params``."""
     B, *spatial, h, D = q.shape
     Dv = v.shape[-1]
-    prob = _problem(spatial, kernel_size, dilation, stride, is_causal, q.device, tile)
+    scale, sigmoid = params.scale, params.sigmoid
+    prob = _problem(spatial, params, q.device, tile)
     N = prob.N
     compute = _compute_dtype(q.dtype)
     qf, kf, vf = q.reshape(B, N, h, D), k.reshape(B, N, h, D), v.reshape(B, N, h, Dv)
@@ -266,13 +268,14 @@ def tiled_forward(q, k, v, rpb, decay, kernel_size, dilation, stride, is_causal,
     return out, lse[:, :N].contiguous().reshape(B, *spatial, h)
 
 
-def tiled_backward(dout, dlse, q, k, v, rpb, decay, out, lse, kernel_size, dilation, stride, is_causal, scale, sigmoid, tile=None):
+def tiled_backward(dout, dlse, q, k, v, rpb, decay, out, lse, params: NAParams, tile=None):
     """Gradients ``(dq, dk, dv, drpb)`` (``drpb`` None without ``rpb``) from the output gradient ``dout``
     and, optionally, a gradient ``dlse`` of the returned log-sum-exp (softmax; d lse / d s = p). Scores are
     recomputed per chunk from the saved log-sum-exp; only one chunk's score block exists at a time."""
     B, *spatial, h, D = q.shape
     Dv = v.shape[-1]
-    prob = _problem(spatial, kernel_size, dilation, stride, is_causal, q.device, tile)
+    scale, sigmoid = params.scale, params.sigmoid
+    prob = _problem(spatial, params, q.device, tile)
     N = prob.N
     compute = _compute_dtype(q.dtype)
     qf, kf, vf = q.reshape(B, N, h, D), k.reshape(B, N, h, D), v.reshape(B, N, h, Dv)

@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from visionattn.kernels.semantics import NAParams
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -239,22 +241,23 @@ def _as3(x: torch.Tensor) -> torch.Tensor:
     return x.view(B, *_lift3(spatial, 1), h, D)
 
 
-def _common(q, kernel_size, dilation, stride, is_causal):
+def _common(q, params: NAParams):
     n = q.dim() - 3
     L = _lift3(q.shape[1:1 + n], 1)
-    ks = _lift3(kernel_size, 1)
-    dil = _lift3(dilation, 1)
-    st = _lift3(stride, 1)
-    causal = _lift3(is_causal, False)
+    ks = _lift3(params.kernel_size, 1)
+    dil = _lift3(params.dilation, 1)
+    st = _lift3(params.stride, 1)
+    causal = _lift3(params.is_causal, False)
     Lg2_max = math.ceil(L[2] / dil[2])
     return L, ks, dil, st, causal, Lg2_max
 
 
-def triton_forward(q, k, v, rpb, decay, kernel_size, dilation, stride, is_causal, scale, sigmoid):
+def triton_forward(q, k, v, rpb, decay, params: NAParams):
     """Fused forward; same contract as :func:`visionattn.kernels.tiled.tiled_forward`."""
     B, *spatial, h, D = q.shape
     Dv = v.shape[-1]
-    L, ks, dil, st, causal, Lg2_max = _common(q, kernel_size, dilation, stride, is_causal)
+    scale, sigmoid = params.scale, params.sigmoid
+    L, ks, dil, st, causal, Lg2_max = _common(q, params)
     BLOCK_Q, BLOCK_KV, BLOCK_D, BLOCK_DV = _blocks(D, Dv)
     q3, k3, v3 = _as3(q.contiguous()), _as3(k.contiguous()), _as3(v.contiguous())
     out = torch.empty_like(v3)
@@ -278,11 +281,12 @@ def triton_forward(q, k, v, rpb, decay, kernel_size, dilation, stride, is_causal
     return out.view(*q.shape[:-1], Dv), lse.view(q.shape[:-1])
 
 
-def triton_backward(dout, dlse, q, k, v, rpb, decay, out, lse, kernel_size, dilation, stride, is_causal, scale, sigmoid):
+def triton_backward(dout, dlse, q, k, v, rpb, decay, out, lse, params: NAParams):
     """Fused backward; same contract as :func:`visionattn.kernels.tiled.tiled_backward`."""
     B, *spatial, h, D = q.shape
     Dv = v.shape[-1]
-    L, ks, dil, st, causal, Lg2_max = _common(q, kernel_size, dilation, stride, is_causal)
+    scale, sigmoid = params.scale, params.sigmoid
+    L, ks, dil, st, causal, Lg2_max = _common(q, params)
     BLOCK_Q, BLOCK_KV, BLOCK_D, BLOCK_DV = _blocks(D, Dv)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     q3, k3, v3 = (_as3(x.contiguous().to(acc)) for x in (q, k, v))

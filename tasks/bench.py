@@ -305,21 +305,22 @@ def bench_kernels(
     backward). The ratio columns are ``alternative time / visionattn time``: above 1 means we are faster.
     Also checks that every alternative's output matches ours. Returns the printed text and the rows.
     """
+    from visionattn.errors import InvalidInputError
     from visionattn.kernels import na1d, na2d, na3d, triton_available
 
     if threads:
         torch.set_num_threads(threads)
     if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked for, but no CUDA device is available")
+        raise InvalidInputError("--device cuda asked for, but no CUDA device is available")
     fns = {1: na1d, 2: na2d, 3: na3d}
-    ours_backends = ["cpu"] if device == "cpu" else (["triton", "cpu"] if triton_available() else ["cpu"])
+    ours_backends = ["torch"] if device == "cpu" else (["triton", "torch"] if triton_available() else ["torch"])
     problems = problems or DEFAULT_KERNEL_PROBLEMS
     ceiling = matmul_gflops(device)
     lines = [f"device {device}, {torch.get_num_threads()} threads; fp32 matmul ceiling {ceiling:.0f} GFLOP/s"]
     rows: list[dict] = []
     for pname in problems:
         if pname not in KERNEL_PROBLEMS:
-            raise ValueError(f"unknown problem {pname!r}; choose from {', '.join(KERNEL_PROBLEMS)}")
+            raise InvalidInputError(f"unknown problem {pname!r}; choose from {', '.join(KERNEL_PROBLEMS)}")
         spatial, K = KERNEL_PROBLEMS[pname]
         n = len(spatial)
         N = math.prod(spatial)

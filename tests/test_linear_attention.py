@@ -8,7 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from visionattn.kernels import linear_attention, linear_attention_reference
 from visionattn.kernels.linear_attention import _torch_backward, _torch_forward
-from visionattn.kernels.neighborhood import triton_available
+from visionattn.kernels import triton_available
 from visionattn.tasks.bench import PeakTensorMemory
 
 # B, N, heads, d, dv: tails after the 16-token interpreter tiles and the 16-token torch chunks
@@ -99,11 +99,13 @@ def test_argument_checks():
     q, k, v, q_rot, _ = (t.detach() for t in _inputs(1, 8, 2, 4, 4))
     with pytest.raises(ValueError, match="backend must be one of"):
         linear_attention(q, k, v, backend="cuda")
+    with pytest.raises(ValueError, match="q_rot and k_rot together"):
+        linear_attention(q, k, v, q_rot)
     with pytest.raises(ValueError, match=r"k must have q's shape"):
         linear_attention(q, k[:, :4], v)
     with pytest.raises(ValueError, match=r"v must be \[B, N, heads, dv\]"):
         linear_attention(q, k, v[:, :, :1])
     with pytest.raises(ValueError, match="q_rot is torch.float64"):
-        linear_attention(q, k, v, q_rot.double())
+        linear_attention(q, k, v, q_rot.double(), q_rot.double())
     with pytest.raises(ValueError, match=r"q must be \[B, N, heads, d\]"):
         linear_attention(q[0], k[0], v[0])

@@ -56,7 +56,7 @@ def _run(case, backend, score, dtype, rpb=True, batch=2):
     device = TRITON_DEVICE if backend == "triton" else "cpu"
     q, kk, v, bias, dout = _inputs(case, dtype, rpb, batch, device=device)
     fn = FNS[len(spatial)]
-    res = fn(q, kk, v, k, dilation=d, stride=s, is_causal=c, rpb=bias, score=score, backend=backend,
+    res = fn(q, kk, v, k, stride=s, dilation=d, is_causal=c, rpb=bias, score=score, backend=backend,
              return_lse=score == "softmax")
     out, lse = res if score == "softmax" else (res, None)
     inputs = [q, kk, v] + ([bias] if rpb else [])
@@ -77,24 +77,24 @@ def _compare(case, backend, score, dtype, atol_fwd, atol_bwd, rpb=True, batch=2)
 
 @pytest.mark.parametrize("score", ["softmax", "sigmoid"])
 @pytest.mark.parametrize("case", CASES, ids=_ids)
-def test_cpu_backend_fp32(case, score):
+def test_torch_backend_fp32(case, score):
     # NATTEN's fp32 tolerances: forward 1e-4, backward 1e-4 (dq 1e-2 there; we hold dq to 1e-4 too)
-    _compare(case, "cpu", score, torch.float32, 1e-4, 1e-4)
+    _compare(case, "torch", score, torch.float32, 1e-4, 1e-4)
 
 
 @pytest.mark.parametrize("case", CASES[:2] + CASES[7:9] + CASES[13:14], ids=_ids)
-def test_cpu_backend_without_rpb_batch1(case):
-    _compare(case, "cpu", "softmax", torch.float32, 1e-4, 1e-4, rpb=False, batch=1)
+def test_torch_backend_without_rpb_batch1(case):
+    _compare(case, "torch", "softmax", torch.float32, 1e-4, 1e-4, rpb=False, batch=1)
 
 
 @pytest.mark.parametrize("dtype,atol_fwd,atol_bwd", [(torch.float16, 1e-2, 1e-2), (torch.bfloat16, 5e-2, 5e-2)])
 @pytest.mark.parametrize("case", [CASES[1], CASES[8], CASES[13]], ids=_ids)
-def test_cpu_backend_half_precision(case, dtype, atol_fwd, atol_bwd):
-    _compare(case, "cpu", "softmax", dtype, atol_fwd, atol_bwd)
+def test_torch_backend_half_precision(case, dtype, atol_fwd, atol_bwd):
+    _compare(case, "torch", "softmax", dtype, atol_fwd, atol_bwd)
 
 
-def test_cpu_backend_float64_is_exact():
-    _compare(CASES[10], "cpu", "softmax", torch.float64, 1e-12, 1e-12)
+def test_torch_backend_float64_is_exact():
+    _compare(CASES[10], "torch", "softmax", torch.float64, 1e-12, 1e-12)
 
 
 TRITON_CASES = [CASES[0], CASES[3], CASES[5], CASES[7], CASES[9], CASES[10], CASES[13]]
@@ -122,7 +122,7 @@ def test_attn_bias_fn_manhattan_decay():
     def decay(offsets):
         return -gamma[:, None, None] * (offsets[0].abs() + offsets[1].abs())
 
-    out = na2d(q, k, v, 5, dilation=(1, 2), attn_bias_fn=decay, backend="cpu")
+    out = na2d(q, k, v, 5, dilation=(1, 2), attn_bias_fn=decay, backend="torch")
     dy = torch.arange(-4, 5).abs()[:, None]
     dx = (torch.arange(-4, 5) * 2).abs()[None, :]
     table = -gamma.detach()[:, None, None] * (dy + dx)
@@ -133,12 +133,17 @@ def test_attn_bias_fn_manhattan_decay():
 
 def test_custom_ops_pass_opcheck():
     from visionattn.kernels.neighborhood import _na_forward_op
+    from visionattn.kernels.semantics import na_params
 
     q, k, v = (torch.randn(1, 7, 6, 2, 8, requires_grad=True) for _ in range(3))
     rpb = torch.randn(2, 5, 5, requires_grad=True)
-    torch.library.opcheck(_na_forward_op, (q, k, v, rpb, None, [3, 3], [1, 2], [1, 1], [False, True], 0.35, False, "cpu"))
+    # the primitive arguments NAParams.op_args() builds: kernel_size, stride, dilation, is_causal, scale, sigmoid, backend
+    params = na_params(2, q, k, v, 3, dilation=(1, 2), is_causal=(False, True), scale=0.35, rpb=rpb, backend="torch")
+    assert params.op_args() == ([3, 3], [1, 1], [1, 2], [False, True], 0.35, False, "torch")
+    torch.library.opcheck(_na_forward_op, (q, k, v, rpb, None, *params.op_args()))
     decay = torch.rand(2, 5, 5)
-    torch.library.opcheck(_na_forward_op, (q, k, v, rpb, decay, [3, 3], [1, 1], [1, 1], [False, False], 0.35, True, "cpu"))
+    op_args = ([3, 3], [1, 1], [1, 1], [False, False], 0.35, True, "torch")
+    torch.library.opcheck(_na_forward_op, (q, k, v, rpb, decay, *op_args))
 
 
 def test_torch_compile_has_no_graph_break():
@@ -159,14 +164,14 @@ def test_modules_match_reference_backend(cls, shape):
     torch.manual_seed(0)
     layer = cls(16, 2, 3, rel_pos_bias=True)
     x = torch.randn(shape)
-    ref = cls(16, 2, 3, rel_pos_bias=True, backend="reference")
+    ref = cls(16, 2, 3, rel_pos_bias=True, attention_backend="reference")
     ref.load_state_dict(layer.state_dict())
     torch.testing.assert_close(layer(x), ref(x), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="expects"):
         layer(torch.randn(shape[1:]))
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("case", [CASES[3], CASES[10], CASES[13]], ids=_ids)
 def test_sigmoid_with_multiplicative_decay(case, backend):
     """score_decay multiplies each sigmoid weight by a per-head, per-offset factor (a post-activation decay)."""
@@ -180,7 +185,7 @@ def test_sigmoid_with_multiplicative_decay(case, backend):
     for be, dtype in (("reference", torch.float64), (backend, torch.float32)):
         device = TRITON_DEVICE if be == "triton" else "cpu"
         q, kk, v, bias, dout = _inputs(case, dtype, batch=1, device=device)
-        out = fn(q, kk, v, k, dilation=d, stride=s, is_causal=c, rpb=bias, score="sigmoid", backend=be,
+        out = fn(q, kk, v, k, stride=s, dilation=d, is_causal=c, rpb=bias, score="sigmoid", backend=be,
                  score_decay=decay.to(device=device, dtype=dtype))
         grads = torch.autograd.grad(out, [q, kk, v, bias], dout)
         results.append([out] + list(grads))
@@ -196,7 +201,7 @@ def test_score_decay_arguments_are_checked():
         na1d(q, q, q, 3, score="sigmoid", score_decay=torch.ones(2, 4))
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_value_head_dim_may_differ(backend):
     if backend == "triton" and not triton_available():
         pytest.skip("needs CUDA or TRITON_INTERPRET=1 and triton")
@@ -216,5 +221,5 @@ def test_flop_counter_counts_the_op():
     q = torch.randn(2, 10, 12, 3, 16)
     v = torch.randn(2, 10, 12, 3, 8)
     with FlopCounterMode(display=False) as counter:
-        na2d(q, q, v, (3, 5), backend="cpu")
+        na2d(q, q, v, (3, 5), backend="torch")
     assert counter.get_total_flops() == 2 * 2 * 3 * 120 * 15 * (16 + 8)

@@ -63,12 +63,12 @@ def test_kernel_equal_to_extent_is_self_attention(causal):
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 12, 3, 8) for _ in range(3))
     ref = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), is_causal=causal).transpose(1, 2)
-    for backend in ("reference", "cpu"):
+    for backend in ("reference", "torch"):
         torch.testing.assert_close(na1d(q, k, v, 12, is_causal=causal, backend=backend), ref, rtol=1e-5, atol=1e-5)
     q2, k2, v2 = (torch.randn(1, 4, 5, 2, 8) for _ in range(3))
     flat = [t.reshape(1, 20, 2, 8).transpose(1, 2) for t in (q2, k2, v2)]
     ref2 = F.scaled_dot_product_attention(*flat).transpose(1, 2).reshape(1, 4, 5, 2, 8)
-    torch.testing.assert_close(na2d(q2, k2, v2, (4, 5), backend="cpu"), ref2, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(na2d(q2, k2, v2, (4, 5), backend="torch"), ref2, rtol=1e-5, atol=1e-5)
 
 
 def test_reference_against_a_per_query_loop():
@@ -76,7 +76,7 @@ def test_reference_against_a_per_query_loop():
     torch.manual_seed(0)
     H, W, K = 5, 6, 3
     q, k, v = (torch.randn(1, H, W, 1, 4, dtype=torch.float64) for _ in range(3))
-    out, _ = na_reference(q, k, v, (K, K), (1, 1), (1, 1), (False, False))
+    out, _ = na_reference(q, k, v, K)
     rows, cols = keys_of(H, K), keys_of(W, K)
     for i in range(H):
         for j in range(W):
@@ -104,7 +104,12 @@ def _qkv(shape):
     (lambda: na1d(*_qkv((1, 9, 2, 8)), 3, score="relu"), "score must be"),
     (lambda: na1d(*_qkv((1, 9, 2, 8)), 3, score="sigmoid", return_lse=True), "return_lse"),
     (lambda: na1d(*_qkv((1, 9, 2, 8)), 3, is_causal=1), "is_causal must be bool"),
-    (lambda: na1d(*_qkv((1, 9, 2, 8)), 3, backend="cuda"), "backend must be one of"),
+    (lambda: na1d(*_qkv((1, 9, 2, 8)), 3, backend="cuda"),
+     "backend must be one of 'auto', 'reference', 'torch', 'triton', got 'cuda'"),
+    (lambda: na1d(*_qkv((1, 9, 2, 8)), 3, backend="cpu"), "backend 'cpu' is now called 'torch'"),
+    (lambda: na1d(*_qkv((1, 9, 2, 8)), 3, scale="0.5"), "scale must be a finite number"),
+    (lambda: na1d(*_qkv((1, 9, 2, 8)), 3, rpb=torch.zeros(2, 5, dtype=torch.long)), "rpb must be a floating-point"),
+    (lambda: na2d(*_qkv((1, 9, 9, 2, 8)), 3, dilation=(1, 2, 1)), "dilation must be a int or a tuple of 2"),
     (lambda: na3d(*_qkv((1, 4, 4, 4, 2, 8)), 3, attn_bias_fn=lambda o: torch.zeros(3)), "attn_bias_fn must return"),
 ])
 def test_bad_arguments_raise_value_error(call, match):

@@ -1,10 +1,10 @@
-"""Top-K sparse attention: the chunked op against its dense masked reference (outputs and every gradient),
-the tie rule, the limits K = 1 and K = N, and argument checks."""
+"""Top-K sparse attention: the chunked op and the Triton kernel against the dense masked reference (outputs
+and every gradient), the tie rule, the limits K = 1 and K = N, and argument checks."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from visionattn.kernels import topk_attention, topk_attention_reference
+from visionattn.kernels import topk_attention, topk_attention_reference, triton_available
 from visionattn.kernels.sparse_attention import topk_keep_mask
 
 
@@ -144,3 +144,72 @@ def test_threshold_mask_matches_stable_sort_mask_with_many_ties():
         runner_up = largest[..., top_k:top_k + 1] if top_k < 17 else None
         mask = _threshold_keep_mask(scores, largest[..., top_k - 1:top_k], runner_up, top_k)
         assert torch.equal(mask, topk_keep_mask(scores, top_k))
+
+
+# ------------------------------------------------------------------------------------ the Triton kernel
+# (CUDA on a GPU machine; TRITON_INTERPRET=1 on CPU tensors elsewhere)
+
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_triton = pytest.mark.skipif(not triton_available(), reason="needs CUDA or TRITON_INTERPRET=1 and triton")
+
+
+def _on(device, *tensors):
+    return [t.detach().to(device).requires_grad_() for t in tensors]
+
+
+@needs_triton
+@pytest.mark.parametrize("top_k", [1, 5, 23, (11, 15, 17, 19)], ids=str)
+def test_triton_matches_dense_reference_forward_and_backward(top_k):
+    q, k, v = qkv()
+    mix = None
+    if isinstance(top_k, tuple):
+        mix = torch.softmax(torch.randn(q.shape[0], len(top_k), dtype=q.dtype), -1).requires_grad_()
+    inputs = [q, k, v] + ([mix] if mix is not None else [])
+    ref = topk_attention(*inputs[:3], list(top_k) if mix is not None else top_k, mix=mix, backend="reference")
+    dev = _on(TRITON_DEVICE, *inputs)
+    out = topk_attention(*dev[:3], list(top_k) if mix is not None else top_k, mix=dev[3] if mix is not None else None,
+                         backend="triton")
+    torch.testing.assert_close(out.cpu(), ref)
+    for got, want in zip(grads(out, dev), grads(ref, inputs)):
+        torch.testing.assert_close(got.cpu(), want)
+
+
+@needs_triton
+def test_triton_ties_agree_with_reference_on_duplicated_keys():
+    g = torch.Generator().manual_seed(3)
+    q = torch.randint(-2, 3, (2, 9, 2, 4), generator=g).double()
+    q[:, :4] = -q[:, :4].abs()
+    k = torch.randint(-2, 3, (2, 5, 2, 4), generator=g).double().repeat(1, 3, 1, 1)
+    k[:, 0] = 0.0  # many exact-zero scores: ties at zero, keys of either sign around them
+    v = torch.randn(2, 15, 2, 3, generator=g, dtype=torch.float64)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    for top_k in (2, 4, 7):
+        ref = topk_attention_reference(q, k, v, top_k)
+        dev = _on(TRITON_DEVICE, q, k, v)
+        out = topk_attention(*dev, top_k, backend="triton")
+        torch.testing.assert_close(out.cpu(), ref)
+        for got, want in zip(grads(out, dev), grads(ref, (q, k, v))):
+            torch.testing.assert_close(got.cpu(), want)
+
+
+@needs_triton
+def test_triton_float32_cross_attention_and_scale():
+    q, k, v = qkv(batch=1, nq=40, nk=33, heads=2, dim=16, dim_v=8, dtype=torch.float32)
+    ref = topk_attention_reference(q, k, v, 20, scale=0.3)
+    dev = _on(TRITON_DEVICE, q, k, v)
+    out = topk_attention(*dev, 20, scale=0.3, backend="triton")
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.cpu(), ref, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads(out, dev), grads(ref, (q, k, v))):
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)
+
+
+@needs_triton
+def test_triton_key_limit_is_explicit_and_auto_falls_back():
+    from visionattn.kernels.sparse_attention import TRITON_MAX_KEYS
+
+    q = torch.randn(1, 2, 1, 2, device=TRITON_DEVICE)
+    k = torch.randn(1, TRITON_MAX_KEYS + 1, 1, 2, device=TRITON_DEVICE)
+    with pytest.raises(ValueError, match=f"handles up to {TRITON_MAX_KEYS} keys"):
+        topk_attention(q, k, k, 3, backend="triton")
+    torch.testing.assert_close(topk_attention(q, k, k, 3), topk_attention(q, k, k, 3, backend="torch"))

@@ -39,7 +39,7 @@ from timm.models._features import feature_take_indices
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from visionattn.kernels import na2d
+from visionattn.kernels import check_backend, na2d
 from visionattn.layers.classifier import ClassifierMixin
 from visionattn.registry import register_model
 
@@ -82,12 +82,13 @@ class WindowedRetention(nn.Module):
         out_norm: SWAT's output normalisation: ``'group'`` (GroupNorm over heads, [guess]), ``'rowsum'``
             (divide by each query's total weight) or ``'none'``.
         rope: rotate q and k as RMT does ([guess]).
-        backend: neighborhood-attention backend.
+        attention_backend: neighborhood-attention kernel backend (``'auto'``, ``'reference'``, ``'torch'``,
+            ``'triton'``; :mod:`visionattn.kernels.backends`).
     """
 
     def __init__(self, dim: int, num_heads: int, variant: str = "retention", window_size: int = 7, shift: bool = False,
                  init_value: float = 2.0, heads_range: float = 4.0, out_norm: str = "group", rope: bool = True,
-                 side_dwconv: int = 5, backend: str = "auto"):
+                 side_dwconv: int = 5, attention_backend: str = "auto"):
         super().__init__()
         if variant not in ("retention", "swat"):
             raise ValueError(f"variant must be 'retention' or 'swat', got {variant!r}")
@@ -97,7 +98,7 @@ class WindowedRetention(nn.Module):
             raise ValueError(f"dim {dim} must split into {num_heads} heads of an even width")
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
         self.variant, self.window_size, self.shift, self.out_norm = variant, window_size, shift, out_norm
-        self.rope, self.backend = rope, backend
+        self.rope, self.attention_backend = rope, check_backend("WindowedRetention", attention_backend)
         self.scale = self.head_dim ** -0.5
         self.q = nn.Linear(dim, dim)
         self.k = nn.Linear(dim, dim)
@@ -163,7 +164,7 @@ class WindowedRetention(nn.Module):
         for axis, kernel in ((1, (1, M)), (0, (M, 1))):  # width pass, then height pass on its output
             bias, decay = self._pass_tables(M, axis, x.dtype, x.device)
             out = na2d(q, k, out, kernel, stride=kernel, rpb=bias, scale=self.scale, score=score,
-                       score_decay=decay, backend=self.backend)
+                       score_decay=decay, backend=self.attention_backend)
         out = out[:, top:top + H, top:top + W]
         if self.variant == "swat" and self.out_norm == "rowsum":
             out = out[..., :hd] / out[..., hd:].clamp_min(1e-6)
@@ -224,6 +225,8 @@ class GatedSwinRMT(ClassifierMixin, nn.Module):
         window_size: window side (7 at 224x224). mlp_ratio: FFN expansion.
         init_value, heads_range: decay rates per stage follow RMT (heads_range 4, 4, 6, 6 by default).
         head_dim_proj: width of the projection before pooling (RMT: 1024).
+        attention_backend: kernel backend of the windowed retention (``'auto'``, ``'reference'``, ``'torch'``,
+            ``'triton'``).
 
     Shapes: ``forward`` ``[B, in_chans, H, W] -> [B, num_classes]``; ``forward_features``
     ``-> [B, C4, H/32, W/32]``.
@@ -250,7 +253,7 @@ class GatedSwinRMT(ClassifierMixin, nn.Module):
         head_dim_proj: int = 1024,
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
-        backend: str = "auto",
+        attention_backend: str = "auto",
     ):
         super().__init__()
         self._check_pool(global_pool)
@@ -279,7 +282,7 @@ class GatedSwinRMT(ClassifierMixin, nn.Module):
             stages.append(nn.ModuleList(
                 Block(embed_dims[i], num_heads[i], mlp_ratio, dpr[start + j], variant=mixer, window_size=window_size,
                       shift=bool(j % 2), init_value=init_value, heads_range=heads_ranges[i], out_norm=out_norm,
-                      rope=rope, backend=backend)
+                      rope=rope, attention_backend=attention_backend)
                 for j in range(depths[i])
             ))
             start += depths[i]

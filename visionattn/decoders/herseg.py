@@ -57,6 +57,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, LayerNorm2d, Mlp
 from torch import nn
 
+from visionattn.kernels.backends import check_backend
 from visionattn.kernels.linear_attention import linear_attention
 from visionattn.layers.classifier import init_vit_weights
 from visionattn.registry import register_model
@@ -131,7 +132,8 @@ class DualGatedLinearAttention(nn.Module):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"DLA: num_heads={num_heads} must divide dim={dim}")
-        self.num_heads, self.attention_backend, self.eps = num_heads, attention_backend, eps
+        self.num_heads, self.eps = num_heads, eps
+        self.attention_backend = check_backend("DualGatedLinearAttention", attention_backend)
         self.gate = nn.Linear(dim, dim)
         self.qk = nn.Linear(dim, 2 * dim)
         self.v_down = nn.Linear(dim, dim // 4)

@@ -1,5 +1,9 @@
 """Neighborhood-attention modules wrapping :mod:`visionattn.kernels` (qkv projection, heads, optional
-relative positional bias, output projection). Channels-last input ``[B, *spatial, dim]``, as NATTEN."""
+relative positional bias, output projection). Channels-last input ``[B, *spatial, dim]``, as NATTEN.
+
+``NeighborhoodAttention2d(dim, num_heads, kernel_size, *, stride=1, dilation=1, is_causal=False, ...,
+attention_backend='auto')``: NATTEN's order, keyword-only after ``kernel_size``; ``attention_backend`` takes
+the kernels' vocabulary (``'auto'``, ``'reference'``, ``'torch'``, ``'triton'``)."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -8,7 +12,7 @@ import torch
 from timm.layers import trunc_normal_
 from torch import nn
 
-from visionattn.kernels import neighborhood_attention
+from visionattn.kernels import check_backend, neighborhood_attention
 
 
 class _NeighborhoodAttention(nn.Module):
@@ -19,15 +23,16 @@ class _NeighborhoodAttention(nn.Module):
         dim: int,
         num_heads: int,
         kernel_size: int | Sequence[int],
-        dilation: int | Sequence[int] = 1,
+        *,
         stride: int | Sequence[int] = 1,
+        dilation: int | Sequence[int] = 1,
         is_causal: bool | Sequence[bool] = False,
         rel_pos_bias: bool = False,
         qkv_bias: bool = True,
         qk_scale: float | None = None,
         proj_drop: float = 0.0,
         score: str = "softmax",
-        backend: str = "auto",
+        attention_backend: str = "auto",
     ):
         super().__init__()
         if dim % num_heads:
@@ -38,9 +43,10 @@ class _NeighborhoodAttention(nn.Module):
         self.kernel_size = tuple(kernel_size) if isinstance(kernel_size, (list, tuple)) else (kernel_size,) * n
         if len(self.kernel_size) != n or any(k < 1 for k in self.kernel_size):
             raise ValueError(f"kernel_size must be a positive int or a tuple of {n}, got {kernel_size!r}")
-        self.dilation, self.stride, self.is_causal = dilation, stride, is_causal
+        self.stride, self.dilation, self.is_causal = stride, dilation, is_causal
         self.scale = qk_scale if qk_scale is not None else self.head_dim ** -0.5
-        self.score, self.backend = score, backend
+        self.score = score
+        self.attention_backend = check_backend(type(self).__name__, attention_backend)
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         if rel_pos_bias:
             self.rpb = nn.Parameter(torch.zeros(num_heads, *(2 * k - 1 for k in self.kernel_size)))
@@ -60,8 +66,8 @@ class _NeighborhoodAttention(nn.Module):
         *lead, C = x.shape
         q, k, v = self.qkv(x).reshape(*lead, 3, self.num_heads, self.head_dim).unbind(-3)
         out = neighborhood_attention(
-            self.n_dims, q, k, v, self.kernel_size, self.dilation, self.stride, self.is_causal,
-            rpb=self.rpb, scale=self.scale, score=self.score, backend=self.backend,
+            q, k, v, self.kernel_size, stride=self.stride, dilation=self.dilation, is_causal=self.is_causal,
+            rpb=self.rpb, scale=self.scale, score=self.score, backend=self.attention_backend,
         )
         return self.proj_drop(self.proj(out.reshape(*lead, C)))
 

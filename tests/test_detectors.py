@@ -13,7 +13,7 @@ from torchvision.transforms.functional import pil_to_tensor
 
 import visionattn
 from visionattn.detectors.dfir_detr import AmplitudeNormUpsample, DKSA, DualPathShuffleConv, SpectralRefinement
-from visionattn.detectors.rtdetr import (
+from visionattn.detectors.detr import (
     HungarianMatcher, RTDETRCriterion, build_denoising_queries, inverse_sigmoid, varifocal_loss,
 )
 

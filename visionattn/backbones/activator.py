@@ -23,8 +23,8 @@ from timm.layers import DropPath
 from timm.models import build_model_with_cfg, generate_default_cfgs
 from torch import nn
 
-from visionattn.backbones.ninformer import FeedForward, _cfg
 from visionattn.layers.isotropic import IsotropicPatchClassifier
+from visionattn.layers.mlp import FeedForward
 from visionattn.registry import register_model
 
 __all__ = ["Activator", "ActivatorGatingUnit"]
@@ -70,6 +70,10 @@ class Activator(IsotropicPatchClassifier):
     """Activator classifier.
 
     Args:
+        img_size: input size (int or ``(H, W)``), checked on every input. Activator mixes no tokens, so its
+            weights would fit any size; the shell fixes it as for NiNformer: ``forward_intermediates`` reshapes
+            tokens to its grid, timm's config says ``fixed_input_size`` and ``model_info`` counts FLOPs at it.
+        patch_size: patch size of the conv embedding.
         embed_dim: token width; mlp_dim: hidden size of the gating unit and the FFN.
         use_ffn: keep the second MLP in each block (``False`` = the GLU-only variant).
         act: ``'gelu'`` (GEGLU, the default), ``'silu'`` (SwiGLU) or ``'relu'`` (ReGLU).
@@ -96,11 +100,21 @@ def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> Activator:
     )
 
 
-_imagenet = dict(input_size=(3, 224, 224), num_classes=1000, crop_pct=0.875, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+def _cfg(input_size=(3, 32, 32), num_classes=10, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), **kwargs: Any) -> dict:
+    """timm's pretrained config of an Activator model (no weights are distributed: ``url`` is empty)."""
+    return {
+        "url": "", "num_classes": num_classes, "input_size": input_size, "pool_size": None, "fixed_input_size": True,
+        "crop_pct": 1.0, "interpolation": "bicubic", "mean": mean, "std": std, "first_conv": "patch_embed",
+        "classifier": "head", "license": "mit", "paper_ids": "arXiv:2405.15953",
+        "origin_url": "https://github.com/Abdullah-88/Activator", **kwargs,
+    }
+
+
 default_cfgs = generate_default_cfgs({
-    "va_activator_cifar": _cfg(origin_url="https://github.com/Abdullah-88/Activator", paper_ids="arXiv:2405.15953"),
-    "va_activator_glu_cifar": _cfg(origin_url="https://github.com/Abdullah-88/Activator", paper_ids="arXiv:2405.15953"),
-    "va_activator_s16_224": _cfg(origin_url="https://github.com/Abdullah-88/Activator", paper_ids="arXiv:2405.15953", **_imagenet),
+    "va_activator_cifar": _cfg(),
+    "va_activator_glu_cifar": _cfg(),
+    "va_activator_s16_224": _cfg(input_size=(3, 224, 224), num_classes=1000, crop_pct=0.875,
+                                 mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
 })
 
 

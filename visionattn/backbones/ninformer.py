@@ -23,26 +23,12 @@ from timm.models import build_model_with_cfg, generate_default_cfgs
 from torch import nn
 
 from visionattn.layers.isotropic import IsotropicPatchClassifier
+from visionattn.layers.mlp import FeedForward
 from visionattn.registry import register_model
 
 __all__ = ["NiNformer", "MixerGatingUnit"]
 
 PAPER = "Abdullah & Aydin, NiNformer: A Network in Network Transformer with Token Mixing Generated Gating Function, arXiv:2403.02411"
-
-
-class FeedForward(nn.Module):
-    """``Linear(dim -> hidden) -> GELU -> Dropout -> Linear(hidden -> dim) -> Dropout`` on the last axis."""
-
-    def __init__(self, dim: int, hidden: int, dropout: float):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.drop1 = nn.Dropout(dropout)
-        self.fc2 = nn.Linear(hidden, dim)
-        self.drop2 = nn.Dropout(dropout)
-
-    def forward(self, x):
-        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
 
 
 class MixerGatingUnit(nn.Module):

@@ -101,7 +101,7 @@ class PositionAttention(nn.Module):
                 return t.movedim(1, -1).unsqueeze(-2)
 
             kernel = tuple(min(self.kernel_size, s) for s in S)
-            out = neighborhood_attention(self.spatial_dims, heads_last(q), heads_last(k), heads_last(v), kernel, scale=1.0)
+            out = neighborhood_attention(heads_last(q), heads_last(k), heads_last(v), kernel, scale=1.0)
             out = out.squeeze(-2).movedim(-1, 1)
         return self.gamma * out + x
 
@@ -249,24 +249,49 @@ class AttentionUNet(nn.Module):
         return finest
 
 
-def _factory(variant: str, spatial_dims: int):
-    def build(pretrained: bool = False, **kwargs: Any) -> AttentionUNet:
-        if pretrained:
-            raise ValueError("no pretrained weights are distributed for this model; train it with `visionattn train`")
-        return AttentionUNet(**dict(dict(spatial_dims=spatial_dims, variant=variant), **kwargs))
-
-    build.__name__ = f"{variant}_{spatial_dims}d"
-    build.__qualname__ = build.__name__
-    build.__doc__ = f"{variant.upper()} ({spatial_dims}-D), filters 16, 32, 128, 256, 256 by default."
-    build.__module__ = __name__
-    return build
+def _build(variant: str, spatial_dims: int, pretrained: bool, kwargs: dict[str, Any]) -> AttentionUNet:
+    """The registered constructors' body: ``variant`` and ``spatial_dims`` fixed by the name, ``kwargs`` on top."""
+    if pretrained:
+        raise ValueError("no pretrained weights are distributed for this model; train it with `visionattn train`")
+    return AttentionUNet(**dict(dict(spatial_dims=spatial_dims, variant=variant), **kwargs))
 
 
-for _variant in ("agunet", "daunet", "dagunet"):
-    for _dims in (2, 3):
-        _fn = _factory(_variant, _dims)
-        globals()[_fn.__name__] = register_model(
-            task="segmentation", paper=PAPER, model_cls=AttentionUNet, timm=False,
-            input_size=(1, 128, 128, 144) if _dims == 3 else (1, 256, 256),
-            notes="filters [16, 32, 128, 256, 256] ([guess]); multi-scale input and deep supervision on",
-        )(_fn)
+NOTES = "filters [16, 32, 128, 256, 256] ([guess]); multi-scale input and deep supervision on"
+INPUT_2D = (1, 256, 256)
+INPUT_3D = (1, 128, 128, 144)
+
+
+@register_model(task="segmentation", paper=PAPER, model_cls=AttentionUNet, timm=False, input_size=INPUT_2D, notes=NOTES)
+def agunet_2d(pretrained: bool = False, **kwargs: Any) -> AttentionUNet:
+    """AGUNet (2-D), filters 16, 32, 128, 256, 256 by default."""
+    return _build("agunet", 2, pretrained, kwargs)
+
+
+@register_model(task="segmentation", paper=PAPER, model_cls=AttentionUNet, timm=False, input_size=INPUT_3D, notes=NOTES)
+def agunet_3d(pretrained: bool = False, **kwargs: Any) -> AttentionUNet:
+    """AGUNet (3-D), filters 16, 32, 128, 256, 256 by default."""
+    return _build("agunet", 3, pretrained, kwargs)
+
+
+@register_model(task="segmentation", paper=PAPER, model_cls=AttentionUNet, timm=False, input_size=INPUT_2D, notes=NOTES)
+def daunet_2d(pretrained: bool = False, **kwargs: Any) -> AttentionUNet:
+    """DAUNet (2-D), filters 16, 32, 128, 256, 256 by default."""
+    return _build("daunet", 2, pretrained, kwargs)
+
+
+@register_model(task="segmentation", paper=PAPER, model_cls=AttentionUNet, timm=False, input_size=INPUT_3D, notes=NOTES)
+def daunet_3d(pretrained: bool = False, **kwargs: Any) -> AttentionUNet:
+    """DAUNet (3-D), filters 16, 32, 128, 256, 256 by default."""
+    return _build("daunet", 3, pretrained, kwargs)
+
+
+@register_model(task="segmentation", paper=PAPER, model_cls=AttentionUNet, timm=False, input_size=INPUT_2D, notes=NOTES)
+def dagunet_2d(pretrained: bool = False, **kwargs: Any) -> AttentionUNet:
+    """DAGUNet (2-D), filters 16, 32, 128, 256, 256 by default."""
+    return _build("dagunet", 2, pretrained, kwargs)
+
+
+@register_model(task="segmentation", paper=PAPER, model_cls=AttentionUNet, timm=False, input_size=INPUT_3D, notes=NOTES)
+def dagunet_3d(pretrained: bool = False, **kwargs: Any) -> AttentionUNet:
+    """DAGUNet (3-D), filters 16, 32, 128, 256, 256 by default."""
+    return _build("dagunet", 3, pretrained, kwargs)

@@ -27,17 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from visionattn.layers.shuffle import channel_shuffle
 from visionattn.registry import register_model
 
 __all__ = ["EMCADDecoder", "EMCADNet", "MutationLoss", "mutation_loss"]
 
 PAPER = "Rahman, Munir & Marculescu, EMCAD: Efficient Multi-scale Convolutional Attention Decoding for Medical Image Segmentation, CVPR 2024, arXiv:2405.06880"
-
-
-def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """``[B, C, H, W]``: the channels of each group interleaved (ShuffleNet's shuffle)."""
-    B, C, H, W = x.shape
-    return x.view(B, groups, C // groups, H, W).transpose(1, 2).reshape(B, C, H, W)
 
 
 class MSDC(nn.Module):
@@ -115,7 +110,8 @@ class MSCAM(nn.Module):
 
 
 class EUCB(nn.Module):
-    """Efficient up-convolution: nearest x2 -> depthwise 3x3 -> BN -> ReLU -> 1x1 (bias)."""
+    """Efficient up-convolution: nearest upsampling to ``size`` (the skip's, twice the input's) -> depthwise
+    3x3 -> BN -> ReLU -> 1x1 (bias). ``[B, in, H, W] -> [B, out, *size]``."""
 
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__()
@@ -123,8 +119,8 @@ class EUCB(nn.Module):
                                     nn.BatchNorm2d(in_channels), nn.ReLU(inplace=True))
         self.pwconv = nn.Conv2d(in_channels, out_channels, 1)
 
-    def forward(self, x, size: tuple[int, int] | None = None):
-        x = F.interpolate(x, scale_factor=2, mode="nearest") if size is None else F.interpolate(x, size=size, mode="nearest")
+    def forward(self, x, size: tuple[int, int]):
+        x = F.interpolate(x, size=size, mode="nearest")
         return self.pwconv(self.dwconv(x))  # the shuffle with groups = channels is the identity
 
 

@@ -7,9 +7,9 @@ Reported: NEU-DET mAP50 92.9, VisDrone mAP50 51.6, 11.7M params, 41.2 GFLOPs at 
 
 **Only the DCFA equations are public** (quoted by a third-party review); there is no public code. Everything
 else follows the plausible reading of ``shared/reference/decoders_detectors.md`` section 5, and every
-guessed part says so (``[guess]``) in its docstring. The RT-DETR parts are unchanged
-(:mod:`visionattn.detectors.rtdetr`): AIFI, IoU-aware query selection, the 3-layer deformable decoder,
-denoising, the Hungarian matcher and the varifocal/L1/GIoU losses.
+guessed part says so (``[guess]``) in its docstring. The RT-DETR parts are unchanged and come from the
+DETR toolkit (:mod:`visionattn.detectors.detr`): the hybrid encoder's shell with AIFI, IoU-aware query
+selection, the 3-layer deformable decoder, denoising, the Hungarian matcher and the varifocal/L1/GIoU losses.
 
 - backbone [guess: widths and depths]: a YOLOv8-style CSP backbone (3x3 stride-2 convs, C2f stages with
   bottleneck blocks), whose two deepest stages (P4, P5) use DCFA, C2f with DAFB blocks [paper];
@@ -36,11 +36,9 @@ import torch.nn.functional as F
 from timm.layers import LayerNorm2d
 from torch import nn
 
-from visionattn.decoders.emcad import channel_shuffle
-from visionattn.detectors.rtdetr import (
-    ConvNormAct, DETRDetector, HybridEncoder, RepVGGBlock, RTDETRCriterion, RTDETRDecoder,
-)
+from visionattn.detectors.detr import ConvNormAct, DecoderConfig, DETRDetector, HybridEncoder, RepVGGBlock
 from visionattn.kernels import topk_attention
+from visionattn.layers.shuffle import channel_shuffle
 from visionattn.registry import register_model
 
 __all__ = [
@@ -335,7 +333,7 @@ class DFIRDETR(DETRDetector):
         fusion_blocks, fusion_expansion, spectral_iterations: FIRC3 size.
         num_queries, num_decoder_layers, num_points, num_denoising, label_noise_ratio, box_noise_scale,
         max_detections: as :class:`visionattn.detectors.rtdetr.RTDETR`.
-    Input/output: :class:`visionattn.detectors.rtdetr.DETRDetector`.
+    Input/output: :class:`~visionattn.detectors.detr.DETRDetector`.
     """
 
     def __init__(
@@ -369,10 +367,10 @@ class DFIRDETR(DETRDetector):
 
         encoder = HybridEncoder(backbone.out_channels, hidden_dim, num_heads, ffn_dim, fusion=fusion,
                                 upsample=dfpn_upsample, downsample=dfpn_downsample)
-        decoder = RTDETRDecoder(num_classes, [hidden_dim] * len(backbone.out_channels), hidden_dim, num_queries,
-                                num_decoder_layers, num_heads, ffn_dim, num_points, num_denoising,
-                                label_noise_ratio, box_noise_scale)
-        super().__init__(backbone, encoder, decoder, RTDETRCriterion(num_classes), input_size, max_detections)
+        decoder = DecoderConfig(hidden_dim=hidden_dim, num_heads=num_heads, ffn_dim=ffn_dim, num_queries=num_queries,
+                                num_layers=num_decoder_layers, num_points=num_points, num_denoising=num_denoising,
+                                label_noise_ratio=label_noise_ratio, box_noise_scale=box_noise_scale)
+        super().__init__(backbone, encoder, num_classes, decoder, input_size, max_detections)
 
 
 @register_model(task="detection", paper=PAPER, model_cls=DFIRDETR, timm=False, input_size=(3, 640, 640),

@@ -50,11 +50,12 @@ def bench_segment_time(model: str = "hippocampus_agunet", images: Sequence[str] 
                        threads: int | None = None) -> tuple[str, list[dict]]:
     """Seconds per volume, ``segment`` vs the plain MONAI script, on ``images`` (default: the bundled
     samples); the best of ``repeats`` passes over the cases for each."""
-    from visionattn.tasks.segment import BUNDLED, find_cases, load_segmentation_model, segment_case
+    from visionattn.tasks.segment import BUNDLED, Segmenter, case_outputs, find_cases, segment_case
 
     if threads:
         torch.set_num_threads(threads)
-    seg_model = load_segmentation_model(model)
+    segmenter = Segmenter.from_run(model)
+    seg_model = segmenter.model
     paths = list(images) if images else sorted(str(p) for p in (BUNDLED / "samples" / "images").glob("*.nii.gz"))
     cases = [c for p in paths for c in find_cases(p, seg_model.in_channels)]
     timings = {"visionattn segment": [], "plain MONAI script": []}
@@ -62,7 +63,7 @@ def bench_segment_time(model: str = "hippocampus_agunet", images: Sequence[str] 
         for r in range(repeats):
             start = time.perf_counter()
             for case in cases:
-                segment_case(seg_model, case, Path(tmp) / f"ours{r}", overwrite=True)
+                segment_case(segmenter, case, case_outputs(case.name, Path(tmp) / f"ours{r}"))
             timings["visionattn segment"].append((time.perf_counter() - start) / len(cases))
             start = time.perf_counter()
             for case in cases:
@@ -82,7 +83,7 @@ def _segment_peak_rss(model: str, shape: tuple[int, int, int], overlap: float, t
     it, report the peak RSS and the time."""
     import nibabel as nib
 
-    from visionattn.tasks.segment import find_cases, load_segmentation_model, segment_case
+    from visionattn.tasks.segment import Segmenter, case_outputs, find_cases, segment_case
 
     if threads:
         torch.set_num_threads(threads)
@@ -94,14 +95,15 @@ def _segment_peak_rss(model: str, shape: tuple[int, int, int], overlap: float, t
         path = Path(tmp) / "large.nii.gz"
         nib.save(nib.Nifti1Image(volume, np.eye(4)), str(path))
         del volume, coarse
-        seg_model = load_segmentation_model(model)
+        segmenter = Segmenter.from_run(model, overlap=overlap)
         rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         start = time.perf_counter()
-        entry = segment_case(seg_model, find_cases(path, 1)[0], Path(tmp) / "out", overlap=overlap)
+        case = find_cases(path, 1)[0]
+        segment_case(segmenter, case, case_outputs(case.name, Path(tmp) / "out"))
         seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"shape": "x".join(map(str, shape)), "overlap": overlap, "seconds": seconds, "peak_rss_mib": peak,
-            "rss_before_mib": rss_before, "status": entry["status"]}
+            "rss_before_mib": rss_before, "status": "ok"}
 
 
 def bench_segment_memory(model: str = "hippocampus_agunet", shape: Sequence[int] = (512, 512, 300), overlap: float = 0.0,

@@ -29,12 +29,8 @@ from __future__ import annotations
 
 import gzip
 import importlib.resources
-import json
-import os
 import re
 import struct
-import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -43,7 +39,7 @@ import numpy as np
 import torch
 
 from visionattn.errors import InvalidInputError
-from visionattn.tasks.files import atomic_path, write_json_atomic
+from visionattn.tasks.files import atomic_path
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 BUNDLED = Path(str(importlib.resources.files("visionattn") / "bundled"))  # bundled models and sample volumes
@@ -208,7 +204,7 @@ def find_references(cases: list[Case], labels_dir: str | Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
-# outputs never replace inputs
+# outputs
 
 
 def case_outputs(name: str, out_dir: Path, save_probabilities: bool = False, overlay: bool = False) -> dict[str, Path]:
@@ -219,60 +215,6 @@ def case_outputs(name: str, out_dir: Path, save_probabilities: bool = False, ove
     if overlay:
         outputs["overlay"] = out_dir / f"{name}.png"
     return outputs
-
-
-def _same_folder(a: str | Path, b: str | Path) -> bool:
-    if os.path.realpath(a) == os.path.realpath(b):
-        return True
-    try:
-        return os.path.samefile(a, b)  # bind mounts, case-insensitive file systems
-    except OSError:
-        return False
-
-
-def outputs_that_are_inputs(outputs: Sequence[Path], inputs: Sequence[Path]) -> list[tuple[Path, Path]]:
-    """``(output, input)`` pairs naming the same file: the same path once symlinks, ``.`` and ``..`` are
-    resolved, or, for an output that exists, the same file on disk (hard links, case-insensitive file systems)."""
-    by_path = {os.path.realpath(p): p for p in inputs}
-    by_inode = {}
-    for p in inputs:
-        try:
-            st = os.stat(p)
-            by_inode[st.st_dev, st.st_ino] = p
-        except OSError:
-            pass
-    pairs = []
-    for out in outputs:
-        hit = by_path.get(os.path.realpath(out))
-        if hit is None:
-            try:
-                st = os.stat(out)
-                hit = by_inode.get((st.st_dev, st.st_ino))
-            except OSError:
-                pass
-        if hit is not None:
-            pairs.append((out, hit))
-    return pairs
-
-
-def refuse_outputs_on_inputs(cases: list[Case], out_dir: Path, input_path: str | Path, labels_dir: str | Path | None,
-                             save_probabilities: bool = False, overlay: bool = False) -> None:
-    """Raise :class:`SegmentError` when any output would land on an input file, or the output folder is the
-    input or labels folder. Checked for the whole call before anything is written; ``--overwrite`` does not
-    lift it."""
-    if labels_dir is not None and _same_folder(out_dir, labels_dir):
-        raise SegmentError(f"-o {out_dir} is the --labels folder {labels_dir}: label maps written there would replace "
-                           f"or mix with the reference labels; choose another output folder")
-    if Path(input_path).is_dir() and _same_folder(out_dir, input_path):
-        raise SegmentError(f"-o {out_dir} is the input folder {input_path}: label maps written there would replace "
-                           f"single-file inputs and be read as inputs by the next run; choose another output folder")
-    outputs = [p for case in cases for p in case_outputs(case.name, out_dir, save_probabilities, overlay).values()]
-    clashes = outputs_that_are_inputs(outputs, [f for case in cases for f in case.inputs()])
-    if clashes:
-        listed = "; ".join(f"{out} is the input {inp}" for out, inp in clashes[:3])
-        more = f" (and {len(clashes) - 3} more)" if len(clashes) > 3 else ""
-        raise SegmentError(f"refusing to write over inputs, --overwrite or not: {listed}{more}; "
-                           f"choose another output folder")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -367,10 +309,11 @@ def count_nonfinite_float32(data: np.ndarray, chunk: int = 2**22) -> int:
     return bad
 
 
-def check_volume(case: Case, in_channels: int, max_voxels: int = DEFAULT_MAX_VOXELS,
-                 spacing: Sequence[float] | float | None = None):
-    """Check a case's files; returns the first channel's nibabel image (whose grid and header the output
-    takes). Raises :class:`SegmentError` naming the file and the problem.
+def read_case(case: Case, in_channels: int, max_voxels: int = DEFAULT_MAX_VOXELS,
+              spacing: Sequence[float] | float | None = None):
+    """Check and read a case's files, each once: returns the first channel's nibabel image (whose grid and
+    header the output takes) and the volume as float32 ``[C, X, Y, Z]`` in the files' voxel order, scaled
+    as the header says. Raises :class:`SegmentError` naming the file and the problem.
 
     First every header (channels and reference labels), before any voxel data is read: readability, voxel
     count against ``max_voxels`` (and, with ``spacing``, the count after resampling to it), extensions,
@@ -415,6 +358,7 @@ def check_volume(case: Case, in_channels: int, max_voxels: int = DEFAULT_MAX_VOX
         if ref_shape[:3] != images[0].shape[:3] or any(d != 1 for d in ref_shape[3:]):
             raise SegmentError(f"reference labels {ref} have shape {ref_shape}, the case has {images[0].shape[:3]}")
 
+    volume = []
     for f, img in zip(case.channels, images):
         try:
             data = np.asanyarray(img.dataobj)
@@ -428,9 +372,10 @@ def check_volume(case: Case, in_channels: int, max_voxels: int = DEFAULT_MAX_VOX
                                f"fix the file's intensity scaling or values")
         if bad:
             raise SegmentError(f"{f.name} has {bad} NaN/Inf voxels; fix or mask them before segmenting")
-        del data
+        data = data.astype(np.float32, copy=False)
+        volume += [data] if data.ndim == 3 else [data[..., c] for c in range(data.shape[3])]  # channels last in 4-D
         img.uncache()
-    return images[0]
+    return images[0], np.stack(volume)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -491,6 +436,106 @@ def write_overlay(image: np.ndarray, labels: np.ndarray, path: Path, n_slices: i
 
 
 # ---------------------------------------------------------------------------------------------------
+# the predictor
+
+
+class Segmenter:
+    """A trained segmentation model ready to segment volumes, like nnU-Net's predictor: the network, the
+    recipe's preprocessing (orientation, spacing, intensity) and inference settings (window size, overlap,
+    blending, test-time mirroring), and the device.
+
+    Example::
+
+        seg = Segmenter.from_run("hippocampus_agunet")
+        out = seg.predict(volume, affine)           # volume [C, X, Y, Z] or [X, Y, Z], affine 4x4 (voxel -> mm)
+        out["labels"]                               # [X, Y, Z] uint8 on the input's grid
+
+    Settings left ``None`` come from the run's recipe (``inference:`` and ``data.roi_size``).
+    """
+
+    def __init__(self, model: SegmentationModel, *, device: str = "cpu", roi_size: Sequence[int] | None = None,
+                 overlap: float | None = None, mode: str | None = None, sw_batch_size: int | None = None,
+                 tta: bool = False):
+        inference = dict(model.config.get("inference") or {})
+        self.model = model
+        self.device = device
+        self.roi_size = list(roi_size or model.data["roi_size"])
+        self.overlap = float(overlap if overlap is not None else inference.get("overlap", 0.5))
+        self.mode = mode or inference.get("mode", "gaussian")
+        if self.mode not in ("gaussian", "constant"):
+            raise SegmentError(f"mode must be 'gaussian' or 'constant', got {self.mode!r}")
+        self.sw_batch_size = int(sw_batch_size or inference.get("sw_batch_size", 4))
+        self.tta = tta
+        model.network.to(device)
+
+    @classmethod
+    def from_run(cls, spec: str = DEFAULT_MODEL, **settings) -> "Segmenter":
+        """A bundled model name, a run folder or a weights file (:func:`load_segmentation_model`)."""
+        return cls(load_segmentation_model(spec), **settings)
+
+    @property
+    def labels(self) -> list[str]:
+        return self.model.labels
+
+    @property
+    def in_channels(self) -> int:
+        return self.model.in_channels
+
+    def predict(self, image, affine=None, probabilities: bool = False) -> dict:
+        """Segment one volume held in memory.
+
+        Args:
+            image: ``[C, X, Y, Z]`` or (one channel) ``[X, Y, Z]`` array or tensor, in the voxel order of the
+                file it came from; a MONAI ``MetaTensor`` brings its own affine.
+            affine: ``4 x 4`` voxel-to-world (mm, RAS) matrix; default: the MetaTensor's, else identity.
+            probabilities: also return the class probabilities.
+
+        Returns ``{"labels": [X, Y, Z] uint8 (int16 past 255 labels), "probabilities": [K, X, Y, Z] float32 or
+        None}``, on the input's grid: the preprocessing is inverted exactly (MONAI's ``Invertd``, nearest
+        neighbour for labels)."""
+        from monai.data import MetaTensor
+        from monai.transforms import Compose, Invertd
+
+        from visionattn.tasks.segmentation import preprocessing, sliding_window_predict
+
+        if isinstance(image, MetaTensor) and affine is None:
+            affine = image.affine
+        array = torch.as_tensor(np.asarray(image, dtype=np.float32))
+        if array.ndim == 3:
+            array = array[None]
+        if array.ndim != 4 or array.shape[0] != self.in_channels:
+            raise SegmentError(f"the model takes [{self.in_channels}, X, Y, Z] volumes, got shape {tuple(array.shape)}")
+        affine = torch.eye(4, dtype=torch.float64) if affine is None else torch.as_tensor(affine, dtype=torch.float64)
+        if affine.shape != (4, 4) or not bool(torch.isfinite(affine).all()):
+            raise SegmentError(f"affine must be a finite 4x4 matrix, got {tuple(affine.shape)}")
+        data = self.model.data
+        pre = Compose(preprocessing(data, keys=("image",), load=False))
+        meta = {"affine": affine, "original_affine": affine.clone(), "spatial_shape": np.asarray(array.shape[1:]),
+                "original_channel_dim": 0}
+        image = pre({"image": MetaTensor(array, meta=meta)})["image"]
+        if not bool(torch.isfinite(image.as_tensor()).all()):
+            # finite float32 values whose mean or spread overflows float32 (e.g. values near 3e38)
+            raise SegmentError(f"the values overflow float32 in the model's intensity normalisation "
+                               f"({data.get('intensity', 'zscore')}); rescale the volume")
+        probs = sliding_window_predict(self.model.network, image.as_tensor()[None], self.roi_size, self.overlap,
+                                       self.mode, self.sw_batch_size, self.device, "cpu", tta=self.tta)[0]
+        label_dtype = np.uint8 if len(self.labels) <= 255 else np.int16
+        bundle = {"image": image, "pred": MetaTensor(probs.argmax(0, keepdim=True).to(torch.int16), meta=image.meta,
+                                                     applied_operations=image.applied_operations)}
+        keys = ["pred"]
+        if probabilities:
+            bundle["probs"] = MetaTensor(probs, meta=image.meta, applied_operations=image.applied_operations)
+            keys.append("probs")
+        del probs
+        inverted = Invertd(keys=keys, transform=pre, orig_keys=["image"] * len(keys),
+                           nearest_interp=[True] + [False] * (len(keys) - 1))(bundle)
+        labels = np.asarray(inverted["pred"][0]).round().astype(label_dtype)
+        if labels.shape != tuple(array.shape[1:]):
+            raise RuntimeError(f"inverted prediction {labels.shape} != input grid {tuple(array.shape[1:])}")
+        return {"labels": labels, "probabilities": np.asarray(inverted["probs"]) if probabilities else None}
+
+
+# ---------------------------------------------------------------------------------------------------
 # one case
 
 
@@ -504,94 +549,35 @@ def dice_per_label(pred: np.ndarray, truth: np.ndarray, n_labels: int) -> list[f
     return out
 
 
-def segment_case(model: SegmentationModel, case: Case, out_dir: Path, *, device: str = "cpu",
-                 roi_size: Sequence[int] | None = None, overlap: float | None = None, mode: str | None = None,
-                 tta: bool = False, save_probabilities: bool = False, overlay: bool = False,
-                 overwrite: bool = False, sw_batch_size: int | None = None,
+def segment_case(segmenter: Segmenter, case: Case, outputs: dict[str, Path], *,
                  max_voxels: int = DEFAULT_MAX_VOXELS) -> dict:
-    """Segment one case; returns its summary entry. Raises :class:`SegmentError` for a bad case.
-
-    A case whose requested outputs all exist is not read at all: without ``overwrite`` its entry is
-    ``{"status": "skipped", ...}`` (``run_segment`` fills in the earlier run's entry). Outputs that exist only
-    in part are an error without ``overwrite``, since the existing ones may come from another model or input."""
+    """Read, check and segment one case and write its ``outputs`` (:func:`case_outputs`); returns what its
+    summary entry adds (model, volume per label in ml, Dice against its reference). Raises
+    :class:`SegmentError` for a bad case. Existing outputs, inputs and the summary are the caller's
+    (:func:`visionattn.tasks.batch.run_one`)."""
     import nibabel as nib
-    from monai.data import MetaTensor
-    from monai.transforms import Compose, Invertd
 
-    from visionattn.tasks.segmentation import preprocessing, sliding_window_predict
-
-    start = time.time()
-    outputs = case_outputs(case.name, out_dir, save_probabilities, overlay)
-    clashes = outputs_that_are_inputs(list(outputs.values()), case.inputs())
-    if clashes:
-        raise SegmentError("refusing to write over inputs, --overwrite or not: "
-                           + "; ".join(f"{out} is the input {inp}" for out, inp in clashes))
-    if case.problems:
-        raise SegmentError("; ".join(case.problems))
-    odd = [p.name for p in outputs.values() if (p.exists() or p.is_symlink()) and not p.is_file()]
-    if odd:
-        raise SegmentError(f"{', '.join(odd)} in {out_dir} is not a regular file; move it away")
-    existing = [p.name for p in outputs.values() if p.exists()]
-    if existing and not overwrite:
-        if len(existing) == len(outputs):
-            return {"case": case.name, "status": "skipped", "inputs": [str(f) for f in case.channels],
-                    "outputs": {k: str(v) for k, v in outputs.items()}}
-        missing = [p.name for p in outputs.values() if not p.exists()]
-        raise SegmentError(f"{', '.join(existing)} already in {out_dir} but {', '.join(missing)} not; "
-                           f"--overwrite to redo the case")
-    reference = check_volume(case, model.in_channels, max_voxels, model.data.get("spacing"))
-
-    data = model.data
-    inference = dict(model.config.get("inference") or {})
-    pre = Compose(preprocessing(data, keys=("image",)))
-    files = [str(f) for f in case.channels]
-    item = pre({"image": files if len(files) > 1 else files[0]})
-    image = item["image"]
-    if image.shape[0] != model.in_channels:
-        raise SegmentError(f"{case.channels[0].name}: {image.shape[0]} channel(s), the model takes {model.in_channels}")
-    if not bool(torch.isfinite(image.as_tensor()).all()):
-        # finite float32 values whose mean or spread overflows float32 (e.g. values near 3e38)
-        raise SegmentError(f"{', '.join(f.name for f in case.channels)}: the values overflow float32 in the model's "
-                           f"intensity normalisation ({data.get('intensity', 'zscore')}); rescale the volume")
-    probs = sliding_window_predict(
-        model.network, image.as_tensor()[None], list(roi_size or data["roi_size"]),
-        float(overlap if overlap is not None else inference.get("overlap", 0.5)),
-        mode or inference.get("mode", "gaussian"), int(sw_batch_size or inference.get("sw_batch_size", 4)),
-        device, "cpu", tta=tta,
-    )[0]
-    n_labels = len(model.labels)
-    label_dtype = np.uint8 if n_labels <= 255 else np.int16
-    pred = MetaTensor(probs.argmax(0, keepdim=True).to(torch.int16), meta=image.meta,
-                      applied_operations=image.applied_operations)
-    keys = ["pred"] + (["probs"] if save_probabilities else [])
-    bundle = {"image": image, "pred": pred}
-    if save_probabilities:
-        bundle["probs"] = MetaTensor(probs, meta=image.meta, applied_operations=image.applied_operations)
-    del probs
-    inverted = Invertd(keys=keys, transform=pre, orig_keys=["image"] * len(keys),
-                       nearest_interp=[True] + [False] * (len(keys) - 1))(bundle)
-    labels = np.asarray(inverted["pred"][0]).round().astype(label_dtype)
-    if labels.shape != reference.shape[:3]:
-        raise SegmentError(f"internal error: inverted prediction {labels.shape} != input grid {reference.shape[:3]}")
-
-    out_dir.mkdir(parents=True, exist_ok=True)
+    model = segmenter.model
+    reference, volume = read_case(case, model.in_channels, max_voxels, model.data.get("spacing"))
+    try:
+        result = segmenter.predict(volume, reference.affine, probabilities="probabilities" in outputs)
+    except SegmentError as e:
+        raise SegmentError(f"{', '.join(f.name for f in case.channels)}: {e}") from None
+    labels = result["labels"]
+    outputs["labels"].parent.mkdir(parents=True, exist_ok=True)
     write_like(reference, labels, outputs["labels"])
-    if save_probabilities:
-        write_probabilities(np.asarray(inverted["probs"]), outputs["probabilities"])
+    if "probabilities" in outputs:
+        write_probabilities(result["probabilities"], outputs["probabilities"])
     voxel_ml = float(np.prod(reference.header.get_zooms()[:3])) / 1000.0
-    entry = {
-        "case": case.name, "status": "ok", "model": model.source, "inputs": [str(f) for f in case.channels],
-        "outputs": {k: str(v) for k, v in outputs.items()},
-        "volume_ml": {name: float((labels == k).sum()) * voxel_ml for k, name in enumerate(model.labels) if k > 0},
-    }
+    entry = {"model": model.source,
+             "volume_ml": {name: round(float((labels == k).sum()) * voxel_ml, 3)
+                           for k, name in enumerate(model.labels) if k > 0}}
     if case.reference is not None:
         truth = np.asarray(nib.load(str(case.reference)).dataobj).round().astype(np.int64)
-        entry["dice"] = dict(zip(model.labels[1:], dice_per_label(labels, truth, n_labels)))
-    if overlay:
-        anatomy = np.asarray(reference.dataobj, dtype=np.float32)
-        anatomy = anatomy[..., 0] if anatomy.ndim == 4 else anatomy
-        write_overlay(anatomy, labels, outputs["overlay"], title=case.name)
-    entry["seconds"] = round(time.time() - start, 3)
+        dice = dice_per_label(labels, truth, len(model.labels))
+        entry["dice"] = {name: None if d is None else round(d, 4) for name, d in zip(model.labels[1:], dice)}
+    if "overlay" in outputs:
+        write_overlay(volume[0], labels, outputs["overlay"], title=case.name)
     return entry
 
 
@@ -599,68 +585,12 @@ def segment_case(model: SegmentationModel, case: Case, out_dir: Path, *, device:
 # the summary
 
 
-SUMMARY = "summary.json"
-MAX_SUMMARY_BYTES = 256 * 2**20
-
-
-def _reject_constant(name: str):
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def _summary_entries(obj) -> dict[str, dict]:
-    """The per-case entries of a summary written by this command; ``ValueError`` when it is not one."""
-    if not isinstance(obj, dict) or not isinstance(obj.get("cases"), list):
-        raise ValueError("no 'cases' list")
-    entries = {}
-    for e in obj["cases"]:
-        if not (isinstance(e, dict) and isinstance(e.get("case"), str) and isinstance(e.get("status"), str)):
-            raise ValueError("a case entry without a 'case' name and a 'status'")
-        dice = e.get("dice", {})
-        if not (isinstance(dice, dict) and all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
-                                               for v in dice.values())):
-            raise ValueError(f"case {e['case']}: 'dice' is not a table of numbers")
-        entries[e["case"]] = e
-    return entries
-
-
-def read_earlier_summary(out_dir: Path) -> dict[str, dict]:
-    """The entries of ``OUT/summary.json`` from an earlier run, by case. A summary that cannot be read is not
-    destroyed: it is renamed ``summary.json.unreadable-TIME`` (and said so on stderr), and an empty one starts."""
-    path = out_dir / SUMMARY
-    if not (path.exists() or path.is_symlink()):
-        return {}
-    try:
-        if not path.is_file():
-            raise ValueError("not a regular file")
-        if path.stat().st_size > MAX_SUMMARY_BYTES:
-            raise ValueError(f"over {MAX_SUMMARY_BYTES // 2**20} MiB")
-        return _summary_entries(json.loads(path.read_text(encoding="utf-8"), parse_constant=_reject_constant))
-    except (OSError, ValueError) as e:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        aside = out_dir / f"{SUMMARY}.unreadable-{stamp}"
-        n = 1
-        while aside.exists() or aside.is_symlink():
-            aside, n = out_dir / f"{SUMMARY}.unreadable-{stamp}-{n}", n + 1
-        try:
-            os.rename(path, aside)
-        except OSError as err:
-            raise SegmentError(f"{path} cannot be read ({e}) nor moved aside ({err.strerror or err}); "
-                               f"move it away and run again") from err
-        print(f"segment: {path} cannot be read ({type(e).__name__}: {e}); kept it as {aside.name} "
-              f"and started a new summary", file=sys.stderr)
-        return {}
-
-
-def merge_summary(earlier: dict[str, dict], entries: list[dict]) -> list[dict]:
-    """This run's entries merged into the earlier ones, by case name. A skipped case keeps its earlier entry
-    (time, volumes, Dice) with status ``skipped``; cases not run this time keep theirs unchanged."""
-    merged = dict(earlier)
-    for e in entries:
-        before = earlier.get(e["case"])
-        if e["status"] == "skipped" and before is not None and before["status"] in ("ok", "skipped"):
-            e = {**before, "status": "skipped"}
-        merged[e["case"]] = e
-    return [merged[name] for name in sorted(merged)]
+def check_summary_entry(entry: dict) -> None:
+    """An earlier summary's case entry must hold Dice as a table of numbers (``ValueError`` otherwise)."""
+    dice = entry.get("dice", {})
+    if not (isinstance(dice, dict) and all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+                                           for v in dice.values())):
+        raise ValueError(f"case {entry.get('case')}: 'dice' is not a table of numbers")
 
 
 def mean_dice(entries: list[dict], label_names: Sequence[str]) -> dict[str, float]:
@@ -670,24 +600,12 @@ def mean_dice(entries: list[dict], label_names: Sequence[str]) -> dict[str, floa
         values = [e["dice"][name] for e in entries if e["status"] in ("ok", "skipped")
                   and isinstance(e.get("dice"), dict) and e["dice"].get(name) is not None]
         if values:
-            means[name] = float(np.mean(values))
+            means[name] = round(float(np.mean(values)), 4)
     return means
 
 
 # ---------------------------------------------------------------------------------------------------
 # the command
-
-
-def _writable(folder: Path) -> None:
-    if folder.exists() and not folder.is_dir():
-        raise SegmentError(f"output {folder} exists and is not a folder; -o takes a folder")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test.{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise SegmentError(f"output folder {folder} is not writable: {e.strerror or e}") from e
 
 
 def run_segment(input_path: str | None, output: str | None, model_spec: str | None = None, *, device: str = "cpu",
@@ -698,6 +616,7 @@ def run_segment(input_path: str | None, output: str | None, model_spec: str | No
     """The ``segment`` command. Without ``input_path`` it segments the bundled sample volumes with the
     bundled model and reports Dice against their reference labels. Returns the exit code: 1 when a case
     failed, 0 otherwise (cases skipped because their outputs exist are not failures)."""
+    from visionattn.tasks import batch
     from visionattn.tasks.runtime import dist_setup, progress as progress_bar
 
     demo = input_path is None
@@ -708,45 +627,37 @@ def run_segment(input_path: str | None, output: str | None, model_spec: str | No
         overlay = True
     if output is None:
         raise SegmentError("-o/--output is required with -i/--input")
-    if mode is not None and mode not in ("gaussian", "constant"):
-        raise SegmentError(f"--mode must be 'gaussian' or 'constant', got {mode!r}")
     if max_voxels < 1:
         raise SegmentError(f"--max-voxels must be positive, got {max_voxels}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SegmentError("--device cuda: no CUDA device is available here; use --device cpu")
-    model = load_segmentation_model(model_spec or DEFAULT_MODEL)
-    model.network.to(device)
-    cases = find_cases(input_path, model.in_channels)
+    segmenter = Segmenter.from_run(model_spec or DEFAULT_MODEL, device=device, roi_size=roi_size, overlap=overlap,
+                                   mode=mode, tta=tta)
+    cases = find_cases(input_path, segmenter.in_channels)
     if labels_dir:
         find_references(cases, labels_dir)
     out_dir = Path(output)
-    refuse_outputs_on_inputs(cases, out_dir, input_path, labels_dir, save_probabilities, overlay)
-    _writable(out_dir)
+    items = [batch.Item(c.name, c.inputs(), case_outputs(c.name, out_dir, save_probabilities, overlay), list(c.problems))
+             for c in cases]
+    batch.refuse_outputs_on_inputs(items, out_dir, {"input": input_path, "--labels": labels_dir})
+    batch.prepare_output_folder(out_dir)
 
     rank, world = dist_setup(device)  # (0, 1) outside torchrun
-    earlier = read_earlier_summary(out_dir) if rank == 0 else {}
-    entries = []
-    bar = progress_bar(cases[rank::world], desc="segment", disable=not progress or None)
-    for case in bar:
-        try:
-            entry = segment_case(model, case, out_dir, device=device, roi_size=roi_size, overlap=overlap, mode=mode,
-                                 tta=tta, save_probabilities=save_probabilities, overlay=overlay, overwrite=overwrite,
-                                 max_voxels=max_voxels)
-        except Exception as e:  # one bad case must not stop the others
-            msg = str(e) if isinstance(e, SegmentError) else f"{type(e).__name__}: {e}"
-            print(f"segment: case {case.name}: {msg}", file=sys.stderr)  # the one place the error is printed
-            entry = {"case": case.name, "status": "failed", "inputs": [str(f) for f in case.channels], "error": msg}
-        entries.append(entry)
-    entries = _gather(entries, world)
+    earlier = batch.read_earlier_summary(out_dir, "segment", "cases", "case", check_summary_entry) if rank == 0 else {}
+    by_name = {c.name: c for c in cases}
+    entries = batch.run_items(
+        items, lambda item: segment_case(segmenter, by_name[item.name], item.outputs, max_voxels=max_voxels),
+        overwrite=overwrite, command="segment", key="case", rank=rank, world=world,
+        progress=lambda xs: progress_bar(xs, desc="segment", disable=not progress or None))
     failed = [e for e in entries if e["status"] == "failed"]
     if rank == 0:
-        cases_now = {e["case"] for e in entries}
-        merged = merge_summary(earlier, entries)
-        summary = {"model": model.source, "device": device, "cases": merged}
-        means = mean_dice(merged, model.labels[1:])
+        merged = batch.merge_summary(earlier, entries, "case")
+        header = {"model": segmenter.model.source, "device": device}
+        means = mean_dice(merged, segmenter.labels[1:])
         if means:
-            summary["mean_dice"] = means
-        write_json_atomic(summary, out_dir / SUMMARY)
+            header["mean_dice"] = means
+        batch.write_summary(out_dir, header, "cases", merged)
+        cases_now = {e["case"] for e in entries}
         this_run = [e for e in merged if e["case"] in cases_now]
         for e in this_run:
             dice = ""
@@ -758,7 +669,7 @@ def run_segment(input_path: str | None, output: str | None, model_spec: str | No
                 print(f"{e['case']:24s} skipped: already in {out_dir}; --overwrite to redo{dice}")
             else:
                 print(f"{e['case']:24s} failed (error above)")
-        run_means = mean_dice(this_run, model.labels[1:])
+        run_means = mean_dice(this_run, segmenter.labels[1:])
         if run_means:
             print(f"mean Dice ({sum('dice' in e for e in this_run if e['status'] != 'failed')} cases): "
                   + ", ".join(f"{k} {v:.3f}" for k, v in run_means.items()))
@@ -767,13 +678,3 @@ def run_segment(input_path: str | None, output: str | None, model_spec: str | No
               + (f", {skipped} skipped (already there)" if skipped else "")
               + (f"; {len(failed)} failed" if failed else ""))
     return 1 if failed else 0
-
-
-def _gather(entries: list[dict], world: int) -> list[dict]:
-    import torch.distributed as dist
-
-    if world == 1 or not dist.is_initialized():
-        return entries
-    gathered: list = [None] * world
-    dist.all_gather_object(gathered, entries)
-    return [e for part in gathered for e in part]

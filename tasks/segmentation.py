@@ -119,14 +119,16 @@ def fixed_case_split(cases: Sequence[dict], val_fraction: float, seed: int = 0) 
 # transforms
 
 
-def preprocessing(data: dict, keys: Sequence[str] = ("image", "label")) -> list:
+def preprocessing(data: dict, keys: Sequence[str] = ("image", "label"), load: bool = True) -> list:
     """The deterministic MONAI dictionary transforms from a recipe's ``data`` section.
 
     ``keys`` are ``("image",)`` at inference and ``("image", "label")`` in training. Images come out as
     float32 ``[C, *spatial]``; labels as ``[1, *spatial]`` with values ``0 .. K-1`` (``data.label_values``
     maps raw mask values, e.g. DRIVE's 0/255, to classes). 2-D files are first checked from their header
     (:func:`visionattn.tasks.imageio.image_size`: a supported format, at most ``data.max_image_pixels``
-    pixels), so a decompression bomb is refused before it is decoded.
+    pixels), so a decompression bomb is refused before it is decoded. ``load=False`` leaves out the reading:
+    the items then hold channel-first MONAI ``MetaTensor``s with their affine (``segment`` reads each volume
+    once, itself).
     """
     from monai import transforms as T
 
@@ -135,13 +137,14 @@ def preprocessing(data: dict, keys: Sequence[str] = ("image", "label")) -> list:
     # PIL reads the 2-D formats (MONAI's PIL reader does not claim .tif/.gif unless asked); nibabel the NIfTIs
     reader = "PILReader" if spatial_dims == 2 else "NibabelReader"
     ops: list = []
-    if spatial_dims == 2:
+    if load and spatial_dims == 2:
         # MONAI decodes the file itself (keeping 16-bit and palette-index samples as they are, which
         # intensity normalisation and data.label_values rely on), so only the header is checked here
         max_pixels = pixel_limit(data.get("max_image_pixels"))
         ops.append(T.Lambdad(keys=keys, func=partial(_checked_2d_file, max_pixels=max_pixels)))
-    ops.append(T.LoadImaged(keys=keys, image_only=True, ensure_channel_first=True, reader=reader))
-    if spatial_dims == 2:
+    if load:
+        ops.append(T.LoadImaged(keys=keys, image_only=True, ensure_channel_first=True, reader=reader))
+    if load and spatial_dims == 2:
         # PIL images load as [C, W, H]; put them in [C, H, W] like every other 2-D tensor here
         ops.append(T.Transposed(keys=keys, indices=(0, 2, 1)))
         if data.get("grayscale", False):

@@ -1,7 +1,9 @@
 """The batch-inference skeleton that ``segment`` and ``detect`` share.
 
 A command turns its inputs into :class:`Item` objects (a unique name, the input files, the output files by
-kind) and hands them with a function that processes one item to :func:`run_items`, which:
+kind) and hands them with a function that processes one item to :func:`run_items` (or, to process
+several at once, e.g. a model's batch, with a function that processes a list of items to
+:func:`run_items_batched`), which:
 
 - refuses, for the whole call and before anything is written, an output that is an input (whatever
   ``--overwrite`` says) and an output folder that is an input folder (:func:`refuse_outputs_on_inputs`);
@@ -118,9 +120,10 @@ def prepare_output_folder(folder: Path) -> None:
 # running
 
 
-def run_one(item: Item, process: Callable[[Item], dict], *, overwrite: bool, key: str) -> dict:
-    """The summary entry of one item: ``status`` ``ok`` (with what ``process`` returned), ``skipped`` (its
-    outputs all exist) or ``failed`` (with ``error``). Never raises for a problem of the item."""
+def check_item(item: Item, *, overwrite: bool, key: str) -> dict | None:
+    """The summary entry of an item that is not to run: ``skipped`` (its outputs all exist, and not
+    ``overwrite``) or ``failed`` (an output on an input, a known problem, an output that is not a regular
+    file, outputs that exist only in part); ``None`` when it is to run. Never raises for a problem of the item."""
     base = {key: item.name, "inputs": [str(f) for f in item.inputs]}
     try:
         clashes = outputs_that_are_inputs(list(item.outputs.values()), item.inputs)
@@ -139,13 +142,36 @@ def run_one(item: Item, process: Callable[[Item], dict], *, overwrite: bool, key
             missing = [p.name for p in item.outputs.values() if not p.exists()]
             raise BatchError(f"{', '.join(p.name for p in existing)} already in {existing[0].parent} but "
                              f"{', '.join(missing)} not; --overwrite to redo it")
-        start = time.time()
-        entry = process(item)
-        return {**base, "status": "ok", "outputs": {k: str(v) for k, v in item.outputs.items()}, **entry,
-                "seconds": round(time.time() - start, 3)}
+        return None
     except Exception as e:  # one bad item must not stop the others
-        message = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
-        return {**base, "status": "failed", "error": message}
+        return failed_entry(item, key, e)
+
+
+def failed_entry(item: Item, key: str, error: BaseException) -> dict:
+    """The ``failed`` summary entry of ``item``: a :class:`UserError`'s message as it is, anything else
+    with its type name."""
+    message = str(error) if isinstance(error, UserError) else f"{type(error).__name__}: {error}"
+    return {key: item.name, "inputs": [str(f) for f in item.inputs], "status": "failed", "error": message}
+
+
+def ok_entry(item: Item, key: str, added: dict, seconds: float) -> dict:
+    """The ``ok`` summary entry of ``item``: its outputs, what its processing ``added``, and its time."""
+    return {key: item.name, "inputs": [str(f) for f in item.inputs], "status": "ok",
+            "outputs": {k: str(v) for k, v in item.outputs.items()}, **added, "seconds": round(seconds, 3)}
+
+
+def run_one(item: Item, process: Callable[[Item], dict], *, overwrite: bool, key: str) -> dict:
+    """The summary entry of one item: ``status`` ``ok`` (with what ``process`` returned), ``skipped`` (its
+    outputs all exist) or ``failed`` (with ``error``). Never raises for a problem of the item."""
+    entry = check_item(item, overwrite=overwrite, key=key)
+    if entry is not None:
+        return entry
+    start = time.time()
+    try:
+        added = process(item)
+    except Exception as e:  # one bad item must not stop the others
+        return failed_entry(item, key, e)
+    return ok_entry(item, key, added, time.time() - start)
 
 
 def run_items(items: Sequence[Item], process: Callable[[Item], dict], *, overwrite: bool, command: str,
@@ -161,6 +187,68 @@ def run_items(items: Sequence[Item], process: Callable[[Item], dict], *, overwri
             print(f"{command}: {key} {item.name}: {entry['error']}", file=sys.stderr)
         entries.append(entry)
     return gather(entries, world)
+
+
+def run_items_batched(items: Sequence[Item], process_many: Callable[[list[Item]], Sequence[dict | BaseException]],
+                      *, batch_size: int, overwrite: bool, command: str, key: str, rank: int = 0, world: int = 1,
+                      progress: Callable | None = None) -> list[dict]:
+    """:func:`run_items` for commands that process several items at once (a model's batch).
+
+    This process's share of ``items`` is checked item by item (:func:`check_item`: skipped and failed
+    items never reach ``process_many``); the items to run go to ``process_many`` in lists of up to
+    ``batch_size``, in order. It returns, for each item of its list, what the item's entry adds (a dict)
+    or the exception that failed that item alone. Should it raise (or return a list of another length),
+    each item of that list is retried on its own, so one bad item fails only itself. An item's
+    ``seconds`` is its list's time shared equally. Failures are printed once on stderr
+    (``command: key NAME: error``); returns every process's entries in item order (gathered under
+    ``torchrun``). ``progress`` wraps the iterable of items to run."""
+    if batch_size < 1:
+        raise BatchError(f"batch size must be at least 1, got {batch_size}")
+    mine = list(items[rank::world])
+    entries: list[dict | None] = [None] * len(mine)
+
+    def settle(k: int, entry: dict) -> None:
+        if entry["status"] == "failed":
+            print(f"{command}: {key} {mine[k].name}: {entry['error']}", file=sys.stderr)
+        entries[k] = entry
+
+    def run_batch(batch: list[int]) -> None:
+        start = time.time()
+        try:
+            results = list(process_many([mine[k] for k in batch]))
+            if len(results) != len(batch):
+                raise RuntimeError(f"{len(results)} results for {len(batch)} items")
+        except Exception as e:  # retry one by one: only the item at fault fails
+            if len(batch) > 1:
+                for k in batch:
+                    run_batch([k])
+                return
+            results = [e]
+        seconds = (time.time() - start) / len(batch)
+        for k, result in zip(batch, results):
+            if isinstance(result, BaseException):
+                settle(k, failed_entry(mine[k], key, result))
+            elif isinstance(result, dict):
+                settle(k, ok_entry(mine[k], key, result, seconds))
+            else:  # a bug of process_many; the item is not done
+                settle(k, failed_entry(mine[k], key, TypeError(f"no result for it ({type(result).__name__})")))
+
+    todo = []
+    for k, item in enumerate(mine):
+        entry = check_item(item, overwrite=overwrite, key=key)
+        if entry is None:
+            todo.append(k)
+        else:
+            settle(k, entry)
+    batch: list[int] = []
+    for k in (progress(todo) if progress else todo):
+        batch.append(k)
+        if len(batch) == batch_size:
+            run_batch(batch)
+            batch = []
+    if batch:
+        run_batch(batch)
+    return gather([e for e in entries if e is not None], world)
 
 
 def gather(entries: list[dict], world: int) -> list[dict]:

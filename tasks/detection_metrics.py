@@ -2,9 +2,12 @@
 and COCO JSON (images, categories, results) for pycocotools and other COCO tools."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import torch
+
+from visionattn.tasks.files import atomic_path
 
 # ---------------------------------------------------------------------------------------------------
 # metrics and export
@@ -94,3 +97,36 @@ def to_coco_json(image_infos: Sequence[dict], detections: Sequence[dict], catego
                 ann["score"] = round(float(scores[k]), 5)
             annotations.append(ann)
     return {"images": images, "annotations": annotations, "categories": cats}
+
+
+def to_coco_results(image_infos: Sequence[dict], detections: Sequence[dict], categories: Sequence[str] | Sequence[dict],
+                    info: dict | None = None) -> tuple[list[dict], dict]:
+    """Detections as COCO tools take them: a *results* list and the *dataset* it refers to.
+
+    ``results`` is ``[{image_id, category_id, bbox: [x, y, w, h], score}]`` (what ``COCO.loadRes`` and
+    ``COCOeval`` read); ``dataset`` is ``{info, licenses, images, categories, annotations: []}``, a COCO
+    dataset file without annotations that holds every image and category the results name (``COCO(file)``,
+    then ``loadRes``). Arguments as :func:`to_coco_json`; every detection needs ``scores``.
+
+    With no detection at all, ``results`` is ``[]``: valid COCO results, but pycocotools' ``COCO.loadRes``
+    cannot load an empty list (it reads the first entry to tell boxes from captions or masks).
+    """
+    if any("scores" not in d for d in detections):
+        raise ValueError("COCO results need a score for every detection")
+    coco = to_coco_json(image_infos, detections, categories)
+    results = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": a["score"]}
+               for a in coco["annotations"]]
+    dataset = {"info": dict(info or {}), "licenses": [], "images": coco["images"], "categories": coco["categories"],
+               "annotations": []}
+    return results, dataset
+
+
+def write_coco_results(results: list[dict], dataset: dict, results_path: str | Path, dataset_path: str | Path) -> None:
+    """Write :func:`to_coco_results`' pair, each file atomically (a temporary name, then a rename), both
+    written in full before either is renamed into place. Values must be finite (JSON has no NaN)."""
+    import json
+
+    texts = [json.dumps(results, allow_nan=False), json.dumps(dataset, indent=1, allow_nan=False)]
+    with atomic_path(dataset_path) as dataset_tmp, atomic_path(results_path) as results_tmp:
+        results_tmp.write_text(texts[0])
+        dataset_tmp.write_text(texts[1])

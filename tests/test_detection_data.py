@@ -329,14 +329,21 @@ def test_detect_end_to_end(detect_inputs, tmp_path, capsys):
     out = tmp_path / "out"
     files = detect_cmd.collect_images(detect_inputs)
     summary = detect_cmd.detect(BrightBoxDetector(), files, out, classes=NEU_CLASSES)
-    assert summary["images"] == 3 and summary["detections"] == 3
+    assert summary["images"] == 3 and summary["detections"] == 3 and summary["written"] == 3
     assert [Path(f["path"]).name for f in summary["failed"]] == ["broken.jpg"]
     assert "broken.jpg" in capsys.readouterr().err
-    result = json.loads((out / "detections.json").read_text())
-    assert [im["file_name"] for im in result["images"]] == ["crazing_1.jpg", "more/scratches_10.jpg", "patches_2.jpg"]
-    assert result["categories"][0] == {"id": 1, "name": "crazing", "supercategory": "none"}
-    ann = result["annotations"][0]
-    assert ann["category_id"] == 1 and ann["score"] == 0.9 and len(ann["bbox"]) == 4 and ann["image_id"] == 1
+    dataset = json.loads((out / "images.json").read_text())
+    assert [im["file_name"] for im in dataset["images"]] == ["crazing_1.jpg", "more/scratches_10.jpg", "patches_2.jpg"]
+    assert [im["id"] for im in dataset["images"]] == [1, 2, 3] and dataset["annotations"] == []
+    assert dataset["categories"][0] == {"id": 1, "name": "crazing", "supercategory": "none"}
+    assert [c["name"] for c in dataset["categories"]] == NEU_CLASSES
+    results = json.loads((out / "results.json").read_text())
+    assert set(results[0]) == {"image_id", "category_id", "bbox", "score"}
+    assert results[0]["category_id"] == 1 and results[0]["score"] == 0.9 and len(results[0]["bbox"]) == 4
+    assert results[0]["image_id"] == 1
+    record = json.loads((out / "detections" / "more__scratches_10.json").read_text())
+    assert record["image"] == "more/scratches_10.jpg" and record["path"] == str(detect_inputs / "more" / "scratches_10.jpg")
+    assert record["detections"][0]["class"] == "crazing" and (record["width"], record["height"]) == (200, 200)
     drawn = sorted(p.name for p in (out / "images").iterdir())
     assert drawn == ["crazing_1.png", "more__scratches_10.png", "patches_2.png"]
     from PIL import Image
@@ -345,10 +352,19 @@ def test_detect_end_to_end(detect_inputs, tmp_path, capsys):
         assert im.size == (200, 200) and im.mode == "RGB"
     assert not [p for p in out.rglob(".*")]  # no temporary files left
 
-    with pytest.raises(FileExistsError, match="already holds outputs .*detections.json.*--overwrite"):
-        detect_cmd.detect(BrightBoxDetector(), files, out)
+    # a re-run skips the finished images (and says so), tries the broken one again, and writes the
+    # combined files complete
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*.png")}
+    summary = detect_cmd.detect(BrightBoxDetector(), files, out)
+    captured = capsys.readouterr()
+    assert summary["skipped"] == 3 and summary["written"] == 0 and summary["images"] == 3 and summary["detections"] == 3
+    assert [Path(f["path"]).name for f in summary["failed"]] == ["broken.jpg"] and "broken.jpg" in captured.err
+    assert "3 images skipped" in captured.out and "--overwrite to redo them" in captured.out
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.png")} == before
+    assert json.loads((out / "results.json").read_text()) == results
     summary = detect_cmd.detect(BrightBoxDetector(), files, out, score_threshold=0.95, overwrite=True)
-    assert summary["detections"] == 0 and json.loads((out / "detections.json").read_text())["annotations"] == []
+    assert summary["written"] == 3 and summary["detections"] == 0
+    assert json.loads((out / "results.json").read_text()) == []
 
 
 def test_detect_command(detect_inputs, tmp_path, monkeypatch, capsys):
@@ -356,13 +372,22 @@ def test_detect_command(detect_inputs, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     assert main(["detect", "-i", str(detect_inputs), "-o", str(out), "--model", "stand_in"]) == 1  # one bad image
     captured = capsys.readouterr()
-    assert "broken.jpg" in captured.err and "3 images, 3 detections" in captured.out
-    assert (out / "detections.json").is_file() and len(list((out / "images").iterdir())) == 3
+    assert "broken.jpg" in captured.err and "results.json: 3 images, 3 detections" in captured.out
+    assert (out / "results.json").is_file() and (out / "images.json").is_file()
+    assert len(list((out / "images").iterdir())) == 3 and len(list((out / "detections").iterdir())) == 3
     assert main(["detect", "-i", str(detect_inputs / "more"), "-o", str(tmp_path / "more"), "--model", "stand_in"]) == 0
-    assert main(["detect", "-i", str(detect_inputs / "crazing_1.jpg"), "-o", str(out), "--model", "stand_in"]) == 2
-    assert "--overwrite" in capsys.readouterr().err
+    # the same image again: skipped, which is no failure
+    assert main(["detect", "-i", str(detect_inputs / "crazing_1.jpg"), "-o", str(out), "--model", "stand_in"]) == 0
+    captured = capsys.readouterr()
+    assert "1 images skipped (crazing_1.jpg)" in captured.out and "--overwrite" in captured.out
     assert main(["detect", "-i", str(detect_inputs / "crazing_1.jpg"), "-o", str(out), "--model", "stand_in",
                  "--overwrite", "--score-threshold", "0.5"]) == 0
+    assert "1 of 1 images written" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())  # merged with the first run's
+    assert {e["image"]: e["status"] for e in summary["images"]} == {
+        "broken.jpg": "failed", "crazing_1.jpg": "ok", "more/scratches_10.jpg": "ok", "patches_2.jpg": "ok"}
+    assert main(["detect", "-i", str(detect_inputs), "-o", str(detect_inputs), "--model", "stand_in"]) == 2
+    assert "is the input folder" in capsys.readouterr().err
 
 
 def test_detect_refuses_models_of_other_tasks(tmp_path, capsys):

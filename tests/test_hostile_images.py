@@ -300,18 +300,30 @@ def test_detect_names_bad_images_and_finishes_the_good_ones(small_detector, tmp_
     inputs.mkdir()
     bomb, cut = bomb_png(inputs / "bomb.png"), truncated(inputs / "cut.jpg", "JPEG")
     good = good_png(inputs / "good.png")
-    summary = detect_cmd.detect(small_detector, detect_cmd.collect_images(inputs), tmp_path / "out", classes=["a", "b"],
-                         score_threshold=0.0)
-    assert summary["images"] == 1 and sorted(Path(f["path"]).name for f in summary["failed"]) == ["bomb.png", "cut.jpg"]
-    lines = stderr_lines(capsys.readouterr())
-    assert "Traceback" not in "".join(lines)
-    assert sorted(lines) == sorted(f"detect: {f['error']}" for f in summary["failed"])  # one line each
-    assert any(str(bomb) in line and "decompression bomb" in line for line in lines)
-    assert any(str(cut) in line and "truncated" in line for line in lines)
-    result = json.loads((tmp_path / "out" / "detections.json").read_text())
-    assert [im["file_name"] for im in result["images"]] == ["good.png"] and result["failed"] == summary["failed"]
-    assert [p.name for p in (tmp_path / "out" / "images").iterdir()] == ["good.png"]
-    assert str(good) == result["images"][0]["path"]
+    out = tmp_path / "out"
+    for run in range(2):  # the re-run skips the good image and names the bad ones again
+        summary = detect_cmd.detect(small_detector, detect_cmd.collect_images(inputs), out, classes=["a", "b"],
+                                    score_threshold=0.0)
+        assert summary["images"] == 1 and (summary["written"], summary["skipped"]) == ((1, 0) if run == 0 else (0, 1))
+        assert sorted(Path(f["path"]).name for f in summary["failed"]) == ["bomb.png", "cut.jpg"]
+        captured = capsys.readouterr()
+        lines = stderr_lines(captured)
+        assert "Traceback" not in "".join(lines)
+        # one line each, naming the image
+        assert sorted(lines) == sorted(f"detect: image {f['image']}: {f['error']}" for f in summary["failed"])
+        assert any(str(bomb) in line and "decompression bomb" in line for line in lines)
+        assert any(str(cut) in line and "truncated" in line for line in lines)
+        dataset = json.loads((out / "images.json").read_text())
+        assert [im["file_name"] for im in dataset["images"]] == ["good.png"]
+        assert dataset["images"][0]["path"] == str(good)
+        results = json.loads((out / "results.json").read_text())
+        assert results and {r["image_id"] for r in results} == {1}
+        entries = {e["image"]: e for e in json.loads((out / "summary.json").read_text())["images"]}
+        assert {f["image"]: f["error"] for f in summary["failed"]} == \
+               {name: e["error"] for name, e in entries.items() if e["status"] == "failed"}
+        assert entries["good.png"]["status"] == ("ok" if run == 0 else "skipped")
+        assert [p.name for p in (out / "images").iterdir()] == ["good.png"]
+        assert [p.name for p in (out / "detections").iterdir()] == ["good.json"]
 
 
 def test_detect_command_exit_codes_and_pixel_limit_option(small_detector, tmp_path, monkeypatch, capsys):
@@ -324,7 +336,7 @@ def test_detect_command_exit_codes_and_pixel_limit_option(small_detector, tmp_pa
     assert main(["detect", "-i", str(inputs), "-o", str(tmp_path / "o1"), "--model", "small"]) == 1  # some failed
     captured = capsys.readouterr()
     assert len(stderr_lines(captured)) == 2 and "Traceback" not in captured.err
-    assert "1 images, " in captured.out and "2 failed" in captured.out
+    assert "results.json: 1 images, " in captured.out and "2 failed" in captured.out
     good = str(inputs / "good.png")
     assert main(["detect", "-i", good, "-o", str(tmp_path / "o2"), "--model", "small"]) == 0
     assert main(["detect", "-i", good, "-o", str(tmp_path / "o3"), "--model", "small",

@@ -116,3 +116,44 @@ def bench_segment_memory(model: str = "hippocampus_agunet", shape: Sequence[int]
                            round(row["rss_before_mib"])]])
     return table, [row]
 
+
+def bench_segment_tta(model: str = "hippocampus_agunet", data_root: str | None = None,
+                      threads: int | None = None) -> tuple[str, list[dict]]:
+    """Dice of a trained segmentation run on its recipe's validation cases without test-time mirroring, with
+    mirroring along the recipe's flip axes (what ``--tta`` does), and along every axis (what it must not
+    do), with the seconds per case of each."""
+    import nibabel as nib
+
+    from visionattn.tasks.segment import Segmenter, dice_per_label
+    from visionattn.tasks.segmentation import find_msd_cases, fixed_case_split
+
+    if threads:
+        torch.set_num_threads(threads)
+    base = Segmenter.from_run(model, tta=False)
+    data = base.model.data
+    root = data_root or data.get("root")
+    if not root or not Path(root).is_dir():
+        raise FileNotFoundError(f"data folder {root!r} not found; pass the MSD folder the run was trained on")
+    _, val = fixed_case_split(find_msd_cases(root), float(data.get("val_fraction", 0.2)), int(data.get("split_seed", 0)))
+    rows = []
+    every_axis = list(range(int(data.get("spatial_dims", 3))))
+    for name, axes in (("no mirroring", []), ("recipe's flip axes", None), ("every axis", every_axis)):
+        seg = Segmenter(base.model, tta=axes is None or bool(axes))
+        if axes is not None:
+            seg.mirror_axes = axes
+        scores, start = [], time.perf_counter()
+        for case in val:
+            image = nib.load(str(case["image"]))
+            truth = np.asarray(nib.load(str(case["label"])).dataobj)
+            labels = seg.predict(np.asarray(image.dataobj, np.float32), image.affine)["labels"]
+            scores.append(dice_per_label(labels, truth, len(seg.labels)))
+        d = np.asarray(scores, dtype=float)
+        row = {"mirroring": name, "axes": seg.mirror_axes, "cases": len(val), "mean_dice": float(np.nanmean(d)),
+               "seconds_per_case": (time.perf_counter() - start) / len(val)}
+        row.update({f"dice_{label}": float(np.nanmean(d[:, k])) for k, label in enumerate(seg.labels[1:])})
+        print(f"{name:20s} mean Dice {row['mean_dice']:.4f}  {row['seconds_per_case']:.2f} s/case", flush=True)
+        rows.append(row)
+    table = format_table(["mirroring", "axes", "cases", "mean Dice", "s / case"],
+                         [[r["mirroring"], r["axes"], r["cases"], f"{r['mean_dice']:.4f}", f"{r['seconds_per_case']:.2f}"]
+                          for r in rows])
+    return table, rows

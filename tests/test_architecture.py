@@ -83,3 +83,9 @@ def test_the_model_library_does_not_import_the_tasks_layer():
             continue
         bad = [m for m in _imports(path) if m.startswith("visionattn.tasks")]
         assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
+
+
+def test_sources_cite_papers_and_upstream_code_not_files_outside_the_repository():
+    for folder in ("visionattn", "kernels", "tasks"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            assert "shared/reference" not in path.read_text(), f"{path.relative_to(ROOT)} cites shared/reference"

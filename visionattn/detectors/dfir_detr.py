@@ -6,7 +6,7 @@ Small Object Detection" (v1; v2 retitled "Frequency-Domain Iterative Refinement 
 Reported: NEU-DET mAP50 92.9, VisDrone mAP50 51.6, 11.7M params, 41.2 GFLOPs at 640 (a v2 listing says 47.2).
 
 **Only the DCFA equations are public** (quoted by a third-party review); there is no public code. Everything
-else follows the plausible reading of ``shared/reference/decoders_detectors.md`` section 5, and every
+else follows the most plausible reading of the paper's text and figures, and every
 guessed part says so (``[guess]``) in its docstring. The RT-DETR parts are unchanged and come from the
 DETR toolkit (:mod:`visionattn.detectors.detr`): the hybrid encoder's shell with AIFI, IoU-aware query
 selection, the 3-layer deformable decoder, denoising, the Hungarian matcher and the varifocal/L1/GIoU losses.

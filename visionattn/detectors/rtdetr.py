@@ -1,8 +1,7 @@
 """RT-DETR: a real-time DETR with a hybrid encoder, IoU-aware query selection and a deformable decoder.
 
 Zhao et al., "DETRs Beat YOLOs on Real-time Object Detection", CVPR 2024, arXiv:2304.08069; official code
-lyuwenyu/RT-DETR (``rtdetr_pytorch``). Built as ``shared/reference/decoders_detectors.md`` section 4 gives the
-R18 model. This file holds what is RT-DETR's own (its CCFM operators and the model); the parts DFIR-DETR
+lyuwenyu/RT-DETR (``rtdetr_pytorch``), whose R18 configuration this follows. This file holds what is RT-DETR's own (its CCFM operators and the model); the parts DFIR-DETR
 shares live in the toolkit :mod:`visionattn.detectors.detr`:
 
 - backbone: ResNet-18-vd (timm ``resnet18d``: 3-conv stem 32-32-64, BasicBlocks [2, 2, 2, 2], avg-pool + 1x1

@@ -9,7 +9,7 @@ Per batch and head, with feature-mapped queries and keys ``q, k`` (the kernel fe
     z_n   = 1 / (q_n . kbar + eps)                      (the normaliser uses the UNrotated features)
     out_n = (q~_n S) z_n                      [dv]
 
-Signature: ``linear_attention(q, k, v, q_rot=None, k_rot=None, *, eps=1e-6, chunk_size=1024,
+Signature: ``linear_attention(q, k, v, q_rot=None, k_rot=None, *, eps=1e-6, chunk_size=None,
 backend='auto')``: the tensors are positional (``q_rot``/``k_rot`` together or not at all), every option is
 keyword-only.
 
@@ -17,11 +17,14 @@ Backends (``backend=``, the vocabulary of :mod:`visionattn.kernels.backends`):
 
 - ``"reference"``: the quadratic form ``A = q~ k~^T / N``, ``out = (A v) z`` with autograd; small inputs
   only, the test oracle.
-- ``"torch"``: chunked over N (``chunk_size`` tokens at a time) in a ``torch.autograd.Function`` with an
-  explicit backward. Time is linear in N; memory is O(N d) for the outputs and gradients plus O(d dv)
-  summaries per head, and temporaries are bounded by one chunk: no N x N and no N x d x dv tensor is
-  formed. The ops are plain torch ops, so ``torch.utils.flop_counter`` and dispatch-mode memory trackers
-  see them. Twice-differentiable it is not.
+- ``"torch"``: a ``torch.autograd.Function`` with an explicit backward in which every product is one
+  contraction over all N tokens (``S = k~^T v``, ``q~ S``, ...): none of them forms anything larger than
+  its ``N x d`` operands, so cutting N into chunks would save no memory and only add passes (``chunk_size``
+  still cuts it, for tests and for bounding the ``N x d`` temporaries). Time is linear in N; memory is
+  O(N d) for the outputs, gradients and temporaries plus O(d dv) summaries per head: no N x N and no
+  N x d x dv tensor is formed. The backward reuses the forward's output and normaliser (``dout . (q~ S)
+  z^2 = (dout . out) z``) instead of recomputing ``q~ S``. The ops are plain torch ops, so
+  ``torch.utils.flop_counter`` and dispatch-mode memory trackers see them. Twice-differentiable it is not.
 - ``"triton"``: four Triton kernels (two passes forward, two backward; below) behind ``torch.library``
   custom ops with a registered autograd formula, fake implementations and a FLOP formula.
 - ``"auto"``: Triton for CUDA tensors when Triton is available, else ``"torch"``.
@@ -76,55 +79,89 @@ def linear_attention_reference(q, k, v, q_rot=None, k_rot=None, *, eps: float = 
 # ---------------------------------------------------------------------------------------------- torch
 
 
-def _torch_forward(q_rot, k_rot, q, k, v, eps: float, chunk_size: int):
-    """Chunked forward: ``out [B, N, heads, dv]`` (inputs' dtype), ``S [B, heads, d, dv]`` and
-    ``kbar [B, heads, d]`` (fp32, fp64 for fp64 inputs)."""
+def _spans(N: int, chunk_size: int | None) -> list[slice]:
+    step = N if chunk_size is None else chunk_size
+    return [slice(s, min(s + step, N)) for s in range(0, N, step)]
+
+
+def _heads(t: torch.Tensor, dtype) -> torch.Tensor:
+    """``[B, N, heads, d]`` -> a ``[B, heads, N, d]`` view (a copy only to change the dtype)."""
+    return t.to(dtype).transpose(1, 2)
+
+
+def _matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``a [B, heads, M, K] @ b [B, heads, K, P]`` -> ``[B, heads, M, P]`` (contiguous, or into ``out``): one
+    ``bmm`` per batch element, so strided heads-first views of heads-last tensors are read in place (matmul
+    would copy them to merge the batch and head dimensions)."""
+    if out is None:
+        out = a.new_empty(a.shape[0], a.shape[1], a.shape[2], b.shape[3])
+    for i in range(a.shape[0]):
+        if out[i].is_contiguous():
+            torch.bmm(a[i], b[i], out=out[i])
+        else:
+            out[i].copy_(torch.bmm(a[i], b[i]))
+    return out
+
+
+def _torch_forward(q_rot, k_rot, q, k, v, eps: float, chunk_size: int | None = None):
+    """Forward: ``out [B, N, heads, dv]`` (inputs' dtype; a heads-first tensor seen heads-last),
+    ``S [B, heads, d, dv]``, ``kbar [B, heads, d]`` and ``z [B, heads, N, 1]`` (the normaliser's
+    reciprocal), all but ``out`` in fp32 (fp64 for fp64 inputs). Each product is one contraction over the
+    ``chunk_size`` tokens of a chunk, all ``N`` by default: ``S`` is a ``d x dv`` sum, so a contraction
+    over all tokens holds nothing larger than its ``N x d`` operands."""
     B, N, H, D = q.shape
     acc = _acc_dtype(q.dtype)
-    S = q.new_zeros((B, H, D, v.shape[-1]), dtype=acc)
-    ksum = q.new_zeros((B, H, D), dtype=acc)
-    for s in range(0, N, chunk_size):
-        S += torch.einsum("bnhd,bnhe->bhde", k_rot[:, s:s + chunk_size].to(acc), v[:, s:s + chunk_size].to(acc))
-        ksum += k[:, s:s + chunk_size].to(acc).sum(1)
-    S, kbar = S / N, ksum / N
-    out = v.new_empty((B, N, H, v.shape[-1]))
-    for s in range(0, N, chunk_size):
-        z = 1.0 / (torch.einsum("bnhd,bhd->bnh", q[:, s:s + chunk_size].to(acc), kbar) + eps)
-        out[:, s:s + chunk_size] = torch.einsum("bnhd,bhde->bnhe", q_rot[:, s:s + chunk_size].to(acc), S) * z[..., None]
-    return out, S, kbar
+    spans = _spans(N, chunk_size)
+    S = sum(_matmul(_heads(k_rot[:, c], acc).transpose(2, 3), _heads(v[:, c], acc)) for c in spans).div_(N)
+    kbar = sum(k[:, c].to(acc).sum(1) for c in spans).div_(N)  # [B, heads, d]
+    # the normaliser as the row kbar^T q^T: BLAS runs a matrix-vector product far faster with the long side
+    # (N) as its output than as its contraction
+    z = q.new_empty(B, H, 1, N, dtype=acc)
+    for c in spans:
+        _matmul(kbar[:, :, None], _heads(q[:, c], acc).transpose(2, 3), out=z[..., c]).add_(eps).reciprocal_()
+    z = z.view(B, H, N, 1)
+    out = q.new_empty(B, H, N, v.shape[-1], dtype=acc)
+    for c in spans:
+        _matmul(_heads(q_rot[:, c], acc), S, out=out[:, :, c]).mul_(z[:, :, c])
+    return out.to(v.dtype).transpose(1, 2), S, kbar, z
 
 
-def _torch_backward(dout, q_rot, k_rot, q, k, v, S, kbar, eps: float, chunk_size: int):
-    """Chunked backward: ``(dq_rot, dk_rot, dq, dk, dv)``; ``dk`` is an expanded view (every key gets the
-    same gradient through the mean)."""
-    N = q.shape[1]
+def _torch_backward(dout, q_rot, k_rot, q, k, v, S, kbar, z, out, eps: float, chunk_size: int | None = None):
+    """Backward: ``(dq_rot, dk_rot, dq, dk, dv)`` (heads-first tensors seen heads-last; ``dk`` an expanded
+    view: every key gets the same gradient through the mean). ``out`` (the forward's, when it is in the
+    accumulation dtype; else None) spares recomputing ``y = q~ S``: ``(dout . y) z^2 = (dout z) . out``."""
+    B, N, H, D = q.shape
     acc = S.dtype
-    dq_rot, dq = torch.empty_like(q_rot), torch.empty_like(q)
-    dS, dkbar = torch.zeros_like(S), torch.zeros_like(kbar)
-    for s in range(0, N, chunk_size):
-        q_c, qr_c, dout_c = (t[:, s:s + chunk_size].to(acc) for t in (q, q_rot, dout))
-        z = 1.0 / (torch.einsum("bnhd,bhd->bnh", q_c, kbar) + eps)
-        g = dout_c * z[..., None]
-        dq_rot[:, s:s + chunk_size] = torch.einsum("bnhe,bhde->bnhd", g, S)
-        dS += torch.einsum("bnhd,bnhe->bhde", qr_c, g)
-        y = torch.einsum("bnhd,bhde->bnhe", qr_c, S)
-        dden = -(dout_c * y).sum(-1) * z * z
-        dq[:, s:s + chunk_size] = dden[..., None] * kbar[:, None]
-        dkbar += torch.einsum("bnh,bnhd->bhd", dden, q_c)
+    spans = _spans(N, chunk_size)
+    dq_rot, dq = q.new_empty(B, H, N, D, dtype=acc), q.new_empty(B, H, N, D, dtype=acc)
+    dS, dkbar = torch.zeros_like(S), torch.zeros_like(kbar)[:, :, None]  # [B, heads, 1, d]
+    for c in spans:
+        dout_c = _heads(dout[:, c], acc)
+        g = torch.mul(dout_c, z[:, :, c], out=dout_c.new_empty(dout_c.shape))  # [B, heads, n, dv], contiguous
+        _matmul(g, S.transpose(2, 3), out=dq_rot[:, :, c])
+        qr_c = _heads(q_rot[:, c], acc)
+        dS += _matmul(qr_c.transpose(2, 3), g)
+        y_z = _heads(out[:, c], acc) if out is not None else _matmul(qr_c, S).mul_(z[:, :, c])
+        dden = (g * y_z).sum(-1, keepdim=True).neg_()  # -(dout . y) z^2, [B, heads, n, 1]
+        torch.mul(dden, kbar[:, :, None], out=dq[:, :, c])
+        dkbar += _matmul(dden.transpose(2, 3), _heads(q[:, c], acc))  # the row dden^T q, as for z
     dS /= N
-    dk_rot, dv = torch.empty_like(k_rot), torch.empty_like(v)
-    for s in range(0, N, chunk_size):
-        dk_rot[:, s:s + chunk_size] = torch.einsum("bnhe,bhde->bnhd", v[:, s:s + chunk_size].to(acc), dS)
-        dv[:, s:s + chunk_size] = torch.einsum("bnhd,bhde->bnhe", k_rot[:, s:s + chunk_size].to(acc), dS)
-    dk = (dkbar / N).to(k.dtype)[:, None].expand_as(k)
-    return dq_rot, dk_rot, dq, dk, dv
+    dk_rot, dv = q.new_empty(B, H, N, D, dtype=acc), q.new_empty(B, H, N, v.shape[-1], dtype=acc)
+    for c in spans:
+        _matmul(_heads(v[:, c], acc), dS.transpose(2, 3), out=dk_rot[:, :, c])
+        _matmul(_heads(k_rot[:, c], acc), dS, out=dv[:, :, c])
+    dk = (dkbar[:, :, 0] / N).to(k.dtype)[:, None].expand_as(k)
+    heads_last = [t.to(dtype).transpose(1, 2) for t, dtype in
+                  ((dq_rot, q_rot.dtype), (dk_rot, k_rot.dtype), (dq, q.dtype), (dv, v.dtype))]
+    return heads_last[0], heads_last[1], heads_last[2], dk, heads_last[3]
 
 
-class _ChunkedLinearAttention(torch.autograd.Function):
+class _LinearAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q_rot, k_rot, q, k, v, eps: float, chunk_size: int):
-        out, S, kbar = _torch_forward(q_rot, k_rot, q, k, v, eps, chunk_size)
-        ctx.save_for_backward(q_rot, k_rot, q, k, v, S, kbar)
+    def forward(ctx, q_rot, k_rot, q, k, v, eps: float, chunk_size: int | None):
+        out, S, kbar, z = _torch_forward(q_rot, k_rot, q, k, v, eps, chunk_size)
+        saved_out = out if out.dtype == S.dtype else None  # half outputs are too coarse to reuse
+        ctx.save_for_backward(q_rot, k_rot, q, k, v, S, kbar, z, saved_out)
         ctx.eps, ctx.chunk_size = eps, chunk_size
         return out
 
@@ -401,12 +438,12 @@ def _check(q, k, v, q_rot, k_rot, eps, chunk_size) -> None:
         raise ValueError("linear_attention: N must be at least 1")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
         raise ValueError(f"linear_attention: eps must be a number >= 0, got {eps!r}")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"linear_attention: chunk_size must be an int >= 1, got {chunk_size!r}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"linear_attention: chunk_size must be None or an int >= 1, got {chunk_size!r}")
 
 
 def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_rot: torch.Tensor | None = None,
-                     k_rot: torch.Tensor | None = None, *, eps: float = 1e-6, chunk_size: int = 1024,
+                     k_rot: torch.Tensor | None = None, *, eps: float = 1e-6, chunk_size: int | None = None,
                      backend: str = "auto") -> torch.Tensor:
     """Non-causal linear attention with an un-rotated normaliser (HER-Seg's DLA; formulas in the module doc).
 
@@ -418,7 +455,8 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_rot: t
         q_rot, k_rot: rotated copies of ``q, k`` (same shape) used in the ``q~ k~^T v`` product; both or
             neither (default ``q, k``: plain linear attention).
         eps: added to the normaliser's denominator ``q_n . mean(k)``.
-        chunk_size: tokens per chunk of the ``'torch'`` backend.
+        chunk_size: tokens per chunk of the ``'torch'`` backend; None (the default): all N at once, one
+            contraction per product (the fastest; its temporaries are ``N x d`` either way).
         backend: ``'auto'``, ``'reference'``, ``'torch'`` or ``'triton'`` (:mod:`visionattn.kernels.backends`).
 
     Returns:
@@ -436,4 +474,4 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_rot: t
         return linear_attention_reference(q, k, v, q_rot, k_rot, eps=eps)
     if backend == "triton":
         return _triton_forward_op(q_rot, k_rot, q, k, v, float(eps))[0]
-    return _ChunkedLinearAttention.apply(q_rot, k_rot, q, k, v, float(eps), int(chunk_size))
+    return _LinearAttention.apply(q_rot, k_rot, q, k, v, float(eps), chunk_size)

@@ -8,14 +8,17 @@ aggregation of DFIR-DETR's dynamic K-sparse attention (DKSA, ``visionattn.detect
 has three implementations with the same semantics, chosen by ``backend`` (the vocabulary of
 :mod:`visionattn.kernels.backends`):
 
-- ``'torch'`` processes the queries in chunks. Per chunk it forms the ``[chunk, Nk]`` scores,
-  finds each row's ``K``-th largest score with a partial sort, drops the scores below it, takes the
-  softmax over the ``K`` kept scores (zero elsewhere) and multiplies ``V``. A custom autograd function
-  saves only its inputs and recomputes each chunk's weights in the backward pass, so forward *and*
-  backward memory is bounded by the chunk, never ``N x N``. Several ``K`` may share one ranking
-  (``top_k`` a sequence): their weight maps are mixed per batch element (``mix``) before one product with
-  ``V``, so a mixture of ``R`` sparsity levels costs one attention, not ``R`` (DKSA's input-adaptive
-  choice of ``K``).
+- ``'torch'`` processes the queries in chunks. Per chunk it forms the ``[chunk, Nk]`` scores, finds each
+  row's ``K``-th largest score with one partial sort, drops the scores below it, takes the softmax over the
+  ``K`` kept scores (zero elsewhere) and multiplies ``V``. Several ``K`` may share one ranking (``top_k`` a
+  sequence): their weight maps are mixed per batch element (``mix``) before one product with ``V``, so a
+  mixture of ``R`` sparsity levels costs one attention, not ``R`` (DKSA's input-adaptive choice of ``K``).
+  The top-``K`` sets of a row are nested, so a key's mixed weight is ``exp(s - max)`` times a coefficient
+  that depends only on how many of the sets hold it: the kept sets, normalisers and weights take a few
+  passes over the scores for any ``R`` (comparisons against the thresholds, one scatter-add and one
+  gather). A custom autograd function saves its inputs and, per query, the ``R`` thresholds, tie flags and
+  normalisers and the row maximum; the backward recomputes each chunk's scores and sets from them without
+  sorting again, so forward *and* backward memory is bounded by the chunk, never ``N x N``.
 - ``'triton'`` (:mod:`.triton_topk`) does the same per block of queries in one kernel, forward and
   backward, finding each ``K``-th largest score by an exact radix select on the scores' bits; up to
   ``TRITON_MAX_KEYS`` keys.
@@ -38,13 +41,15 @@ import math
 from typing import Sequence
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from visionattn.kernels.backends import check_backend, resolve_backend
 
 __all__ = ["topk_attention", "topk_attention_reference", "topk_keep_mask"]
 
 # per chunk, at most this many scores (batch x heads x chunk x Nk) are held at once
-DEFAULT_CHUNK_SCORES = 1 << 22
+DEFAULT_CHUNK_SCORES = 1 << 20
+LOG2E = 1.0 / math.log(2.0)
 # the Triton kernel keeps a query block's whole score row in registers: at most this many keys
 TRITON_MAX_KEYS = 4096
 
@@ -87,45 +92,83 @@ def _check_args(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, top
             raise ValueError(f"{fn}: scale must be a finite number or None, got {scale!r}")
 
 
-def _threshold_keep_mask(scores: torch.Tensor, threshold: torch.Tensor, runner_up: torch.Tensor | None,
-                         top_k: int) -> torch.Tensor:
-    """The ``top_k`` largest entries along the last axis of ``scores [..., Nk]``, given per row the
-    ``top_k``-th largest value ``threshold`` and the next one, ``runner_up`` (both ``[..., 1]``; None when
-    ``top_k == Nk``). Where the two are equal (a tie across the cut), the tied entries are kept in index
-    order until ``top_k`` are kept; only those rows pay for the running count."""
-    keep = scores >= threshold
-    if runner_up is None:
-        return keep
-    ambiguous = (runner_up == threshold).flatten()
-    if bool(ambiguous.any()):
+def _keep_mask(scores: torch.Tensor, threshold: torch.Tensor, ambiguous: torch.Tensor, top_k: int,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """The ``top_k`` largest entries along the last axis of ``scores [..., Nk]``, given per row the ``top_k``-th
+    largest value ``threshold [..., 1]`` and whether the cut splits a run of equal values, ``ambiguous [...]``
+    (the next value equals the threshold). Then the tied entries are kept in index order until ``top_k`` are
+    kept; only those rows pay for the running count. ``out``: a bool tensor to write the mask into."""
+    keep = torch.ge(scores, threshold, out=out)
+    rows = ambiguous.reshape(-1)
+    if bool(rows.any()):
         num_keys = scores.shape[-1]
-        rows, row_threshold = scores.reshape(-1, num_keys)[ambiguous], threshold.reshape(-1, 1)[ambiguous]
-        above, tied = rows > row_threshold, rows == row_threshold
+        tied_rows, row_threshold = scores.reshape(-1, num_keys)[rows], threshold.reshape(-1, 1)[rows]
+        above, tied = tied_rows > row_threshold, tied_rows == row_threshold
         places_left = top_k - above.sum(-1, keepdim=True)
-        keep.view(-1, num_keys)[ambiguous] = above | (tied & (tied.cumsum(-1) <= places_left))
+        keep.view(-1, num_keys)[rows] = above | (tied & (tied.cumsum(-1) <= places_left))
     return keep
 
 
-def _chunk_terms(q_chunk: torch.Tensor, key: torch.Tensor, top_ks: Sequence[int], scale: float):
-    """One query chunk's softmax terms: ``exp(s - max s)`` ``[B, H, chunk, Nk]`` and, per ``K``, the kept
-    mask (bool, same shape) and the normaliser ``[B, H, chunk, 1]``, so that the top-``K`` weights are
-    ``where(mask, exp_scores, 0) / normaliser``. ``q_chunk [B, H, chunk, D]``, ``key [B, H, Nk, D]``.
+def _threshold_keep_mask(scores: torch.Tensor, threshold: torch.Tensor, runner_up: torch.Tensor | None,
+                         top_k: int) -> torch.Tensor:
+    """:func:`_keep_mask` given the ``top_k``-th largest value and the next one, ``runner_up`` (both ``[..., 1]``;
+    None when ``top_k == Nk``): the cut is ambiguous where the two are equal."""
+    if runner_up is None:
+        return scores >= threshold
+    return _keep_mask(scores, threshold, (runner_up == threshold)[..., 0], top_k)
 
-    The ``K``-th largest score is the ``(Nk - K + 1)``-th smallest: one partial sort of the smallest
-    ``Nk - min(K) + 1`` scores gives every threshold and its runner-up (cheaper than sorting whole rows for
-    large ``K``), and the row maximum, which every top-``K`` keeps, stabilises one shared exponential.
-    """
-    scores = torch.matmul(q_chunk, key.transpose(-1, -2)) * scale
+
+def _thresholds(scores: torch.Tensor, top_ks: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of ``scores [..., Nk]`` and per ``K`` in ``top_ks``: the ``K``-th largest score ``[..., R]`` and
+    whether the cut there is ambiguous (the ``K + 1``-th equals it) ``[..., R]``. One partial sort serves every
+    ``K``: of the smallest ``Nk - min(K) + 1`` scores when every ``K`` keeps at least half the keys (DKSA's),
+    else of the largest ``max(K) + 1``."""
     num_keys = scores.shape[-1]
-    smallest = torch.topk(scores, num_keys - min(top_ks) + 1, dim=-1, largest=False, sorted=True).values
-    exp_scores = torch.exp(scores - scores.amax(-1, keepdim=True))
-    kept = []
-    for k in top_ks:
-        at = num_keys - k  # index of the K-th largest among the smallest values
-        runner_up = smallest[..., at - 1:at] if at > 0 else None
-        mask = _threshold_keep_mask(scores, smallest[..., at:at + 1], runner_up, k)
-        kept.append((mask, torch.where(mask, exp_scores, 0).sum(-1, keepdim=True)))
-    return exp_scores, kept
+    small, large = min(top_ks), max(top_ks)
+    if 2 * small >= num_keys:
+        ascending = torch.topk(scores, num_keys - small + 1, dim=-1, largest=False, sorted=True).values
+        at = [num_keys - k for k in top_ks]  # the K-th largest is the (Nk - K + 1)-th smallest
+        nxt = [a - 1 for a in at]
+        values = ascending
+    else:
+        values = torch.topk(scores, min(large + 1, num_keys), dim=-1, sorted=True).values
+        at = [k - 1 for k in top_ks]
+        nxt = [k for k in top_ks]
+    threshold = values[..., at]
+    ambiguous = torch.zeros_like(threshold, dtype=torch.bool)
+    for r, (k, j) in enumerate(zip(top_ks, nxt)):
+        if k < num_keys:
+            ambiguous[..., r] = values[..., j] == threshold[..., r]
+    return threshold, ambiguous
+
+
+def _buckets(scores: torch.Tensor, threshold: torch.Tensor, ambiguous: torch.Tensor,
+             top_ks: Sequence[int]) -> torch.Tensor:
+    """How many of the top-``K`` sets each key is in, ``[..., Nk]`` (int64): the sets are nested, so a key in
+    ``b`` of them is in those of the ``b`` largest ``K``."""
+    count = torch.zeros(scores.shape, dtype=torch.uint8, device=scores.device)  # (R < 256)
+    keep = torch.empty(scores.shape, dtype=torch.bool, device=scores.device)
+    for r, k in enumerate(top_ks):
+        count += _keep_mask(scores, threshold[..., r:r + 1], ambiguous[..., r], k, out=keep)
+    return count.long()  # the index type of gather and scatter_add
+
+
+def _per_set(per_bucket: torch.Tensor) -> torch.Tensor:
+    """Sums per bucket ``[..., R + 1]`` (keys in exactly ``b`` of the nested sets) -> sums per set ``[..., R]``
+    (``K`` ascending; set ``i`` holds the keys in at least ``R - i`` sets)."""
+    return per_bucket.flip(-1).cumsum(-1)[..., :-1]
+
+
+def _exp(x: torch.Tensor) -> torch.Tensor:
+    """``exp(x)`` in place, as ``exp2(x log2(e))``: several times faster on CPU, and no slow path for results
+    below the normal range (most of a row's weights, far below its maximum)."""
+    return x.mul_(LOG2E).exp2_()
+
+
+def _suffix_sums(x: torch.Tensor) -> torch.Tensor:
+    """``x [..., R]`` (per set, ``K`` ascending) -> ``[..., R + 1]``: entry ``b`` sums the last ``b`` sets, the
+    sets a key in ``b`` of them belongs to (entry 0 is 0)."""
+    return torch.cat([torch.zeros_like(x[..., :1]), x.flip(-1).cumsum(-1)], -1)
 
 
 def _chunk_bounds(batch_heads: int, num_queries: int, num_keys: int, chunk_size: int | None) -> list[tuple[int, int]]:
@@ -137,46 +180,82 @@ def _chunk_bounds(batch_heads: int, num_queries: int, num_keys: int, chunk_size:
 
 
 class _TopKAttention(torch.autograd.Function):
-    """Chunked, mixed top-K attention over heads-first tensors: ``out = (sum_r mix[:, r] P_r) V`` with
-    ``P_r`` the top-``K_r`` softmax weights. Backward recomputes each chunk's weights."""
+    """Chunked, mixed top-K attention over heads-first tensors: ``out = (sum_r mix[:, r] P_r) V`` with ``P_r``
+    the top-``K_r`` softmax weights.
+
+    The top-``K`` sets of one row are nested, so a key's weight is ``e * coeff[b]``, with ``e = exp(s - max)``,
+    ``b`` the number of sets the key is in and ``coeff[b] = sum of mix_r / Z_r`` over those sets: per chunk one
+    partial sort (for the thresholds) and a handful of passes over the scores, then one dense product with
+    ``V`` (DKSA keeps 1/2 to 4/5 of the keys: a gathered ``[chunk, K, Dv]`` copy of ``V`` would be ``Dv``
+    times the size of the weights). The forward saves, per query, only the thresholds, the tie flags, the
+    row maximum and the normalisers ``Z_r`` (``R`` numbers each); the backward recomputes the scores and the
+    sets from them, without sorting again."""
 
     @staticmethod
     def forward(ctx, q, k, v, mix, top_ks: tuple[int, ...], scale: float, chunk_size: int | None):
         B, H, Nq, _ = q.shape
-        mix_b = mix.view(B, 1, 1, 1, -1)
+        order = sorted(range(len(top_ks)), key=lambda r: top_ks[r])  # the sets' nesting order, K ascending
+        ks = tuple(top_ks[r] for r in order)
+        mix_sorted = mix[:, order].view(B, 1, 1, -1)
         out = q.new_empty(B, H, Nq, v.shape[-1])
+        R = len(ks)
+        threshold = q.new_empty(B, H, Nq, R)
+        ambiguous = torch.empty(B, H, Nq, R, dtype=torch.bool, device=q.device)
+        row_max = q.new_empty(B, H, Nq, 1)
+        norm = q.new_empty(B, H, Nq, R)
         bounds = _chunk_bounds(B * H, Nq, k.shape[2], chunk_size)
         for start, end in bounds:
-            exp_scores, kept = _chunk_terms(q[:, :, start:end], k, top_ks, scale)
-            # sum_r mix_r P_r = exp_scores * sum_r (mix_r / Z_r) mask_r
-            coeff = sum(torch.where(mask, mix_b[..., r] / norm, 0) for r, (mask, norm) in enumerate(kept))
-            out[:, :, start:end] = torch.matmul(exp_scores * coeff, v)
-        ctx.save_for_backward(q, k, v, mix)
-        ctx.top_ks, ctx.scale, ctx.bounds = top_ks, scale, bounds
+            scores = torch.matmul(q[:, :, start:end], k.transpose(-1, -2)).mul_(scale)
+            t, amb = _thresholds(scores, ks)
+            b = _buckets(scores, t, amb, ks)
+            m = scores.amax(-1, keepdim=True)
+            e = _exp(scores.sub_(m))  # exp(s - max); scores is consumed
+            z = _per_set(e.new_zeros(*e.shape[:-1], R + 1).scatter_add_(-1, b, e))  # Z_i: e summed over set i
+            coeff = _suffix_sums(mix_sorted / z)
+            out[:, :, start:end] = torch.matmul(e.mul_(coeff.gather(-1, b)), v)
+            threshold[:, :, start:end], ambiguous[:, :, start:end] = t, amb
+            row_max[:, :, start:end], norm[:, :, start:end] = m, z
+        ctx.save_for_backward(q, k, v, mix, threshold, ambiguous, row_max, norm)
+        ctx.ks, ctx.order, ctx.scale, ctx.bounds = ks, order, scale, bounds
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout):
-        q, k, v, mix = ctx.saved_tensors
-        mix_b = mix.view(mix.shape[0], 1, 1, 1, -1)
-        dq, dk, dv, dmix = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), torch.zeros_like(mix)
+        q, k, v, mix, threshold, ambiguous, row_max, norm = ctx.saved_tensors
+        ks, order = ctx.ks, ctx.order
+        B, R = mix.shape[0], len(ks)
+        mix_sorted = mix[:, order].view(B, 1, 1, -1)
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        dmix_sorted = mix.new_zeros(B, R)
         for start, end in ctx.bounds:
             q_chunk, dout_chunk = q[:, :, start:end], dout[:, :, start:end]
-            exp_scores, kept = _chunk_terms(q_chunk, k, ctx.top_ks, ctx.scale)
+            scores = torch.matmul(q_chunk, k.transpose(-1, -2)).mul_(ctx.scale)
+            t, amb = threshold[:, :, start:end], ambiguous[:, :, start:end]
+            b = _buckets(scores, t, amb, ks)
+            counts = b.new_zeros(*b.shape[:-1], R + 1).scatter_add_(-1, b, torch.ones_like(b))
+            kept = _per_set(counts)  # keys in set i (K ascending), per row
+            if not bool((kept == torch.tensor(ks, device=kept.device)).all()):
+                # the recomputed scores differ from the forward's at a cut (a matmul that is not bitwise
+                # reproducible): rank this chunk afresh, as the forward would have
+                t, amb = _thresholds(scores, ks)
+                b = _buckets(scores, t, amb, ks)
+            z = norm[:, :, start:end]
+            e = _exp(scores.sub_(row_max[:, :, start:end]))
             d_weights = torch.matmul(dout_chunk, v.transpose(-1, -2))  # dL/d(mixed weights), [B, H, c, Nk]
-            exp_d_weights = exp_scores * d_weights
-            coeff = torch.zeros_like(exp_scores)
-            correction = torch.zeros_like(exp_scores)
-            for r, (mask, norm) in enumerate(kept):
-                # softmax backward of P_r = exp * mask / Z_r: P_r * (dW - <P_r, dW>); zero off the mask
-                row_dot = torch.where(mask, exp_d_weights, 0).sum(-1, keepdim=True) / norm  # <P_r, dW> per row
-                dmix[:, r] += row_dot.sum((1, 2, 3))
-                coeff += torch.where(mask, mix_b[..., r] / norm, 0)
-                correction += torch.where(mask, mix_b[..., r] * row_dot / norm, 0)
-            dv += torch.matmul((exp_scores * coeff).transpose(-1, -2), dout_chunk)
-            d_scores = (exp_d_weights * coeff - exp_scores * correction) * ctx.scale
+            e_dw = e * d_weights
+            # <P_i, dW> per set: e dW summed over set i, over Z_i
+            row_dot = _per_set(e_dw.new_zeros(*e.shape[:-1], R + 1).scatter_add_(-1, b, e_dw)) / z
+            dmix_sorted += row_dot.sum((1, 2))
+            coeff = _suffix_sums(mix_sorted / z).gather(-1, b)
+            correction = _suffix_sums(mix_sorted * row_dot / z).gather(-1, b)
+            # softmax backward of each P_i = e * [set i] / Z_i, mixed: e (coeff dW - sum_i mix_i <P_i, dW> / Z_i)
+            d_scores = e_dw.mul_(coeff).sub_(correction.mul_(e)).mul_(ctx.scale)
+            dv += torch.matmul(e.mul_(coeff).transpose(-1, -2), dout_chunk)
             dq[:, :, start:end] = torch.matmul(d_scores, k)
             dk += torch.matmul(d_scores.transpose(-1, -2), q_chunk)
+        dmix = torch.empty_like(dmix_sorted)
+        dmix[:, order] = dmix_sorted
         return dq, dk, dv, dmix, None, None, None
 
 

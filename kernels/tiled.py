@@ -2,15 +2,30 @@
 
 Queries are cut into tiles (per axis, within one dilation group); each tile attends to the union of its
 queries' windows (the "halo"), a small dense block, with the exact window mask applied inside it. Tiles
-are processed in chunks so that the score block of one chunk is all that is ever materialised; nothing of
-size ``N * K^d`` or ``N^2`` is kept for backward. Backward recomputes the scores from the saved
-log-sum-exp (softmax) and forms dQ, dK, dV and dRPB explicitly, as fused kernels do.
+are processed in chunks sized to stay in cache, so the score block of one chunk is all that is ever
+materialised; nothing of size ``N * K^d`` or ``N^2`` is kept for backward. Backward recomputes the
+probabilities from the saved log-sum-exp (softmax) and forms dQ, dK, dV and dRPB explicitly, as fused
+kernels do: five batched matmuls per chunk (two in the forward) and few passes over the score block.
+
+- Layout: a slice of (batch, head) pairs is copied heads-first once; a chunk's tiles are then gathered by
+  one row copy straight into the ``[pairs * tiles, T, D]`` batches ``bmm`` takes, and results go back by
+  one indexed copy (queries) or add (halos) into heads-first accumulators.
+- Passes: the scale rides on the matmuls (``alpha``) and the bias, ``-lse`` and ``-delta`` on their
+  ``beta`` inputs, so a chunk's backward makes four elementwise passes over its scores. Softmax logits are
+  kept in base 2 (``exp2`` is several times faster than ``exp`` on CPU and has no slow path for results
+  below the normal range).
+- Bias: the window mask and the relative positional bias are not stored per tile. Tiles with the same
+  (mask, offset) pattern form a group (all interior tiles share one); the bias is read per group and
+  ``drpb`` summed per group before the small scatter into the table.
+- Memory: every temporary is chunk- or slice-sized and comes from a per-thread arena reused across chunks
+  and calls; fresh buffers would cost a page fault per 4 KiB page every call.
 
 Per-axis tile tables come from :mod:`visionattn.kernels.semantics` and are cached per problem shape.
 """
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -18,9 +33,25 @@ import torch
 
 from visionattn.kernels.semantics import NAParams, group_length, window_bounds
 
-# elements of one chunk's score block [B, tiles, heads, Tq, Hk]; bounds memory, keeps matmuls large
-CHUNK_ELEMENTS = 1 << 23
-DEFAULT_TILE = {1: 64, 2: 8, 3: 4}
+# elements of one chunk's score block [B, heads, tiles, Tq, Hk]: small enough to stay in cache across the
+# few passes made over it, large enough that the matmuls and the per-op overhead stay efficient
+CHUNK_ELEMENTS = 1 << 18
+# a chunk's window-mask bias is cached across calls while all chunks together hold at most this many
+BIAS_CACHE_ELEMENTS = 1 << 23
+# a scratch buffer (see _scratch) larger than this is not kept between calls
+ARENA_MAX_ELEMENTS = 1 << 22
+# elements of the heads-first copy of one input for one slice of (batch, head) pairs
+SLICE_ELEMENTS = 1 << 20
+LOG2E = 1.0 / math.log(2.0)
+LN2 = math.log(2.0)
+
+
+def default_tile(n_dims: int, kernel_size: int) -> int:
+    """Queries per tile along one axis. A tile of ``T`` queries needs a halo of ``T + K - 1`` keys per axis,
+    so a larger tile wastes more products on keys outside the windows (and gathers more halo copies per
+    query) while a smaller one makes the matmuls less efficient; these sizes were the fastest measured on
+    CPU for kernel sizes 3 to 31."""
+    return {1: 16, 2: 4, 3: 2}[n_dims]
 
 
 @dataclass(frozen=True)
@@ -90,17 +121,18 @@ def _tiles_on(device, key) -> AxisTiles:
 
 
 class _Problem:
-    """The per-axis tiles of one call and, per chunk of N-D tiles, the flat index tensors and masks."""
+    """The per-axis tiles of one call and, per chunk of N-D tiles, the flat index tensors and the tiles'
+    (mask, offset) pattern groups."""
 
     def __init__(self, spatial, params: NAParams, device, tile=None):
         n = len(spatial)
         kernel_size, stride, dilation, is_causal = params.kernel_size, params.stride, params.dilation, params.is_causal
-        tile = tile or DEFAULT_TILE[n]
         self.n = n
         self.spatial = tuple(spatial)
         self.N = math.prod(spatial)
         self.axes = [
-            _tiles_on(device, (spatial[a], kernel_size[a], dilation[a], stride[a], is_causal[a], tile))
+            _tiles_on(device, (spatial[a], kernel_size[a], dilation[a], stride[a], is_causal[a],
+                               (tile[a] if isinstance(tile, tuple) else tile) or default_tile(n, kernel_size[a])))
             for a in range(n)
         ]
         self.n_tiles = [ax.q_index.shape[0] for ax in self.axes]
@@ -108,25 +140,38 @@ class _Problem:
         self.Tq = math.prod(ax.q_index.shape[1] for ax in self.axes)
         self.Hk = math.prod(ax.kv_index.shape[1] for ax in self.axes)
         self.flat_stride = [math.prod(spatial[a + 1:]) for a in range(n)]
+        self.rpb_size = math.prod(2 * k - 1 for k in kernel_size)
         self.rpb_stride = [math.prod(2 * k - 1 for k in kernel_size[a + 1:]) for a in range(n)]
+        self.padded = not all(bool(ax.q_valid.all()) for ax in self.axes)  # some tile repeats a query
+        self.cache_bias = self.total_tiles * self.Tq * self.Hk <= BIAS_CACHE_ELEMENTS
         self.device = device
         self._chunks: dict[int, list[dict]] = {}
 
-    def chunks(self, rows_per_tile: int) -> list[dict]:
-        """Chunks of tiles whose score blocks (``rows_per_tile`` rows of ``Tq x Hk`` per tile) stay under
-        ``CHUNK_ELEMENTS``; built once per problem and chunk size."""
-        per = max(1, CHUNK_ELEMENTS // max(1, rows_per_tile * self.Tq * self.Hk))
-        if per not in self._chunks:
-            self._chunks[per] = [
-                self.chunk(torch.arange(b, min(b + per, self.total_tiles), device=self.device))
-                for b in range(0, self.total_tiles, per)
+    def schedule(self, pairs: int, rows: int = 1) -> list[dict]:
+        """The chunks of tiles for a slice of ``pairs`` (batch, head) pairs: as many tiles as keep the chunk's
+        score block(s) (``rows`` blocks of ``pairs x Tq x Hk`` per tile) near ``CHUNK_ELEMENTS``."""
+        return self.chunks(max(1, CHUNK_ELEMENTS // (rows * pairs * self.Tq * self.Hk)))
+
+    def chunks(self, tiles_per_chunk: int) -> list[dict]:
+        """Chunks of ``tiles_per_chunk`` tiles; built once per problem and chunk size."""
+        if tiles_per_chunk not in self._chunks:
+            self._chunks[tiles_per_chunk] = [
+                self.chunk(torch.arange(b, min(b + tiles_per_chunk, self.total_tiles), device=self.device))
+                for b in range(0, self.total_tiles, tiles_per_chunk)
             ]
-        return self._chunks[per]
+        return self._chunks[tiles_per_chunk]
 
     def chunk(self, ids: torch.Tensor) -> dict:
-        """Flat indices for N-D tiles ``ids``: ``q [C, Tq]`` (padded slots -> N), ``q_src [C, Tq]``,
-        ``valid [C, Tq]``, ``kv [C, Hk]``, ``mask [C, Tq, Hk]`` (bool), ``bias [C, 1, Tq, Hk]``
-        (0 or -inf) and ``rel [C, Tq, Hk]`` (flat rpb index)."""
+        """Flat indices for N-D tiles ``ids``:
+
+        - ``q_src [C, Tq]``: each slot's query (a tile's padded slots repeat its last query, so every row
+          has keys); ``kv [C, Hk]``: each tile's halo;
+        - ``q_out [C, Tq]``: where each slot's result goes (padded slots: the extra row ``N``) and
+          ``pad_pos``, the padded slots' positions among the ``C * Tq`` (None when there are none);
+        - ``group [C]`` and ``pattern [G, Tq * Hk]``: tiles with the same pattern share a group; a pattern
+          holds the flat rpb index of every (query, key) pair, ``rpb_size`` (one past the table) where the
+          key is outside the query's window.
+        """
         n, C = self.n, ids.numel()
         per_axis = []
         rem = ids
@@ -157,15 +202,29 @@ class _Problem:
             kv = kva if kv is None else kv + kva
             mask = ma if mask is None else mask & ma
             rel = ra if rel is None else rel + ra
-        valid = valid.reshape(C, self.Tq)
-        q_src = q.reshape(C, self.Tq)  # padded slots repeat a real query, so every row has keys
+        q_src = q.reshape(C, self.Tq).contiguous()
+        valid = valid.expand([C] + [ax.q_index.shape[1] for ax in self.axes]).reshape(-1)
         full = [C] + [ax.q_index.shape[1] for ax in self.axes] + [ax.kv_index.shape[1] for ax in self.axes]
-        mask = mask.expand(full).reshape(C, self.Tq, self.Hk)
-        bias = torch.zeros(mask.shape, device=mask.device).masked_fill_(~mask, float("-inf"))
-        return dict(
-            q=torch.where(valid, q_src, self.N), q_src=q_src, valid=valid, kv=kv.reshape(C, self.Hk),
-            mask=mask, bias=bias[:, None], rel=rel.expand(full).reshape(C, self.Tq, self.Hk),
-        )
+        mask = mask.expand(full).reshape(C, -1)
+        rel = torch.where(mask, rel.expand(full).reshape(C, -1), self.rpb_size)
+        pattern, group = torch.unique(rel, dim=0, return_inverse=True)
+        return dict(C=C, q_src=q_src, q_out=torch.where(valid.view(C, self.Tq), q_src, self.N),
+                    kv=kv.reshape(C, self.Hk).contiguous(), group=group, pattern=pattern,
+                    pad_pos=None if bool(valid.all()) else torch.nonzero(~valid).flatten())
+
+    def mask_bias(self, c: dict, dtype) -> torch.Tensor:
+        """The chunk's window mask as an additive bias ``[C, Tq, Hk]`` (0 inside, ``-inf`` outside)."""
+        key = ("bias", dtype)
+        if key in c:
+            return c[key]
+        table = torch.zeros(self.rpb_size + 1, dtype=dtype, device=self.device)
+        table[-1] = float("-inf")
+        per_group = table[c["pattern"]]
+        if self.cache_bias:
+            bias = c[key] = per_group.index_select(0, c["group"]).view(-1, self.Tq, self.Hk)
+            return bias
+        bias = _scratch("bias", (c["C"], self.Tq * self.Hk), dtype, self.device)
+        return torch.index_select(per_group, 0, c["group"], out=bias).view(-1, self.Tq, self.Hk)
 
 
 _problems: dict = {}
@@ -181,146 +240,286 @@ def _problem(spatial, params: NAParams, device, tile=None) -> _Problem:
     return _problems[key]
 
 
-def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``x [B, N, h, D]``, ``index [C, T]`` -> ``[B, C, h, T, D]``."""
-    B, _, h, D = x.shape
-    C, T = index.shape
-    return x.index_select(1, index.reshape(-1)).view(B, C, T, h, D).permute(0, 1, 3, 2, 4)
-
-
-def _scores(qt, kt, c, rpb_flat, scale, compute):
-    """Masked logits ``[B, C, h, Tq, Hk]`` (``-inf`` outside the windows)."""
-    s = torch.matmul(qt.to(compute), kt.to(compute).transpose(-1, -2)).mul_(scale)
-    s += c["bias"].to(compute)
-    if rpb_flat is not None:
-        s += rpb_flat.to(compute)[:, c["rel"]].transpose(0, 1)  # [C, h, Tq, Hk], broadcast over B
-    return s
-
-
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _fused_cpu_sdpa_available(q: torch.Tensor, v: torch.Tensor) -> bool:
-    return (
-        q.device.type == "cpu"
-        and q.dtype == torch.float32
-        and q.shape[-1] == v.shape[-1]  # the CPU flash kernel wants one head size for q, k and v
-        and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
-    )
+# ---------------------------------------------------------------------------------------------------
+# scratch memory
+#
+# Every temporary is chunk-sized and taken from a per-thread arena of named buffers that lives across calls
+# (on CPU): a fresh allocation of a few MiB costs a page fault per 4 KiB page when first written, which made
+# up a large share of the time of a call whose buffers were allocated anew (and zero-filled) every time.
 
 
-def _gather_tiles_heads(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``x [B, N, h, D]``, ``index [C, T]`` -> ``[C, B*h, T, D]`` (batch folded into heads)."""
-    B, _, h, D = x.shape
-    C, T = index.shape
-    t = x.index_select(1, index.reshape(-1)).view(B, C, T, h, D).permute(1, 0, 3, 2, 4)
-    return t.reshape(C, B * h, T, D)
+class _Arena(threading.local):
+    def __init__(self):
+        self.buffers: dict = {}  # (name, dtype, device) -> flat buffer
+        self.views: dict = {}  # (name, shape, dtype, device) -> view of the buffer (chunks repeat shapes)
+
+
+_ARENA = _Arena()
+
+
+def _scratch(name: str, shape: tuple, dtype, device) -> torch.Tensor:
+    """A contiguous ``shape`` view of the arena's buffer ``name`` (uninitialised). Distinct names never alias;
+    one name is reused by every chunk and every call. Kept between calls on CPU up to ``ARENA_MAX_ELEMENTS``."""
+    arena = _ARENA
+    view = arena.views.get((name, shape, dtype, device))
+    if view is not None:
+        return view
+    numel = math.prod(shape)
+    key = (name, dtype, device)
+    buf = arena.buffers.get(key)
+    if buf is None or buf.numel() < numel:
+        with torch.inference_mode(False):  # a buffer made in inference mode could not be written outside it
+            buf = torch.empty(numel, dtype=dtype, device=device)
+        if device.type != "cpu" or numel > ARENA_MAX_ELEMENTS:
+            return buf.view(shape)
+        arena.buffers[key] = buf
+        arena.views = {k: v for k, v in arena.views.items() if k[0] != name or k[2:] != key[1:]}
+    view = buf[:numel].view(shape)
+    if len(arena.views) > 512:
+        arena.views.clear()
+    arena.views[(name, shape, dtype, device)] = view
+    return view
+
+
+# ---------------------------------------------------------------------------------------------------
+# layout: the backends get token-major tensors, [B, N, h, D]. A call works through slices of its (batch, head)
+# pairs; a slice is copied heads-first, [pairs * N, D], once, so that gathering a chunk of tiles is one row
+# copy straight into the [pairs * C, T, D] batch of matrices bmm takes, and results go back by one indexed
+# copy or add per chunk into heads-first accumulators, turned token-major once at the end.
+
+
+def _slices(B: int, h: int, N: int, D: int) -> list[tuple[int, int, int, int]]:
+    """``(b0, b1, h0, h1)`` slices of the (batch, head) pairs whose heads-first copies stay within
+    ``SLICE_ELEMENTS``: whole batch elements when one fits, else head ranges of one batch element."""
+    fit = max(1, SLICE_ELEMENTS // (N * D))
+    if fit >= h:
+        nb = min(B, fit // h)
+        return [(b0, min(b0 + nb, B), 0, h) for b0 in range(0, B, nb)]
+    return [(b, b + 1, h0, min(h0 + fit, h)) for b in range(B) for h0 in range(0, h, fit)]
+
+
+def _heads_first(name: str, x: torch.Tensor, sl, dtype) -> torch.Tensor:
+    """``x [B, N, h, D]`` restricted to slice ``sl`` -> ``[pairs * N, D]`` in ``dtype`` (an arena buffer)."""
+    b0, b1, h0, h1 = sl
+    part = x[b0:b1, :, h0:h1].transpose(1, 2)  # [nb, nh, N, D]
+    out = _scratch(name, tuple(part.shape), dtype, x.device).copy_(part)
+    return out.view(-1, x.shape[-1])
+
+
+def _to_token_major(dst: torch.Tensor, src: torch.Tensor, sl) -> None:
+    """``dst [B, N, h, D][slice] = src [pairs, >= N, D]`` (heads-first, extra rows dropped)."""
+    b0, b1, h0, h1 = sl
+    N = dst.shape[1]
+    dst[b0:b1, :, h0:h1].copy_(src[:, :N].view(b1 - b0, h1 - h0, N, -1).transpose(1, 2))
+
+
+def _index(c: dict, kind: str, pairs: int, N: int, rows: int) -> torch.Tensor:
+    """Row indices into a heads-first ``[pairs * rows, D]`` tensor of a chunk's query slots (``'q'``; padded
+    slots read their real query), of its output slots (``'out'``; padded slots write to the extra row N) or
+    of its halos (``'kv'``), for every pair; cached in the chunk."""
+    key = (kind, pairs, rows)
+    if key not in c:
+        src = {"q": c["q_src"], "out": c["q_out"], "kv": c["kv"]}[kind].reshape(1, -1)
+        base = torch.arange(pairs, device=src.device).view(-1, 1) * rows
+        c[key] = (base + src).reshape(-1)
+    return c[key]
+
+
+def _gather(name: str, x: torch.Tensor, index: torch.Tensor, T: int, dtype) -> torch.Tensor:
+    """Rows ``index`` of ``x [rows, D]`` -> ``[len(index) // T, T, D]`` (an arena buffer)."""
+    out = _scratch(name, (index.numel(), x.shape[-1]), dtype, x.device)
+    return torch.index_select(x, 0, index, out=out).view(-1, T, x.shape[-1])
+
+
+def _pair_table(name: str, prob: _Problem, c: dict, table_ext: torch.Tensor) -> torch.Tensor:
+    """Per (head, tile, query, key) value of a per-offset table ``table_ext [heads, rpb_size + 1]`` (its last
+    column for keys outside the window): ``[heads, C, Tq, Hk]``, read per pattern group, copied per tile."""
+    h = table_ext.shape[0]
+    out = _scratch(name, (h, c["C"], prob.Tq * prob.Hk), table_ext.dtype, table_ext.device)
+    torch.index_select(table_ext[:, c["pattern"]], 1, c["group"], out=out)
+    return out.view(h, c["C"], prob.Tq, prob.Hk)
+
+
+def _extend(table: torch.Tensor | None, h: int, outside: float, dtype, factor: float = 1.0) -> torch.Tensor | None:
+    """``table [h, 2K-1, ...]`` -> ``[h, rpb_size + 1]`` in ``dtype``, times ``factor``, with ``outside`` last."""
+    if table is None:
+        return None
+    flat = table.reshape(h, -1).to(dtype) * factor
+    return torch.cat([flat, flat.new_full((h, 1), outside)], 1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# forward and backward
 
 
 def tiled_forward(q, k, v, rpb, decay, params: NAParams, tile=None):
     """Forward. ``q, k [B, *spatial, h, D]``, ``v [B, *spatial, h, Dv]`` -> ``(out, lse [B, *spatial, h])``;
     ``lse`` is fp32 (fp64 for fp64 inputs; zeros for sigmoid scores). ``decay`` (sigmoid only) multiplies
     the weights, indexed like ``rpb``. Windows, scale and score come from ``params``."""
+    with torch.no_grad():
+        return _forward(q, k, v, rpb, decay, params, tile)
+
+
+def _forward(q, k, v, rpb, decay, params: NAParams, tile):
     B, *spatial, h, D = q.shape
     Dv = v.shape[-1]
     scale, sigmoid = params.scale, params.sigmoid
-    prob = _problem(spatial, params, q.device, tile)
-    N = prob.N
+    device = q.device
+    prob = _problem(spatial, params, device, tile)
+    N, Tq, Hk = prob.N, prob.Tq, prob.Hk
+    rows = N + 1 if prob.padded else N  # padded query slots write to an extra row
     compute = _compute_dtype(q.dtype)
     qf, kf, vf = q.reshape(B, N, h, D), k.reshape(B, N, h, D), v.reshape(B, N, h, Dv)
-    rpb_flat = rpb.reshape(h, -1) if rpb is not None else None
-    out = torch.zeros(B, N + 1, h, Dv, device=q.device, dtype=q.dtype)  # row N collects padded slots
-    lse = torch.zeros(B, N + 1, h, device=q.device, dtype=compute)
-    if not sigmoid and _fused_cpu_sdpa_available(q, v):
-        # CPU flash attention with the window mask as an additive bias: one fused pass per chunk
-        for c in prob.chunks(B * h):
-            C = c["kv"].shape[0]
-            mask = c["bias"]  # [C, 1, Tq, Hk]
-            if rpb_flat is not None:
-                mask = (rpb_flat[:, c["rel"]].transpose(0, 1) + mask).unsqueeze(1)  # [C, 1, h, Tq, Hk]
-                mask = mask.expand(C, B, h, prob.Tq, prob.Hk).reshape(C, B * h, prob.Tq, prob.Hk)
-            o, chunk_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                _gather_tiles_heads(qf, c["q_src"]), _gather_tiles_heads(kf, c["kv"]),
-                _gather_tiles_heads(vf, c["kv"]), 0.0, False, attn_mask=mask, scale=scale,
-            )
-            rows = c["q"].reshape(-1)
-            out.index_copy_(1, rows, o.view(C, B, h, prob.Tq, Dv).permute(1, 0, 3, 2, 4).reshape(B, -1, h, Dv))
-            lse.index_copy_(1, rows, chunk_lse.view(C, B, h, prob.Tq).permute(1, 0, 3, 2).reshape(B, -1, h))
-    else:
-        for c in prob.chunks(B * h):
-            s = _scores(_gather(qf, c["q_src"]), _gather(kf, c["kv"]), c, rpb_flat, scale, compute)
-            if sigmoid:
-                p = torch.sigmoid_(s)  # exactly 0 outside the windows (sigmoid(-inf))
-                if decay is not None:
-                    p = p * decay.reshape(h, -1).to(compute)[:, c["rel"]].transpose(0, 1)
+    out = torch.empty(B, *spatial, h, Dv, device=device, dtype=q.dtype)
+    lse = (torch.zeros if sigmoid else torch.empty)(B, *spatial, h, device=device, dtype=compute)
+    # softmax logits are kept in base 2 (times log2(e), folded into the scale and the bias): exp2 is several
+    # times faster than exp on CPU, and exp's slow path for results below the normal range is never taken
+    unit = 1.0 if sigmoid else LOG2E
+    rpb_ext = _extend(rpb, h, float("-inf"), compute, unit)
+    decay_ext = _extend(decay, h, 0.0, compute)
+    for sl in _slices(B, h, N, max(D, Dv)):
+        b0, b1, h0, h1 = sl
+        nb, nh = b1 - b0, h1 - h0
+        pairs = nb * nh
+        qh, kh = _heads_first("q:hf", qf, sl, compute), _heads_first("k:hf", kf, sl, compute)
+        vh = _heads_first("v:hf", vf, sl, compute)
+        out_h = _scratch("out:hf", (pairs * rows, Dv), compute, device)
+        lse_h = _scratch("lse:hf", (pairs * rows, 1), compute, device)
+        for c in prob.schedule(pairs):
+            C = c["C"]
+            G = pairs * C
+            kv_index = _index(c, "kv", pairs, N, N)
+            qg = _gather("q", qh, _index(c, "q", pairs, N, N), Tq, compute)
+            kg = _gather("k", kh, kv_index, Hk, compute)
+            s = _scratch("s", (G, Tq, Hk), compute, device)
+            if rpb_ext is not None:
+                bias = _pair_table("bias", prob, c, rpb_ext[h0:h1])
             else:
-                m = s.amax(dim=-1, keepdim=True)
-                p = torch.exp_(s.sub_(m))
-                denom = p.sum(dim=-1, keepdim=True)
-                p.div_(denom)
-                chunk_lse = (m + denom.log()).squeeze(-1)  # [B, C, h, Tq]
-                lse.index_copy_(1, c["q"].reshape(-1), chunk_lse.permute(0, 1, 3, 2).reshape(B, -1, h))
-            o = torch.matmul(p, _gather(vf, c["kv"]).to(compute))  # [B, C, h, Tq, Dv]
-            out.index_copy_(1, c["q"].reshape(-1), o.permute(0, 1, 3, 2, 4).reshape(B, -1, h, Dv).to(q.dtype))
-    # outputs must be contiguous: the custom op's fake implementation promises it to torch.compile
-    out = out[:, :N].contiguous().reshape(B, *spatial, h, Dv)
-    return out, lse[:, :N].contiguous().reshape(B, *spatial, h)
+                bias = prob.mask_bias(c, compute)
+            s.view(nb, nh, C, Tq, Hk).copy_(bias)  # the input the scores accumulate into
+            s.baddbmm_(qg, kg.transpose(1, 2), alpha=scale * unit)
+            vg = _gather("v", vh, kv_index, Hk, compute)
+            o = _scratch("o", (G, Tq, Dv), compute, device)
+            out_index = _index(c, "out", pairs, N, rows)
+            if sigmoid:
+                s.sigmoid_()  # exactly 0 outside the windows (sigmoid(-inf))
+                if decay_ext is not None:
+                    s.view(nb, nh, C, Tq, Hk).mul_(_pair_table("factor", prob, c, decay_ext[h0:h1]))
+                torch.bmm(s, vg, out=o)
+            else:
+                m = torch.amax(s, dim=-1, keepdim=True, out=_scratch("m", (G, Tq, 1), compute, device))
+                s.sub_(m).exp2_()
+                denom = torch.sum(s, dim=-1, keepdim=True, out=_scratch("denom", (G, Tq, 1), compute, device))
+                torch.bmm(s, vg, out=o).div_(denom)  # normalise the [Tq, Dv] output, not the [Tq, Hk] weights
+                m.add_(denom.log2_()).mul_(LN2)  # the log-sum-exp, natural log
+                lse_h.index_copy_(0, out_index, m.view(-1, 1))
+            out_h.index_copy_(0, out_index, o.view(-1, Dv))
+        _to_token_major(out.view(B, N, h, Dv), out_h.view(pairs, rows, Dv), sl)
+        if not sigmoid:
+            _to_token_major(lse.view(B, N, h, 1), lse_h.view(pairs, rows, 1), sl)
+    return out, lse
 
 
 def tiled_backward(dout, dlse, q, k, v, rpb, decay, out, lse, params: NAParams, tile=None):
     """Gradients ``(dq, dk, dv, drpb)`` (``drpb`` None without ``rpb``) from the output gradient ``dout``
-    and, optionally, a gradient ``dlse`` of the returned log-sum-exp (softmax; d lse / d s = p). Scores are
-    recomputed per chunk from the saved log-sum-exp; only one chunk's score block exists at a time."""
+    and, optionally, a gradient ``dlse`` of the returned log-sum-exp (softmax; d lse / d s = p). The
+    probabilities are recomputed per chunk from the saved log-sum-exp; only one chunk's score block exists
+    at a time."""
+    with torch.no_grad():
+        return _backward(dout, dlse, q, k, v, rpb, decay, out, lse, params, tile)
+
+
+def _backward(dout, dlse, q, k, v, rpb, decay, out, lse, params: NAParams, tile):
     B, *spatial, h, D = q.shape
     Dv = v.shape[-1]
     scale, sigmoid = params.scale, params.sigmoid
-    prob = _problem(spatial, params, q.device, tile)
-    N = prob.N
+    device = q.device
+    prob = _problem(spatial, params, device, tile)
+    N, Tq, Hk = prob.N, prob.Tq, prob.Hk
+    rows = N + 1 if prob.padded else N
     compute = _compute_dtype(q.dtype)
     qf, kf, vf = q.reshape(B, N, h, D), k.reshape(B, N, h, D), v.reshape(B, N, h, Dv)
-    dof = dout.reshape(B, N, h, Dv).to(compute)
-    rpb_flat = rpb.reshape(h, -1) if rpb is not None else None
-    dq = torch.zeros(B, N + 1, h, D, device=q.device, dtype=compute)
-    dk = torch.zeros(B, N, h, D, device=q.device, dtype=compute)
-    dv = torch.zeros(B, N, h, Dv, device=q.device, dtype=compute)
-    drpb = torch.zeros_like(rpb_flat, dtype=compute) if rpb is not None else None
-    if not sigmoid:
-        delta = (dof * out.reshape(B, N, h, Dv).to(compute)).sum(-1)  # [B, N, h]
-        if dlse is not None:
-            delta = delta - dlse.reshape(B, N, h).to(compute)
-        lsef = lse.reshape(B, N, h).to(compute)
-    for c in prob.chunks(B * h * 3):
-        qt, kt, vt = _gather(qf, c["q_src"]), _gather(kf, c["kv"]), _gather(vf, c["kv"]).to(compute)
-        s = _scores(qt, kt, c, rpb_flat, scale, compute)
-        valid = c["valid"][None, :, None, :, None]
-        dot = _gather(dof, c["q_src"]) * valid  # padded slots contribute nothing
-        dp = torch.matmul(dot, vt.transpose(-1, -2))  # [B, C, h, Tq, Hk]
-        if sigmoid:
-            sig = torch.sigmoid_(s)  # 0 outside the windows
-            ds = dp.mul_(sig * (1 - sig))
-            p = sig
-            if decay is not None:
-                factor = decay.reshape(h, -1).to(compute)[:, c["rel"]].transpose(0, 1)
-                ds.mul_(factor)
-                p = sig * factor
-        else:
-            lse_t = _gather(lsef.unsqueeze(-1), c["q_src"])  # [B, C, h, Tq, 1]
-            p = torch.exp_(s.sub_(lse_t))  # 0 outside the windows
-            delta_t = _gather(delta.unsqueeze(-1), c["q_src"])
-            ds = dp.sub_(delta_t).mul_(p).mul_(valid)
-        dv_t = torch.matmul(p.transpose(-1, -2), dot)  # [B, C, h, Hk, Dv]
-        dv.index_add_(1, c["kv"].reshape(-1), dv_t.permute(0, 1, 3, 2, 4).reshape(B, -1, h, Dv))
-        dq_t = torch.matmul(ds, kt.to(compute)).mul_(scale)
-        dq.index_copy_(1, c["q"].reshape(-1), dq_t.permute(0, 1, 3, 2, 4).reshape(B, -1, h, D))
-        dk_t = torch.matmul(ds.transpose(-1, -2), qt.to(compute)).mul_(scale)
-        dk.index_add_(1, c["kv"].reshape(-1), dk_t.permute(0, 1, 3, 2, 4).reshape(B, -1, h, D))
-        if drpb is not None:
-            # entries outside the windows have ds == 0, so they add nothing to index 0
-            drpb.index_add_(1, c["rel"].reshape(-1), ds.sum(0).transpose(0, 1).reshape(h, -1))
-    dq = dq[:, :N].to(q.dtype).contiguous().reshape(q.shape)
-    dk = dk.to(k.dtype).reshape(k.shape)
-    dv = dv.to(v.dtype).reshape(v.shape)
+    dof = dout.reshape(B, N, h, Dv)
+    dq = torch.empty(q.shape, device=device, dtype=q.dtype)
+    dk = torch.empty(k.shape, device=device, dtype=k.dtype)
+    dv = torch.empty(v.shape, device=device, dtype=v.dtype)
+    drpb = torch.zeros(h, prob.rpb_size + 1, device=device, dtype=compute) if rpb is not None else None
+    unit = 1.0 if sigmoid else LOG2E
+    rpb_ext = _extend(rpb, h, float("-inf"), compute, unit)
+    decay_ext = _extend(decay, h, 0.0, compute)
+    for sl in _slices(B, h, N, max(D, Dv)):
+        b0, b1, h0, h1 = sl
+        nb, nh = b1 - b0, h1 - h0
+        pairs = nb * nh
+        qh, kh = _heads_first("q:hf", qf, sl, compute), _heads_first("k:hf", kf, sl, compute)
+        vh, doh = _heads_first("v:hf", vf, sl, compute), _heads_first("dout:hf", dof, sl, compute)
+        dq_h = _scratch("dq:hf", (pairs * rows, D), compute, device)
+        dk_h = _scratch("dk:hf", (pairs * N, D), compute, device).zero_()
+        dv_h = _scratch("dv:hf", (pairs * N, Dv), compute, device).zero_()
+        if not sigmoid:
+            # -delta = -(dout . out) + dlse and the base-2 log-sum-exp, heads-first [pairs * N]
+            prod = _heads_first("delta", out.reshape(B, N, h, Dv), sl, compute).mul_(doh)
+            neg_delta = torch.sum(prod, dim=-1, out=_scratch("neg_delta", (pairs * N,), compute, device)).neg_()
+            if dlse is not None:
+                neg_delta += _heads_first("dlse", dlse.reshape(B, N, h, 1), sl, compute).view(-1)
+            lse2 = _heads_first("lse2", lse.reshape(B, N, h, 1), sl, compute).view(-1).mul_(LOG2E)
+        for c in prob.schedule(pairs, 2):
+            C = c["C"]
+            G = pairs * C
+            q_index, kv_index = _index(c, "q", pairs, N, N), _index(c, "kv", pairs, N, N)
+            qg, kg = _gather("q", qh, q_index, Tq, compute), _gather("k", kh, kv_index, Hk, compute)
+            vg, dog = _gather("v", vh, kv_index, Hk, compute), _gather("dout", doh, q_index, Tq, compute)
+            if c["pad_pos"] is not None:  # padded slots get a zero output gradient: they contribute nothing
+                dog.view(pairs, C * Tq, Dv).index_fill_(1, c["pad_pos"], 0.0)
+            if rpb_ext is not None:
+                bias = _pair_table("bias", prob, c, rpb_ext[h0:h1])
+            else:
+                bias = prob.mask_bias(c, compute)
+            s = _scratch("s", (G, Tq, Hk), compute, device)
+            dp = _scratch("dp", (G, Tq, Hk), compute, device)
+            if sigmoid:
+                s.view(nb, nh, C, Tq, Hk).copy_(bias)
+                sig = s.baddbmm_(qg, kg.transpose(1, 2), alpha=scale).sigmoid_()  # 0 outside the windows
+                ds = torch.bmm(dog, vg.transpose(1, 2), out=dp).mul_(sig)
+                ds.addcmul_(ds, sig, value=-1.0)  # dp * sig * (1 - sig)
+                p = sig
+                if decay_ext is not None:
+                    factor = _pair_table("factor", prob, c, decay_ext[h0:h1])
+                    ds.view(nb, nh, C, Tq, Hk).mul_(factor)
+                    p.view(nb, nh, C, Tq, Hk).mul_(factor)
+            else:
+                # p = exp(s + bias - lse): the bias and -lse form the input the product accumulates into
+                lse_t = _gather("lse:t", lse2.view(-1, 1), q_index, Tq, compute)
+                torch.sub(bias, lse_t.view(nb, nh, C, Tq, 1), out=s.view(nb, nh, C, Tq, Hk))
+                p = s.baddbmm_(qg, kg.transpose(1, 2), alpha=scale * LOG2E).exp2_()  # 0 outside the windows
+                # ds = p * (dout . v - delta), -delta being the input of the dout v^T product
+                neg_delta_t = _gather("neg_delta:t", neg_delta.view(-1, 1), q_index, Tq, compute)
+                if c["pad_pos"] is not None:
+                    neg_delta_t.view(pairs, C * Tq).index_fill_(1, c["pad_pos"], 0.0)
+                ds = torch.baddbmm(neg_delta_t, dog, vg.transpose(1, 2), out=dp).mul_(p)
+            dv_t = torch.bmm(p.transpose(1, 2), dog, out=_scratch("dv", (G, Hk, Dv), compute, device))
+            dv_h.index_add_(0, kv_index, dv_t.view(-1, Dv))
+            zero = dv_t.new_zeros(1, 1, 1)
+            dq_t = torch.baddbmm(zero, ds, kg, beta=0.0, alpha=scale, out=_scratch("dq", (G, Tq, D), compute, device))
+            dq_h.index_copy_(0, _index(c, "out", pairs, N, rows), dq_t.view(-1, D))
+            dk_t = torch.baddbmm(zero, ds.transpose(1, 2), qg, beta=0.0, alpha=scale,
+                                 out=_scratch("dk", (G, Hk, D), compute, device))
+            dk_h.index_add_(0, kv_index, dk_t.view(-1, D))
+            if drpb is not None:
+                # sum ds over the tiles of each pattern group, then scatter the groups into the table (entries
+                # outside the windows have ds == 0 and land in the extra last column)
+                per_tile = ds.view(nb, nh, C, Tq * Hk)
+                per_tile = per_tile.sum(0) if nb > 1 else per_tile[0]
+                pattern = c["pattern"]
+                per_group = per_tile.new_zeros(nh, pattern.shape[0], Tq * Hk).index_add_(1, c["group"], per_tile)
+                drpb[h0:h1].scatter_add_(1, pattern.view(1, -1).expand(nh, -1), per_group.view(nh, -1))
+        _to_token_major(dq.view(B, N, h, D), dq_h.view(pairs, rows, D), sl)
+        _to_token_major(dk.view(B, N, h, D), dk_h.view(pairs, N, D), sl)
+        _to_token_major(dv.view(B, N, h, Dv), dv_h.view(pairs, N, Dv), sl)
     if drpb is not None:
-        drpb = drpb.to(rpb.dtype).reshape(rpb.shape)
+        drpb = drpb[:, :-1].to(rpb.dtype).reshape(rpb.shape)
     return dq, dk, dv, drpb

@@ -36,9 +36,13 @@ def interleaved_times(fns: dict[str, Callable[[], object]], rounds: int = 5, min
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
+def _cell(value: object) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
 def format_table(headers: list[str], rows: list[list[object]]) -> str:
     """A plain-text table with right-aligned numeric columns."""
-    cells = [[str(h) for h in headers]] + [[f"{c:.3g}" if isinstance(c, float) else str(c) for c in r] for r in rows]
+    cells = [[str(h) for h in headers]] + [[_cell(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     lines = ["  ".join(c.rjust(w) if j else c.ljust(w) for j, (c, w) in enumerate(zip(r, widths))) for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -122,10 +126,12 @@ def bench_models(
     img_size: int | None = None,
     threads: int | None = None,
     min_time: float = 5.0,
+    report: Callable[[str], None] | None = None,
 ) -> tuple[str, list[dict]]:
     """Inference throughput (images/s, eval, ``torch.inference_mode``) of visionattn models, optionally
     beside timm's model of the same name with the same weights (the max abs logit difference is shown).
 
+    ``report`` (e.g. ``print``) receives one line per model as soon as it is measured.
     Returns the printed table and the rows as dicts.
     """
     import timm
@@ -177,6 +183,8 @@ def bench_models(
                 row[f"gather_{tag}_peak_mib"] = peak_memory_mib(theirs, x, train)
             ours.eval(), theirs.eval()
         results.append(row)
+        if report is not None:
+            report(f"{row['model']}: " + "  ".join(f"{k} {_cell(v)}" for k, v in row.items() if k != "model"))
     headers = list(results[0].keys()) if results else []
     table = format_table(headers, [[r.get(h, "") for h in headers] for r in results])
     return table, results
@@ -189,11 +197,22 @@ KERNEL_PROBLEMS = {
     # name: (spatial, kernel_size); 4 heads, head_dim 32, batch 1
     "1d-4096-k31": ((4096,), 31),
     "2d-56-k7": ((56, 56), 7),
+    "2d-56-k3": ((56, 56), 3),
     "2d-128-k13": ((128, 128), 13),
     "3d-32-k5": ((32, 32, 32), 5),
     "2d-16-k5": ((16, 16), 5),  # small: used by the tests
 }
-DEFAULT_KERNEL_PROBLEMS = ["1d-4096-k31", "2d-56-k7", "2d-128-k13", "3d-32-k5"]
+# the other kernels: linear attention (HER-Seg's) over N tokens, top-K attention (DFIR-DETR's mixture of the
+# ratios 1/2, 2/3, 3/4, 4/5) over N tokens; 4 heads, head_dim 32, batch 1
+OTHER_KERNEL_PROBLEMS = {
+    "linear-4096": ("linear", 4096),
+    "linear-16384": ("linear", 16384),
+    "topk-400": ("topk", 400),
+    "topk-1600": ("topk", 1600),
+    "linear-256": ("linear", 256),  # small: used by the tests
+    "topk-64": ("topk", 64),  # small: used by the tests
+}
+DEFAULT_KERNEL_PROBLEMS = ["1d-4096-k31", "2d-56-k7", "2d-56-k3", "2d-128-k13", "3d-32-k5"]
 DENSE_MAX_TOKENS = 8192  # masked dense SDPA needs an N x N mask; beyond this it is skipped
 
 
@@ -252,11 +271,35 @@ def _flex_fn():
 
 
 FLEX_BLOCK = 128
+# the tile of tokens one 128-query flex block covers in the tiled token order
+FLEX_TILE = {1: (128,), 2: (8, 16), 3: (4, 4, 8)}
 
 
-def _flex_block_mask(spatial, kernel_size, device):
-    """Block mask over the tokens padded to a multiple of flex's block size (inductor's CPU flex template
-    fails to compile for other lengths in this torch build); padded keys are masked out."""
+def flex_token_order(spatial, tiled: bool) -> torch.Tensor:
+    """The token order flex_attention runs in, padded to a multiple of its 128-token block: ``order[i]`` is
+    the token at position ``i`` (``N`` for padding). Row-major, or ``tiled``: the grid cut into tiles of
+    ``FLEX_TILE`` (8 x 16 in 2-D, 4 x 4 x 8 in 3-D), tile after tile, so that a block of queries is a compact
+    tile whose windows touch few key blocks; tiles overhanging the grid are padded."""
+    n = len(spatial)
+    N = math.prod(spatial)
+    if not tiled or n == 1:
+        padded = math.ceil(N / FLEX_BLOCK) * FLEX_BLOCK
+        return torch.cat([torch.arange(N), torch.full((padded - N,), N)])
+    tile = FLEX_TILE[n]
+    counts = [math.ceil(L / t) for L, t in zip(spatial, tile)]
+    # coordinates of every position, tile-major then within the tile, each axis row-major
+    grids = torch.meshgrid(*[torch.arange(c) for c in counts], *[torch.arange(t) for t in tile], indexing="ij")
+    coords = [(grids[a] * tile[a] + grids[n + a]).reshape(-1) for a in range(n)]
+    inside = torch.stack([c < L for c, L in zip(coords, spatial)]).all(0)
+    flat = sum(c * math.prod(spatial[a + 1:]) for a, c in enumerate(coords))
+    return torch.where(inside, flat, N)
+
+
+def _flex_block_mask(spatial, kernel_size, device, order: torch.Tensor):
+    """Block mask for flex_attention over the tokens in ``order`` (see :func:`flex_token_order`; the padded
+    length is a multiple of flex's block size: inductor's CPU flex template fails to compile for other
+    lengths in this torch build); padded keys are masked out, padded queries see their nearest token's
+    window."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     from visionattn.kernels.semantics import axis_mask_and_offsets
@@ -265,16 +308,19 @@ def _flex_block_mask(spatial, kernel_size, device):
     N = math.prod(spatial)
     masks = [axis_mask_and_offsets(L, kernel_size, 1, 1, False)[0].to(device) for L in spatial]
     strides = [math.prod(spatial[a + 1:]) for a in range(n)]
+    token = order.to(device)
+    real = token < N
+    token = torch.clamp(token, max=N - 1)
+    coords = [(token // strides[a]) % spatial[a] for a in range(n)]
 
     def mask_mod(b, h, q_idx, kv_idx):
-        qc, kc = torch.clamp(q_idx, max=N - 1), torch.clamp(kv_idx, max=N - 1)
-        allowed = kv_idx < N
+        allowed = real[kv_idx]
         for a in range(n):
-            allowed = allowed & masks[a][(qc // strides[a]) % spatial[a], (kc // strides[a]) % spatial[a]]
+            allowed = allowed & masks[a][coords[a][q_idx], coords[a][kv_idx]]
         return allowed
 
-    padded = math.ceil(N / FLEX_BLOCK) * FLEX_BLOCK
-    return create_block_mask(mask_mod, None, None, padded, padded, device=device), padded
+    padded = order.numel()
+    return create_block_mask(mask_mod, None, None, padded, padded, device=device)
 
 
 def matmul_gflops(device: str = "cpu", size: int = 1024) -> float:
@@ -289,6 +335,96 @@ def matmul_gflops(device: str = "cpu", size: int = 1024) -> float:
     return 2 * size**3 / secs / 1e9
 
 
+def round_robin_times(fns: dict, min_time: float = 1.0, rounds: int = 5) -> dict[object, list[float]]:
+    """Seconds per call of every function, measured interleaved: in each of ``rounds`` rounds every function
+    in turn runs for ``min_time / rounds`` seconds (at least once), so that a change in the machine's load hits
+    all of them alike. Returns every call's time, per function."""
+    samples: dict = {name: [] for name in fns}
+    budget = min_time / rounds
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            while True:
+                t0 = time.perf_counter()
+                fn()
+                samples[name].append(time.perf_counter() - t0)
+                if t0 - start + samples[name][-1] >= budget:
+                    break
+    return samples
+
+
+def _kernel_impls(pname, q, k, v, device, skip, ours_backends, heads, head_dim, note):
+    """The implementations compared on a neighborhood-attention problem: ``name -> (fn(q, k, v), has CPU
+    backward)``, ours first."""
+    from visionattn.kernels import na1d, na2d, na3d
+
+    spatial, K = KERNEL_PROBLEMS[pname]
+    n = len(spatial)
+    N = math.prod(spatial)
+    fns = {1: na1d, 2: na2d, 3: na3d}
+    impls: dict[str, tuple] = {}
+    for be in ours_backends:
+        impls[f"visionattn-{be}"] = (lambda q, k, v, be=be: fns[n](q, k, v, K, backend=be), True)
+    if "naive" not in skip:
+        impls["naive-gather"] = (lambda q, k, v: naive_gather_na(q, k, v, K), True)
+    if "dense" not in skip:
+        if N <= DENSE_MAX_TOKENS:
+            mask = _dense_mask(spatial, K, device)
+
+            def dense(q, k, v, mask=mask):
+                t = [x.reshape(1, N, heads, head_dim).transpose(1, 2) for x in (q, k, v)]
+                return F.scaled_dot_product_attention(*t, attn_mask=mask).transpose(1, 2).reshape(q.shape)
+
+            impls["masked-dense-sdpa"] = (dense, True)
+        else:
+            note(f"{pname}: masked dense SDPA skipped (N^2 mask of {N * N / 2**30:.1f} Gi entries)")
+    if "flex" not in skip:
+        for tiled in ((False, True) if n > 1 else (False,)):
+            order = flex_token_order(spatial, tiled).to(device)
+            block_mask = _flex_block_mask(spatial, K, device, order)
+            position = torch.empty(N, dtype=torch.long, device=device)  # where each token sits in the order
+            real = order < N
+            position[order[real]] = torch.nonzero(real).flatten()
+            note(f"{pname}: flex_attention block mask ({'tiled' if tiled else 'row-major'} token order): "
+                 f"{100 - block_mask.sparsity():.1f}% of the {FLEX_BLOCK}x{FLEX_BLOCK} blocks computed")
+
+            def flex(q, k, v, bm=block_mask, order=order, position=position):
+                # into flex's order (a zero row serves padding), attention, back to token order: all timed
+                t = [torch.cat([x.reshape(N, heads, head_dim), x.new_zeros(1, heads, head_dim)])[order]
+                     .transpose(0, 1)[None] for x in (q, k, v)]
+                out = _flex_fn()(*t, block_mask=bm)[0].transpose(0, 1)
+                return out[position].reshape(q.shape)
+
+            impls["flex-attention-tiled" if tiled else "flex-attention-compiled"] = (flex, device == "cuda")
+    return impls
+
+
+def _other_impls(pname, device, heads, head_dim):
+    """Linear or top-K attention problems: ``(inputs, {name: (fn(*inputs), has backward)})``, ours first."""
+    from visionattn.decoders.herseg import linear_attention_plain
+    from visionattn.kernels import linear_attention, topk_attention
+
+    kind, N = OTHER_KERNEL_PROBLEMS[pname]
+    g = torch.Generator(device="cpu").manual_seed(0)
+    shape = (1, N, heads, head_dim)
+    if kind == "linear":
+        q, k = (F.elu(torch.randn(shape, generator=g)) + 1 for _ in range(2))
+        v, q_rot, k_rot = (torch.randn(shape, generator=g) for _ in range(3))
+        inputs = [t.to(device) for t in (q, k, v, q_rot, k_rot)]
+        return inputs, {
+            "visionattn-torch": (lambda *t: linear_attention(*t, backend="torch"), True),
+            "one-contraction": (lambda *t: linear_attention_plain(*t), True),  # HER-Seg's einsums, autograd
+            "chunked-1024": (lambda *t: linear_attention(*t, chunk_size=1024, backend="torch"), True),
+        }
+    q, k, v = (torch.randn(shape, generator=g).to(device) for _ in range(3))
+    top_ks = [max(1, math.ceil(r * N)) for r in (1 / 2, 2 / 3, 3 / 4, 4 / 5)]
+    mix = torch.softmax(torch.randn(1, len(top_ks), generator=g), -1).to(device)
+    impls = {"visionattn-torch": (lambda *t: topk_attention(*t, top_ks, mix=mix, backend="torch"), True)}
+    if N <= 4096:  # the oracle holds N x N scores
+        impls["dense-masked-reference"] = (lambda *t: topk_attention(*t, top_ks, mix=mix, backend="reference"), True)
+    return [q, k, v], impls
+
+
 def bench_kernels(
     device: str = "cpu",
     problems: list[str] | None = None,
@@ -297,111 +433,144 @@ def bench_kernels(
     head_dim: int = 32,
     min_time: float = 1.0,
     threads: int | None = None,
+    report: Callable[[str], None] | None = None,
 ) -> tuple[str, list[dict]]:
-    """Time visionattn's neighborhood attention against the alternatives, forward and forward+backward.
+    """Time visionattn's kernels against the alternatives: forward, backward (fwd+bwd minus fwd) and
+    forward+backward, all measured interleaved (round-robin, best of the rounds) in the same run, together
+    with the machine's fp32 matmul rate (a 1024^2 matmul, the ceiling), re-measured for every problem.
 
-    Alternatives: ``naive`` (gather each query's window; backward through autograd), ``dense`` (masked
-    dense SDPA over the N x N mask), ``flex`` (``torch.compile``d flex_attention with a block mask; no CPU
-    backward). The ratio columns are ``alternative time / visionattn time``: above 1 means we are faster.
-    Also checks that every alternative's output matches ours. Returns the printed text and the rows.
+    Neighborhood attention (``KERNEL_PROBLEMS``) against ``naive`` (gather each query's window; backward
+    through autograd), ``dense`` (masked dense SDPA over the N x N mask) and ``flex`` (``torch.compile``d
+    flex_attention with a block mask, in row-major token order and in a tiled order where a 128-query block
+    is a compact tile; the reordering is timed with it; no CPU backward). Linear attention
+    (``linear-*``) against HER-Seg's one-contraction einsums and the 1024-token chunked form; top-K attention
+    (``topk-*``) against the dense masked reference. Ratio columns are ``alternative time / visionattn
+    time``: above 1 means we are faster. Also checks that every alternative's output matches ours.
+    ``report`` (e.g. ``print``) receives each line as soon as it is known: the machine's line, then one per
+    implementation measured. Returns the printed text and the rows.
     """
     from visionattn.errors import InvalidInputError
-    from visionattn.kernels import na1d, na2d, na3d, triton_available
+    from visionattn.kernels import triton_available
 
     if threads:
         torch.set_num_threads(threads)
     if device == "cuda" and not torch.cuda.is_available():
         raise InvalidInputError("--device cuda asked for, but no CUDA device is available")
-    fns = {1: na1d, 2: na2d, 3: na3d}
     ours_backends = ["torch"] if device == "cpu" else (["triton", "torch"] if triton_available() else ["torch"])
     problems = problems or DEFAULT_KERNEL_PROBLEMS
-    ceiling = matmul_gflops(device)
-    lines = [f"device {device}, {torch.get_num_threads()} threads; fp32 matmul ceiling {ceiling:.0f} GFLOP/s"]
-    rows: list[dict] = []
     for pname in problems:
-        if pname not in KERNEL_PROBLEMS:
-            raise InvalidInputError(f"unknown problem {pname!r}; choose from {', '.join(KERNEL_PROBLEMS)}")
-        spatial, K = KERNEL_PROBLEMS[pname]
-        n = len(spatial)
-        N = math.prod(spatial)
-        flops = 4 * heads * N * K**n * head_dim  # QK and AV products only, as NATTEN counts
-        g = torch.Generator(device="cpu").manual_seed(0)
-        q, k, v = (torch.randn(1, *spatial, heads, head_dim, generator=g).to(device) for _ in range(3))
-        dout = torch.randn(1, *spatial, heads, head_dim, generator=g).to(device)
-        impls: dict[str, tuple] = {}
-        for be in ours_backends:
-            impls[f"visionattn-{be}"] = (lambda q, k, v, be=be: fns[n](q, k, v, K, backend=be), True)
-        if "naive" not in skip:
-            impls["naive-gather"] = (lambda q, k, v: naive_gather_na(q, k, v, K), True)
-        if "dense" not in skip:
-            if N <= DENSE_MAX_TOKENS:
-                mask = _dense_mask(spatial, K, device)
+        if pname not in KERNEL_PROBLEMS and pname not in OTHER_KERNEL_PROBLEMS:
+            raise InvalidInputError(f"unknown problem {pname!r}; choose from "
+                                    f"{', '.join([*KERNEL_PROBLEMS, *OTHER_KERNEL_PROBLEMS])}")
+    lines = [f"device {device}, {torch.get_num_threads()} threads; times are the best of interleaved rounds"]
+    rows: list[dict] = []
 
-                def dense(q, k, v, mask=mask):
-                    t = [x.reshape(1, N, heads, head_dim).transpose(1, 2) for x in (q, k, v)]
-                    return F.scaled_dot_product_attention(*t, attn_mask=mask).transpose(1, 2).reshape(q.shape)
+    def note(line: str) -> None:  # a line of the final text, reported now
+        lines.append(line)
+        if report is not None:
+            report(line)
 
-                impls["masked-dense-sdpa"] = (dense, True)
+    if report is not None:
+        report(lines[0])
+    size = 1024
+    ma, mb = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+
+    def matmul():
+        torch.mm(ma, mb)
+        _sync(device)
+
+    from torch._dynamo import config as dynamo_config
+
+    with dynamo_config.patch(cache_size_limit=64):  # one compiled flex graph per problem and token order
+        for pname in problems:
+            g = torch.Generator(device="cpu").manual_seed(0)
+            if pname in KERNEL_PROBLEMS:
+                spatial, K = KERNEL_PROBLEMS[pname]
+                N = math.prod(spatial)
+                flops = 4 * heads * N * K ** len(spatial) * head_dim  # QK and AV products only, as NATTEN counts
+                inputs = [torch.randn(1, *spatial, heads, head_dim, generator=g).to(device) for _ in range(3)]
+                impls = _kernel_impls(pname, *inputs, device, skip, ours_backends, heads, head_dim, note)
+                what = (f"spatial {'x'.join(map(str, spatial))}, kernel {K}, {heads} heads, head_dim {head_dim}, "
+                        f"batch 1; {flops / 1e6:.1f} MFLOP useful")
             else:
-                lines.append(f"{pname}: masked dense SDPA skipped (N^2 mask of {N * N / 2**30:.1f} Gi entries)")
-        if "flex" not in skip:
-            bm, padded = _flex_block_mask(spatial, K, device)
+                inputs, impls = _other_impls(pname, device, heads, head_dim)
+                kind, N = OTHER_KERNEL_PROBLEMS[pname]
+                flops = None
+                what = f"{kind} attention, N {N}, {heads} heads, head_dim {head_dim}, batch 1"
+            ours_name = next(iter(impls))
+            ref, errors, fns = None, {}, {"matmul-1024": matmul}
+            grad_inputs = [x.clone().requires_grad_() for x in inputs]
+            for name, (fn, has_bwd) in impls.items():
+                try:
+                    with torch.no_grad():
+                        out = fn(*inputs)  # also pays any compile cost outside the timing
+                    if has_bwd:
+                        y = fn(*grad_inputs)
+                        torch.autograd.grad(y, grad_inputs, torch.ones_like(y))
+                except Exception as e:  # an alternative that fails here (e.g. an inductor bug) is reported, not fatal
+                    reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+                    note(f"{pname}: {name} failed: {type(e).__name__}: {reason}")
+                    continue
+                ref = out if ref is None else ref
+                errors[name] = (out - ref).abs().max().item()
+                dout = torch.randn(out.shape, generator=g).to(device)
 
-            def flex(q, k, v, bm=bm, padded=padded):
-                t = [F.pad(x.reshape(1, N, heads, head_dim), (0, 0, 0, 0, 0, padded - N)).transpose(1, 2) for x in (q, k, v)]
-                return _flex_fn()(*t, block_mask=bm)[:, :, :N].transpose(1, 2).reshape(q.shape)
-
-            impls["flex-attention-compiled"] = (flex, device == "cuda")
-
-        ref = None
-        results = {}
-        for name, (fn, has_bwd) in impls.items():
-            try:
-                with torch.no_grad():
-                    out = fn(q, k, v)  # also pays any compile cost outside the timing
-            except Exception as e:  # an alternative that fails here (e.g. an inductor bug) is reported, not fatal
-                reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-                lines.append(f"{pname}: {name} failed: {type(e).__name__}: {reason}")
-                continue
-            ref = out if ref is None else ref
-            err = (out - ref).abs().max().item()
-
-            def fwd(fn=fn):
-                with torch.no_grad():
-                    fn(q, k, v)
-                _sync(device)
-
-            t_fwd = statistics.median(time_fn(fwd, warmup=1, min_time=min_time))
-            t_bwd = None
-            if has_bwd:
-                qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
-
-                def fwd_bwd(fn=fn):
-                    torch.autograd.grad(fn(qg, kg, vg), (qg, kg, vg), dout)
+                def fwd(fn=fn):
+                    with torch.no_grad():
+                        fn(*inputs)
                     _sync(device)
 
-                t_bwd = statistics.median(time_fn(fwd_bwd, warmup=1, min_time=min_time))
-            results[name] = (t_fwd, t_bwd, err)
+                fns[(name, "fwd")] = fwd
+                if has_bwd:
+                    def fwd_bwd(fn=fn, dout=dout):
+                        torch.autograd.grad(fn(*grad_inputs), grad_inputs, dout)
+                        _sync(device)
 
-        ours = results[f"visionattn-{ours_backends[0]}"]
-        table_rows = []
-        for name, (t_fwd, t_bwd, err) in results.items():
-            row = dict(
-                problem=pname, impl=name, fwd_ms=t_fwd * 1e3, fwd_gflops=flops / t_fwd / 1e9,
-                fwd_ratio=t_fwd / ours[0], fwdbwd_ms=t_bwd * 1e3 if t_bwd else None,
-                fwdbwd_ratio=(t_bwd / ours[1]) if t_bwd and ours[1] else None, max_abs_diff=err,
-                matmul_ceiling_gflops=ceiling,
-            )
-            rows.append(row)
-            table_rows.append([
-                name, row["fwd_ms"], row["fwd_gflops"], f"{row['fwd_ratio']:.2f}x",
-                f"{row['fwdbwd_ms']:.3g}" if t_bwd else "n/a (no backward)",
-                f"{row['fwdbwd_ratio']:.2f}x" if row["fwdbwd_ratio"] else "-", f"{err:.1e}",
-            ])
-        lines.append("")
-        lines.append(f"{pname}: spatial {'x'.join(map(str, spatial))}, kernel {K}, {heads} heads, head_dim {head_dim}, "
-                     f"batch 1; {flops / 1e6:.1f} MFLOP useful; ratio = time / visionattn-{ours_backends[0]}'s")
-        lines.append(format_table(
-            ["impl", "fwd ms", "fwd GFLOP/s", "fwd ratio", "fwd+bwd ms", "fwd+bwd ratio", "max|diff|"], table_rows
-        ))
+                    fns[(name, "fwd+bwd")] = fwd_bwd
+            samples = round_robin_times(fns, min_time=min_time)
+            best = {key: min(ts) for key, ts in samples.items()}
+            ceiling = 2 * size**3 / best["matmul-1024"] / 1e9
+            ours_fwd, ours_fb = best.get((ours_name, "fwd")), best.get((ours_name, "fwd+bwd"))
+            ours_bwd = ours_fb - ours_fwd if ours_fb and ours_fwd else None
+            table_rows = []
+            for name in errors:
+                t_fwd, t_fb = best[(name, "fwd")], best.get((name, "fwd+bwd"))
+                t_bwd = t_fb - t_fwd if t_fb is not None else None
+                row = dict(
+                    problem=pname, impl=name, fwd_ms=t_fwd * 1e3, bwd_ms=t_bwd * 1e3 if t_bwd is not None else None,
+                    fwdbwd_ms=t_fb * 1e3 if t_fb is not None else None,
+                    fwd_gflops=flops / t_fwd / 1e9 if flops else None,
+                    fwd_ratio=t_fwd / ours_fwd,
+                    bwd_ratio=t_bwd / ours_bwd if t_bwd and ours_bwd else None,
+                    fwdbwd_ratio=t_fb / ours_fb if t_fb and ours_fb else None,
+                    bwd_over_fwd=t_bwd / t_fwd if t_bwd is not None else None,
+                    max_abs_diff=errors[name], matmul_ceiling_gflops=ceiling,
+                    fwd_ceiling_fraction=flops / t_fwd / 1e9 / ceiling if flops else None,
+                    rounds=len(samples[(name, "fwd")]),
+                )
+                rows.append(row)
+                if report is not None:
+                    fwd_txt = f"fwd {row['fwd_ms']:.3g} ms ({row['fwd_ratio']:.2f}x)"
+                    if t_fb is not None:
+                        bwd_txt = (f"bwd {row['bwd_ms']:.3g} ms ({row['bwd_ratio']:.2f}x), fwd+bwd {row['fwdbwd_ms']:.3g} ms "
+                                   f"({row['fwdbwd_ratio']:.2f}x)")
+                    else:
+                        bwd_txt = "no backward"
+                    report(f"{pname} {name}: {fwd_txt}, {bwd_txt}, max|diff| {row['max_abs_diff']:.1e}")
+                table_rows.append([
+                    name, row["fwd_ms"], f"{row['fwd_ratio']:.2f}x",
+                    f"{row['bwd_ms']:.3g}" if t_bwd is not None else "n/a (no backward)",
+                    f"{row['bwd_ratio']:.2f}x" if row["bwd_ratio"] else "-",
+                    f"{row['fwdbwd_ms']:.3g}" if t_fb is not None else "n/a",
+                    f"{row['fwdbwd_ratio']:.2f}x" if row["fwdbwd_ratio"] else "-",
+                    f"{row['bwd_over_fwd']:.2f}" if row["bwd_over_fwd"] is not None else "-",
+                    f"{row['fwd_gflops']:.3g} ({100 * row['fwd_ceiling_fraction']:.1f}%)" if flops else "-",
+                    f"{row['max_abs_diff']:.1e}",
+                ])
+            lines.append("")
+            lines.append(f"{pname}: {what}; matmul ceiling {ceiling:.0f} GFLOP/s (same rounds); "
+                         f"ratio = time / {ours_name}'s")
+            lines.append(format_table(
+                ["impl", "fwd ms", "fwd ratio", "bwd ms", "bwd ratio", "fwd+bwd ms", "fwd+bwd ratio", "bwd/fwd",
+                 "fwd GFLOP/s (of ceiling)", "max|diff|"], table_rows))
     return "\n".join(lines), rows

@@ -31,6 +31,7 @@ import gzip
 import importlib.resources
 import re
 import struct
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -450,12 +451,14 @@ class Segmenter:
         out = seg.predict(volume, affine)           # volume [C, X, Y, Z] or [X, Y, Z], affine 4x4 (voxel -> mm)
         out["labels"]                               # [X, Y, Z] uint8 on the input's grid
 
-    Settings left ``None`` come from the run's recipe (``inference:`` and ``data.roi_size``).
+    Settings left ``None`` come from the run's recipe (``inference:`` and ``data.roi_size``). ``engine="onnx"``
+    runs the network in onnxruntime instead of PyTorch (the run's network exported to a temporary ONNX file,
+    or ``onnx_path``, checked against PyTorch on one window first); everything around it is the same.
     """
 
     def __init__(self, model: SegmentationModel, *, device: str = "cpu", roi_size: Sequence[int] | None = None,
                  overlap: float | None = None, mode: str | None = None, sw_batch_size: int | None = None,
-                 tta: bool = False):
+                 tta: bool | None = None, engine: str = "torch", onnx_path: str | None = None):
         inference = dict(model.config.get("inference") or {})
         self.model = model
         self.device = device
@@ -465,8 +468,56 @@ class Segmenter:
         if self.mode not in ("gaussian", "constant"):
             raise SegmentError(f"mode must be 'gaussian' or 'constant', got {self.mode!r}")
         self.sw_batch_size = int(sw_batch_size or inference.get("sw_batch_size", 4))
-        self.tta = tta
+        # test-time mirroring only along the axes the model was trained to be invariant to
+        from visionattn.tasks.segmentation import mirror_axes
+
+        if tta is None:
+            tta = bool(inference.get("tta", False))
+        self.mirror_axes = mirror_axes(model.data) if tta else []
+        if tta and not self.mirror_axes:
+            print(f"segment: warning: {model.source} was trained without flips, so --tta has no axis to mirror",
+                  file=sys.stderr)
         model.network.to(device)
+        # the network that runs the windows: the PyTorch one, or the same network in onnxruntime (`engine="onnx"`)
+        if engine not in ("torch", "onnx"):
+            raise SegmentError(f"engine must be 'torch' or 'onnx', got {engine!r}")
+        if onnx_path is not None and engine != "onnx":
+            raise SegmentError("--onnx FILE needs --engine onnx")
+        self.engine = engine
+        self.network = self._onnx_network(onnx_path) if engine == "onnx" else model.network
+
+    def _onnx_network(self, onnx_path: str | None):
+        """The model's network in onnxruntime: ``onnx_path``, or the network exported to a temporary ONNX file
+        (:func:`visionattn.tasks.export.export_onnx`, dynamic batch and sides), checked against PyTorch on one
+        window first."""
+        import tempfile
+
+        from visionattn.tasks.export import ExportError, OnnxNetwork, compare, export_onnx
+
+        try:
+            if onnx_path is None:
+                with tempfile.TemporaryDirectory(prefix="visionattn-onnx-") as folder:
+                    path = Path(folder) / "network.onnx"
+                    example = torch.zeros(1, self.in_channels, *self.roi_size)
+                    export_onnx(self.model.network.eval().cpu(), path, example)
+                    network = OnnxNetwork(path, self.device)  # the session holds the model: the file may go
+            else:
+                if not Path(onnx_path).is_file():
+                    raise SegmentError(f"--onnx {onnx_path}: not a file")
+                network = OnnxNetwork(onnx_path, self.device)
+        except ExportError as e:
+            raise SegmentError(str(e)) from None
+        if network.in_channels not in (None, self.in_channels) or network.spatial_dims != len(self.roi_size):
+            raise SegmentError(f"--onnx {onnx_path}: its input {network.input_shape} does not take the model's "
+                               f"[B, {self.in_channels}, {', '.join(['X'] * len(self.roi_size))}] windows")
+        network_cpu = self.model.network.cpu()
+        rows = compare(network, network_cpu, [self.roi_size], self.in_channels, report=None, label="onnx")
+        self.model.network.to(self.device)
+        if not rows[0]["ok"]:
+            raise SegmentError(f"the ONNX network {onnx_path or '(exported)'} does not match {self.model.source} on "
+                               f"a {'x'.join(map(str, self.roi_size))} window: "
+                               + (rows[0]["error"] or f"max abs difference {rows[0]['max_abs_diff']:.2e}"))
+        return network
 
     @classmethod
     def from_run(cls, spec: str = DEFAULT_MODEL, **settings) -> "Segmenter":
@@ -489,6 +540,9 @@ class Segmenter:
                 file it came from; a MONAI ``MetaTensor`` brings its own affine.
             affine: ``4 x 4`` voxel-to-world (mm, RAS) matrix; default: the MetaTensor's, else identity.
             probabilities: also return the class probabilities.
+
+        With ``tta``, the prediction is averaged over the mirrorings along :attr:`mirror_axes` (the axes the
+        recipe flipped in training, :func:`~visionattn.tasks.segmentation.mirror_axes`).
 
         Returns ``{"labels": [X, Y, Z] uint8 (int16 past 255 labels), "probabilities": [K, X, Y, Z] float32 or
         None}``, on the input's grid: the preprocessing is inverted exactly (MONAI's ``Invertd``, nearest
@@ -517,8 +571,9 @@ class Segmenter:
             # finite float32 values whose mean or spread overflows float32 (e.g. values near 3e38)
             raise SegmentError(f"the values overflow float32 in the model's intensity normalisation "
                                f"({data.get('intensity', 'zscore')}); rescale the volume")
-        probs = sliding_window_predict(self.model.network, image.as_tensor()[None], self.roi_size, self.overlap,
-                                       self.mode, self.sw_batch_size, self.device, "cpu", tta=self.tta)[0]
+        probs = sliding_window_predict(self.network, image.as_tensor()[None], self.roi_size, self.overlap,
+                                       self.mode, self.sw_batch_size, self.device, "cpu",
+                                       tta=self.mirror_axes)[0]
         label_dtype = np.uint8 if len(self.labels) <= 255 else np.int16
         bundle = {"image": image, "pred": MetaTensor(probs.argmax(0, keepdim=True).to(torch.int16), meta=image.meta,
                                                      applied_operations=image.applied_operations)}
@@ -610,9 +665,9 @@ def mean_dice(entries: list[dict], label_names: Sequence[str]) -> dict[str, floa
 
 def run_segment(input_path: str | None, output: str | None, model_spec: str | None = None, *, device: str = "cpu",
                 roi_size: Sequence[int] | None = None, overlap: float | None = None, mode: str | None = None,
-                tta: bool = False, save_probabilities: bool = False, overwrite: bool = False,
+                tta: bool | None = None, save_probabilities: bool = False, overwrite: bool = False,
                 progress: bool = True, overlay: bool = False, labels_dir: str | None = None,
-                max_voxels: int = DEFAULT_MAX_VOXELS) -> int:
+                max_voxels: int = DEFAULT_MAX_VOXELS, engine: str = "torch", onnx_path: str | None = None) -> int:
     """The ``segment`` command. Without ``input_path`` it segments the bundled sample volumes with the
     bundled model and reports Dice against their reference labels. Returns the exit code: 1 when a case
     failed, 0 otherwise (cases skipped because their outputs exist are not failures)."""
@@ -632,7 +687,7 @@ def run_segment(input_path: str | None, output: str | None, model_spec: str | No
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SegmentError("--device cuda: no CUDA device is available here; use --device cpu")
     segmenter = Segmenter.from_run(model_spec or DEFAULT_MODEL, device=device, roi_size=roi_size, overlap=overlap,
-                                   mode=mode, tta=tta)
+                                   mode=mode, tta=tta, engine=engine, onnx_path=onnx_path)
     cases = find_cases(input_path, segmenter.in_channels)
     if labels_dir:
         find_references(cases, labels_dir)
@@ -653,6 +708,8 @@ def run_segment(input_path: str | None, output: str | None, model_spec: str | No
     if rank == 0:
         merged = batch.merge_summary(earlier, entries, "case")
         header = {"model": segmenter.model.source, "device": device}
+        if engine != "torch":
+            header["engine"] = engine
         means = mean_dice(merged, segmenter.labels[1:])
         if means:
             header["mean_dice"] = means

@@ -258,28 +258,53 @@ class SegmentationCases(Dataset):
 # inference
 
 
+def mirror_axes(data: dict) -> list[int]:
+    """The spatial axes (0-based, of the preprocessed image) a model trained by this recipe's ``data`` section
+    is invariant to: the axes it was flipped along in training (``data.augment.flip_axes``; every axis when
+    the recipe leaves the default). Test-time mirroring uses only these: mirroring a hippocampus model
+    along the anterior-posterior axis swaps the meaning of its two labels (nnU-Net keeps the same
+    ``allowed_mirroring_axes``)."""
+    spatial_dims = int(data.get("spatial_dims", 3))
+    augment = data.get("augment")
+    if augment is None or "flip_axes" not in augment:
+        return list(range(spatial_dims))
+    return sorted(int(a) for a in augment["flip_axes"] or [])
+
+
 @torch.no_grad()
 def sliding_window_predict(model: torch.nn.Module, image: torch.Tensor, roi_size: Sequence[int], overlap: float = 0.5,
                            mode: str = "gaussian", sw_batch_size: int = 4, device: str | torch.device = "cpu",
-                           stitch_device: str | torch.device = "cpu", tta: bool = False,
+                           stitch_device: str | torch.device = "cpu", tta: bool | Sequence[int] = False,
                            autocast: Callable | None = None, progress: bool = False) -> torch.Tensor:
     """Class probabilities ``[1, K, *S]`` (float32, on ``stitch_device``) for ``image [1, C, *S]``.
 
     Windows run on ``device`` and are stitched on ``stitch_device`` (the CPU by default, so the full-size
-    buffers never sit in GPU memory). ``tta`` averages over all mirrorings of the spatial axes (nnU-Net's
-    test-time augmentation; 2^spatial_dims passes).
+    buffers never sit in GPU memory). ``tta`` averages over mirrorings (nnU-Net's test-time augmentation):
+    ``True`` every combination of the spatial axes (2^spatial_dims passes), a sequence of spatial axes
+    (0-based, see :func:`mirror_axes`) every combination of those only.
     """
     from contextlib import nullcontext
 
     from monai.inferers import sliding_window_inference
 
     autocast = autocast or nullcontext
-    spatial = list(range(2, image.ndim))
-    flips = [()] + ([tuple(a for j, a in enumerate(spatial) if m >> j & 1) for m in range(1, 2 ** len(spatial))] if tta else [])
+    if tta is True:
+        axes_allowed = list(range(image.ndim - 2))
+    elif tta is False or tta is None:
+        axes_allowed = []
+    else:
+        axes_allowed = sorted(set(int(a) for a in tta))
+        if any(not 0 <= a < image.ndim - 2 for a in axes_allowed):
+            raise ValueError(f"mirror axes {axes_allowed} are not spatial axes of a {image.ndim - 2}-D image")
+    spatial = [2 + a for a in axes_allowed]
+    flips = [()] + [tuple(a for j, a in enumerate(spatial) if m >> j & 1) for m in range(1, 2 ** len(spatial))]
 
     def predictor(window: torch.Tensor) -> torch.Tensor:
         with autocast():
-            return model(window.to(device)).float().softmax(1)
+            out = model(window.to(device))
+        if isinstance(out, (list, tuple)):  # a deep-supervision list (finest first): the prediction is the first
+            out = out[0]
+        return out.float().softmax(1)
 
     total = None
     for axes in flips:
@@ -352,12 +377,21 @@ class SegmentationTask:
             from monai.losses import DiceCELoss
 
             loss_fn = self._default_loss = getattr(self, "_default_loss", None) or DiceCELoss(to_onehot_y=True, softmax=True)
-        if isinstance(out, (list, tuple)) and not getattr(loss_fn, "takes_output_list", False):
+        takes_list = getattr(loss_fn, "takes_output_list", False)
+        if isinstance(out, (list, tuple)) and not takes_list:
+            # deep supervision (opt-in: model.kwargs.deep_supervision: true): every visionattn network lists its
+            # outputs finest first, the order DeepSupervisionLoss weights 1, 1/2, 1/4, ...
             from monai.losses import DeepSupervisionLoss
 
             if not isinstance(loss_fn, DeepSupervisionLoss):
-                loss_fn = DeepSupervisionLoss(loss_fn)  # weights 1, 1/2, 1/4, ... finest first
+                loss_fn = DeepSupervisionLoss(loss_fn)
             y = y.float()  # it resizes the target (nearest) for the coarser outputs, which needs floats
+        elif takes_list and isinstance(out, torch.Tensor) and not getattr(self, "_warned_single_output", False):
+            import warnings
+
+            self._warned_single_output = True
+            warnings.warn(f"{type(loss_fn).__name__} supervises a list of outputs, but the model returns one tensor: "
+                          "set model.kwargs.deep_supervision: true in the recipe for deep supervision", stacklevel=2)
         return loss_fn(out, y)
 
     @torch.no_grad()

@@ -42,6 +42,12 @@ TRAIN_DEFAULTS = dict(
     num_workers=0, log_every=10, threads=None, channels_last=False,
 )
 SCHEDULE_UNITS = 10_000  # with schedule_by_time, the LR schedule runs over this many units of the time budget
+LOG_SECONDS = 60.0  # a progress line at least this often (at the end of a step), whatever train.log_every says
+
+
+def _hms(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
 def _keep_as_previous(last: Path, previous: Path) -> None:
@@ -58,7 +64,7 @@ def _keep_as_previous(last: Path, previous: Path) -> None:
 # the trainer
 
 
-RUN_FILES = ("config.yaml", "metrics.csv", "last.pt", "previous.pt", "last.json", "best.safetensors",
+RUN_FILES = ("config.yaml", "metrics.csv", "train.log", "last.pt", "previous.pt", "last.json", "best.safetensors",
              "model.safetensors", "summary.json", "curves.png", "tensorboard")
 
 
@@ -79,6 +85,9 @@ class Trainer:
     """Trains the recipe's model. ``cfg`` is a loaded recipe (see ``configs/``).
 
     ``resume`` continues from ``OUTPUT_DIR/last.pt``, or from ``previous.pt`` when last.pt is damaged.
+    Progress goes to stdout and ``OUTPUT_DIR/train.log`` (appended to on resume), one flushed line every
+    ``train.log_every`` steps and at least every :data:`LOG_SECONDS`: step, epoch, loss (mean since the last
+    line), learning rate, images/s, elapsed time and ETA.
     ``write_outputs=False`` (``visionattn evaluate``) leaves ``output_dir`` untouched: no config.yaml, no
     metrics.csv reset; such a trainer is for :meth:`evaluate` only. A new run never writes over an earlier
     run's files unless ``overwrite`` (:func:`refuse_to_overwrite_run`).
@@ -87,6 +96,7 @@ class Trainer:
     def __init__(self, cfg: dict, resume: bool = False, config_path: str | None = None, write_outputs: bool = True,
                  overwrite: bool = False):
         self.cfg = cfg
+        self.write_outputs = write_outputs
         self.opts = dict(TRAIN_DEFAULTS, **(cfg.get("train") or {}))
         unknown = set(self.opts) - set(TRAIN_DEFAULTS)
         if unknown:
@@ -172,6 +182,8 @@ class Trainer:
         self.train_seconds = 0.0
         # whether last.pt / previous.pt on disk are good checkpoints of this run (see save_checkpoint)
         self._last_is_ours = self._previous_is_ours = False
+        self._resumed_from: Path | None = None
+        self._bar = None  # the epoch's progress bar while it runs (see say)
         if resume:
             self._resume()  # reads only: a run that cannot resume leaves the folder as it was
         self.tb = None
@@ -181,6 +193,7 @@ class Trainer:
                 self._drop_metrics_after(self.step)
             else:
                 (self.out / "metrics.csv").unlink(missing_ok=True)
+                (self.out / "train.log").unlink(missing_ok=True)
             # the run's config.yaml: the recipe as run, with the class names found in the data (what a Run reads)
             run_config = dict(cfg, classes=[str(c) for c in self.classes]) if self.classes else cfg
             write_text_atomic(yaml.safe_dump(run_config, sort_keys=False), self.out / "config.yaml")
@@ -264,6 +277,7 @@ class Trainer:
             raise CheckpointError(f"{path}: does not fit this recipe's model or training setup ({one_line_error(e)})") from e
         # the file we resumed from is good; a damaged last.pt must not become previous.pt
         self._last_is_ours, self._previous_is_ours = path == last, True
+        self._resumed_from = path
 
     def _read_resume_state(self, path: Path) -> dict:
         """A trainer checkpoint with a matching checksum and finite weights, or CheckpointError."""
@@ -326,12 +340,14 @@ class Trainer:
         o = self.opts
         start = time.time()
         done = self.step >= self.total_steps
+        self._start_progress(start)
         while not done and self.epoch < o["epochs"]:
             self.train_set.set_epoch(self.epoch)
             self.model.train()
             epoch_batches = self.batches.batches(self.epoch)
             todo = epoch_batches[self.batch_in_epoch:]
             bar = progress(todo, desc=f"epoch {self.epoch}", leave=False) if self.is_main else todo
+            self._bar = bar
             accum = []
             for indices in bar:
                 accum.append(indices)
@@ -341,7 +357,9 @@ class Trainer:
                     continue
                 step_start = time.time()
                 loss = self._optimizer_step(accum)
-                self.train_seconds += time.time() - step_start  # kept in checkpoints, so a resumed run continues the budget
+                step_seconds = time.time() - step_start
+                self.train_seconds += step_seconds  # kept in checkpoints, so a resumed run continues the budget
+                images = sum(len(b) for b in accum) * self.world
                 accum = []
                 self.step += 1
                 if self.step % o["log_every"] == 0 or self.step == 1:
@@ -352,15 +370,18 @@ class Trainer:
                     self.save_checkpoint()
                 if self.step >= self.total_steps or self._out_of_time():
                     done = True
+                self._progress_step(loss, images, step_seconds, force=done)
+                if done:
                     break
+            self._bar = None
             if self.batch_in_epoch >= len(epoch_batches):
                 self.epoch += 1
                 self.batch_in_epoch = 0
             last = done or self.epoch >= o["epochs"]
             metrics = self.evaluate_and_track() if (last or self.epoch % o["eval_every"] == 0) else {}
             self.save_checkpoint()
-            if self.is_main and metrics:
-                print(f"epoch {self.epoch} step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
+            if metrics:
+                self.say(f"epoch {self.epoch} step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         if self.is_main:
             atomic_save_weights(self.ema.module if self.ema else self.model, self.out / "model.safetensors")
             self.plot()
@@ -369,6 +390,60 @@ class Trainer:
         if self.is_main:
             write_json_atomic(summary, self.out / "summary.json")
         return summary
+
+    # -- progress lines ----------------------------------------------------------------------------
+
+    def say(self, line: str) -> None:
+        """Print ``line`` to stdout and append it to ``OUTPUT_DIR/train.log``, both flushed at once (so a log
+        read off a terminal, under SLURM or nohup, shows it now); main process only."""
+        if not self.is_main:
+            return
+        bar = self._bar
+        if bar is not None and not getattr(bar, "disable", True):
+            bar.write(line, file=sys.stdout)  # above the live progress bar, which stays at the bottom
+            sys.stdout.flush()
+        else:
+            print(line, flush=True)
+        if self.write_outputs:
+            with (self.out / "train.log").open("a", encoding="utf-8") as f:
+                f.write(line + "\n")
+
+    def _start_progress(self, start: float) -> None:
+        self._fit_start, self._fit_start_step = start, self.step
+        self._last_line = start
+        self._window = [0, 0.0, 0, 0.0]  # steps, summed loss, images, seconds in optimizer steps since the last line
+        o = self.opts
+        what = f"{self.total_steps} steps ({o['epochs']} epochs of {self.steps_per_epoch})"
+        if o["max_minutes"]:
+            what += f", at most {float(o['max_minutes']):g} minutes of training"
+        if self._resumed_from is not None:
+            self.say(f"resuming from {self._resumed_from} at step {self.step} (epoch {self.epoch + 1}), "
+                     f"{_hms(self.train_seconds)} trained so far")
+        self.say(f"training {what} on {len(self.train_set)} samples, batch {o['batch_size']} x {o['accumulate']} "
+                 f"x {self.world} process(es), device {self.device}; output_dir {self.out}")
+
+    def _progress_step(self, loss: float, images: int, step_seconds: float, force: bool = False) -> None:
+        """Count one optimizer step; print a progress line every ``log_every`` steps, after
+        :data:`LOG_SECONDS` without one, and at the last step (``force``)."""
+        w = self._window
+        w[0] += 1
+        w[1] += loss
+        w[2] += images
+        w[3] += step_seconds
+        now = time.time()
+        if not (force or self.step == 1 or self.step % self.opts["log_every"] == 0 or now - self._last_line >= LOG_SECONDS):
+            return
+        elapsed = now - self._fit_start
+        done_here = self.step - self._fit_start_step
+        eta = (self.total_steps - self.step) * elapsed / max(done_here, 1)
+        if self.opts["max_minutes"]:
+            eta = min(eta, max(0.0, 60 * float(self.opts["max_minutes"]) - self.train_seconds))
+        width = len(str(self.total_steps))
+        self.say(f"step {self.step:{width}d}/{self.total_steps} epoch {self.epoch + 1}/{self.opts['epochs']} "
+                 f"loss {w[1] / w[0]:.4f} lr {self.optimizer.param_groups[0]['lr']:.3g} "
+                 f"{w[2] / max(w[3], 1e-9):.1f} img/s elapsed {_hms(elapsed)} eta {_hms(eta)}")
+        self._window = [0, 0.0, 0, 0.0]
+        self._last_line = now
 
     def _out_of_time(self) -> bool:
         """``train.max_minutes`` of training (evaluation not counted) are used up, on any process."""

@@ -32,7 +32,8 @@ def test_attention_gate_concatenates_its_projections():
 @pytest.mark.parametrize("dims,size", [(2, (37, 50)), (3, (20, 27, 18))])
 def test_shapes_deep_supervision_and_gradients(variant, dims, size):
     torch.manual_seed(0)
-    net = AttentionUNet(spatial_dims=dims, in_channels=2, out_channels=3, variant=variant, **SMALL).train()
+    net = AttentionUNet(spatial_dims=dims, in_channels=2, out_channels=3, variant=variant, deep_supervision=True,
+                        **SMALL).train()
     x = torch.randn(2, 2, *size)
     outs = net(x)
     assert isinstance(outs, list) and len(outs) == 3
@@ -63,8 +64,9 @@ def test_neighborhood_bottleneck_equals_global_when_it_covers_the_map():
 def test_monai_deep_supervision_loss_and_bad_input():
     from monai.losses import DeepSupervisionLoss, DiceCELoss
 
-    net = visionattn.create_model("agunet_2d", out_channels=3, **SMALL).train()
+    net = visionattn.create_model("agunet_2d", out_channels=3, deep_supervision=True, **SMALL).train()
     outs = net(torch.randn(2, 1, 32, 40))
+    assert isinstance(outs, list) and len(outs) == 3
     loss = DeepSupervisionLoss(DiceCELoss(to_onehot_y=True, softmax=True), weight_mode="same")
     value = loss(outs, torch.randint(0, 3, (2, 1, 32, 40)).float())
     value.backward()

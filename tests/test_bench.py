@@ -29,13 +29,31 @@ def test_bench_kernels_small_problem(capsys, tmp_path):
     rc = main(["bench", "kernels", "--problems", "2d-16-k5", "--min-time", "0.05", "--json", str(out_json)])
     assert rc == 0
     text = capsys.readouterr().out
-    assert "matmul ceiling" in text and "fwd ratio" in text
+    assert "matmul ceiling" in text and "fwd ratio" in text and "bwd ratio" in text
     rows = {r["impl"]: r for r in json.loads(out_json.read_text())}
-    assert set(rows) == {"visionattn-torch", "naive-gather", "masked-dense-sdpa", "flex-attention-compiled"}
+    assert set(rows) == {"visionattn-torch", "naive-gather", "masked-dense-sdpa", "flex-attention-compiled",
+                         "flex-attention-tiled"}
     for r in rows.values():
         assert r["max_abs_diff"] < 1e-4, r
-        assert r["fwd_ms"] > 0
-    assert rows["naive-gather"]["fwdbwd_ms"] > 0 and rows["flex-attention-compiled"]["fwdbwd_ms"] is None
+        assert r["fwd_ms"] > 0 and r["matmul_ceiling_gflops"] > 0
+    assert rows["naive-gather"]["fwdbwd_ms"] > 0 and rows["naive-gather"]["bwd_ms"] is not None
+    assert rows["visionattn-torch"]["fwd_ratio"] == 1.0 and rows["visionattn-torch"]["bwd_over_fwd"] is not None
+    for flex in ("flex-attention-compiled", "flex-attention-tiled"):
+        assert rows[flex]["fwdbwd_ms"] is None
+    assert "block mask (tiled token order)" in text
+
+
+def test_bench_kernels_linear_and_topk_problems(capsys, tmp_path):
+    out_json = tmp_path / "o.json"
+    rc = main(["bench", "kernels", "--problems", "linear-256,topk-64", "--min-time", "0.05", "--json", str(out_json)])
+    assert rc == 0
+    rows = {(r["problem"], r["impl"]): r for r in json.loads(out_json.read_text())}
+    assert set(rows) == {("linear-256", "visionattn-torch"), ("linear-256", "one-contraction"),
+                         ("linear-256", "chunked-1024"), ("topk-64", "visionattn-torch"),
+                         ("topk-64", "dense-masked-reference")}
+    for r in rows.values():
+        assert r["max_abs_diff"] < 1e-4, r
+        assert r["fwdbwd_ms"] > 0 and r["bwd_ratio"] is not None
 
 
 def test_bench_kernels_rejects_unknown_problem(capsys):

@@ -41,10 +41,16 @@ def test_channel_shuffle_and_cab_ratio():
 @pytest.mark.parametrize("size", [(64, 64), (70, 100)])
 def test_outputs_deep_supervision_and_odd_sizes(size):
     torch.manual_seed(0)
-    net = visionattn.create_model("emcad_pvt_v2_b0", in_channels=1, out_channels=3)
+    net = visionattn.create_model("emcad_pvt_v2_b0", in_channels=1, out_channels=3, deep_supervision=True)
     x = torch.randn(2, 1, *size)
     outs = net.train()(x)
     assert isinstance(outs, list) and len(outs) == 4 and all(o.shape == (2, 3, *size) for o in outs)
+    for m in net.modules():  # training outputs with fixed BatchNorm statistics: the first is the eval output
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(net(x)[0], net.eval()(x))
+    net.train()
     sum(o.mean() for o in outs).backward()
     assert all(p.grad is not None for p in net.parameters() if p.requires_grad)
     with torch.no_grad():

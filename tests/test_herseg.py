@@ -38,10 +38,11 @@ def test_output_shapes(out_channels, size):
     assert out.shape == (2, out_channels, *size) and torch.isfinite(out).all()
 
 
-def test_bad_sizes_and_arguments_are_refused():
-    net = HERSeg()
-    with pytest.raises(ValueError, match=r"divisible by 16 .* got 70x64.*80x64"):
-        net(torch.randn(1, 3, 70, 64))
+def test_odd_sizes_are_padded_and_bad_arguments_are_refused():
+    net = HERSeg(depths=(1, 1, 1), mbconv_depth=1).eval()
+    x = torch.randn(1, 3, 70, 45)
+    with torch.no_grad():  # zero-padded to 80x48 inside, cropped back
+        torch.testing.assert_close(net(x), net(torch.nn.functional.pad(x, (0, 3, 0, 10)))[..., :70, :45])
     with pytest.raises(ValueError, match=r"expects \[B, 3, H, W\]"):
         net(torch.randn(1, 1, 64, 64))
     with pytest.raises(ValueError, match="2-D network"):

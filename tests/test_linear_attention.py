@@ -69,18 +69,19 @@ def test_torch_path_has_no_quadratic_tensors_and_linear_peak_memory():
                     LargestTensor.largest = max(LargestTensor.largest, t.numel())
             return out
 
-    def step(N):
+    def step(N, chunk_size=None):  # the default: every product one contraction over all N tokens
         q, k, v, q_rot, k_rot = (t.detach() for t in _inputs(1, N, 1, 4, 4))
         dout = torch.randn(1, N, 1, 4)
         with PeakTensorMemory() as mem:
-            out, S, kbar = _torch_forward(q_rot, k_rot, q, k, v, 1e-6, chunk_size=256)
-            grads = _torch_backward(dout, q_rot, k_rot, q, k, v, S, kbar, 1e-6, chunk_size=256)
+            out, S, kbar, z = _torch_forward(q_rot, k_rot, q, k, v, 1e-6, chunk_size)
+            grads = _torch_backward(dout, q_rot, k_rot, q, k, v, S, kbar, z, out, 1e-6, chunk_size)
             del out, grads
         return mem.peak
 
     N = 4096
     with LargestTensor():
         step(N)
+        step(N, chunk_size=256)
     assert LargestTensor.largest <= N * 4, LargestTensor.largest  # never N x N (16.7M), nothing beyond N x d
     small, large = step(1024), step(4096)
     assert large < 4.5 * small, (small, large)  # quadratic growth would be 16x
@@ -109,3 +110,21 @@ def test_argument_checks():
         linear_attention(q, k, v, q_rot.double(), q_rot.double())
     with pytest.raises(ValueError, match=r"q must be \[B, N, heads, d\]"):
         linear_attention(q[0], k[0], v[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs_accumulate_in_float32(dtype):
+    """Half-precision inputs: the output is rounded to their dtype, so the backward recomputes q~ S in float32
+    rather than reuse it; results match the float64 reference on the same (rounded) inputs."""
+    q, k, v, q_rot, k_rot = (t.detach().to(dtype).requires_grad_() for t in _inputs(2, 45, 3, 8, 4))
+    dout = torch.randn(2, 45, 3, 4).to(dtype)
+    out = linear_attention(q, k, v, q_rot, k_rot, backend="torch")
+    assert out.dtype == dtype
+    grads = torch.autograd.grad(out, (q, k, v, q_rot, k_rot), dout)
+    wide = [t.detach().double().requires_grad_() for t in (q, k, v, q_rot, k_rot)]
+    expected = linear_attention_reference(*wide)
+    expected_grads = torch.autograd.grad(expected, wide, dout.double())
+    torch.testing.assert_close(out.double(), expected, rtol=2e-2, atol=2e-2)
+    for name, got, want in zip(("q", "k", "v", "q_rot", "k_rot"), grads, expected_grads):
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.double(), want, rtol=2e-2, atol=2e-2, msg=lambda m: f"d{name}: {m}")

@@ -122,7 +122,8 @@ def test_deep_supervision_outputs_go_through_monai_deep_supervision_loss():
     from monai.losses import DeepSupervisionLoss, DiceCELoss
 
     task = SegmentationTask()
-    net = visionattn.create_model("agunet_3d", in_channels=1, out_channels=3, filters=[4, 8, 16]).train()
+    net = visionattn.create_model("agunet_3d", in_channels=1, out_channels=3, filters=[4, 8, 16],
+                                  deep_supervision=True).train()
     x = torch.randn(2, 1, 16, 16, 16)
     y = torch.randint(0, 3, (2, 1, 16, 16, 16))
     torch.manual_seed(0)

@@ -1,23 +1,66 @@
-"""The ``visionattn`` command: ``list``, ``info``, ``bench``, ``train``, ``evaluate``, ``predict``, ``segment``, ``detect``."""
+"""The ``visionattn`` command: ``list``, ``info``, ``bench``, ``train``, ``evaluate``, ``predict``, ``segment``, ``detect``.
+
+Starting is cheap: this module imports only the standard library, and ``import visionattn`` (run first, as
+the package of this module) imports nothing heavy (see :mod:`visionattn`). Each command imports what it
+needs when it runs, so ``visionattn --help`` and ``visionattn list`` never import torch, timm, torchvision
+or MONAI: ``list`` reads the static table :mod:`visionattn._model_index`, which
+``tests/test_cli_startup.py`` keeps equal to the live registry (rewrite it with :func:`write_model_index`).
+
+A mistyped subcommand or option is a usage error (exit 2) naming the closest known ones.
+"""
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import os
+import re
 import sys
+from pathlib import Path
+
+MODEL_INDEX = Path(__file__).with_name("_model_index.py")
+
+
+def model_index_source() -> str:
+    """The text of :data:`MODEL_INDEX` for the live registry (this imports every model family)."""
+    import visionattn
+
+    rows = [(name, visionattn.get_entry(name).task, visionattn.get_entry(name).timm_name)
+            for name in visionattn.list_models()]
+    return ('"""Every registered model: (name, task, timm name), in ``visionattn.list_models()`` order.\n\n'
+            "Generated from the registry, so that ``visionattn list`` runs without importing torch; a test\n"
+            "checks it is current. After adding or renaming a model, rewrite it with\n"
+            "``python -c 'import visionattn.cli as c; c.write_model_index()'``.\n"
+            '"""\n\nMODELS = (\n' + "".join(f"    {row!r},\n" for row in rows) + ")\n")
+
+
+def write_model_index() -> None:
+    MODEL_INDEX.write_text(model_index_source(), encoding="utf-8")
+
+
+def columns(headers: list[str], rows: list[list[str]]) -> str:
+    """Left-aligned columns as wide as their longest cell, under a header and a rule."""
+    cells = [list(headers)] + [list(r) for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    import visionattn
+    from fnmatch import fnmatchcase
 
-    names = visionattn.list_models(args.pattern or "*", task=args.task)
-    if not names:
+    from visionattn._model_index import MODELS
+
+    pattern = args.pattern or "*"
+    if pattern.startswith("va_"):  # as visionattn.list_models: timm's names match too
+        pattern = pattern[len("va_"):]
+    rows = [[name, task, timm_name or "-"] for name, task, timm_name in MODELS
+            if fnmatchcase(name, pattern) and (args.task is None or task == args.task)]
+    if not rows:
         print(f"no model matches {args.pattern!r}", file=sys.stderr)
         return 1
-    for name in names:
-        entry = visionattn.get_entry(name)
-        timm_name = entry.timm_name or "-"
-        print(f"{name:28s} {entry.task:15s} {timm_name}")
+    print(columns(["name", "task", "timm name"], rows))
     return 0
 
 
@@ -52,7 +95,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             return 2
         table, rows = bench_models(
             args.names, compare=args.compare, batch_size=args.batch_size, img_size=args.img_size,
-            threads=args.threads, min_time=args.min_time or 5.0,
+            threads=args.threads, min_time=args.min_time or 5.0, report=_print_now,
         )
     elif args.what == "kernels":
         from visionattn.tasks.bench import bench_kernels
@@ -60,7 +103,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         problems = args.problems.split(",") if args.problems else None
         skip = tuple(s for s in (args.skip or "").split(",") if s)
         table, rows = bench_kernels(
-            device=args.device, problems=problems, skip=skip, min_time=args.min_time or 1.0, threads=args.threads
+            device=args.device, problems=problems, skip=skip, min_time=args.min_time or 1.0, threads=args.threads,
+            report=_print_now,
         )
     elif args.what == "herseg-memory":
         from visionattn.tasks.bench_herseg import bench_herseg_memory, format_table
@@ -76,6 +120,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from visionattn.tasks.bench_segment import bench_segment_time
 
         table, rows = bench_segment_time(args.names[0] if args.names else "hippocampus_agunet", threads=args.threads)
+    elif args.what == "segment-tta":
+        from visionattn.tasks.bench_segment import bench_segment_tta
+
+        table, rows = bench_segment_tta(args.names[0] if args.names else "hippocampus_agunet", threads=args.threads)
     elif args.what == "segment-memory":
         from visionattn.tasks.bench_segment import bench_segment_memory
 
@@ -84,11 +132,17 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     else:
         print(f"unknown benchmark {args.what!r}", file=sys.stderr)
         return 2
+    if args.what in ("models", "kernels"):
+        print(flush=True)  # the rows came as they were measured; the table follows
     print(table)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
     return 0
+
+
+def _print_now(line: str) -> None:
+    print(line, flush=True)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -139,10 +193,18 @@ def _cmd_segment(args: argparse.Namespace) -> int:
         return run_segment(args.input, args.output, args.model, device=args.device, roi_size=args.roi_size,
                            overlap=args.overlap, mode=args.mode, tta=args.tta, save_probabilities=args.save_probabilities,
                            overwrite=args.overwrite, progress=not args.no_progress, overlay=args.overlay,
-                           labels_dir=args.labels, max_voxels=args.max_voxels)
+                           labels_dir=args.labels, max_voxels=args.max_voxels, engine=args.engine,
+                           onnx_path=args.onnx)
     except SegmentError as e:
         print(f"visionattn segment: error: {e}", file=sys.stderr)
         return 2
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from visionattn.tasks.export import run_export
+
+    return run_export(args.model, args.format, args.output, overwrite=args.overwrite, sizes=args.sizes,
+                      onnx_exporter=args.onnx_exporter, kwargs=args.kwarg, atol=args.atol, rtol=args.rtol)
 
 
 def _cmd_detect(args: argparse.Namespace) -> int:
@@ -151,18 +213,69 @@ def _cmd_detect(args: argparse.Namespace) -> int:
     classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
     model, class_names = load_detection_model(args.model, num_classes=args.num_classes, classes=classes,
                                               input_size=args.img_size)
-    try:
-        summary = detect(model, collect_images(args.input), args.output, score_threshold=args.score_threshold,
-                         overwrite=args.overwrite, device=args.device, batch_size=args.batch_size, classes=class_names,
-                         max_image_pixels=args.max_image_pixels)
-    except FileExistsError as e:
-        print(f"visionattn detect: error: {e}", file=sys.stderr)
-        return 2
+    # the output folder may sit inside the input folder: what it holds is never taken as input
+    images = collect_images(args.input, exclude=args.output)
+    summary = detect(model, images, args.output, score_threshold=args.score_threshold, overwrite=args.overwrite,
+                     device=args.device, batch_size=args.batch_size, draw=not args.no_draw, classes=class_names,
+                     max_image_pixels=args.max_image_pixels,
+                     input_folder=args.input if os.path.isdir(args.input) else None, model_name=args.model)
     return 1 if summary["failed"] else 0
 
 
+class Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` that keeps its option strings and its subcommands, for :func:`check_spelling`.
+    Subparsers are of the same class (argparse makes them with ``type(parser)``)."""
+
+    def __init__(self, *args, **kwargs):
+        self.option_names: list[str] = []
+        self.subcommands: dict[str, Parser] = {}
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args, **kwargs):
+        action = super().add_argument(*args, **kwargs)
+        self.option_names.extend(action.option_strings)
+        return action
+
+    def add_subparsers(self, **kwargs):
+        action = super().add_subparsers(**kwargs)
+        self.subcommands = action.choices  # filled in by add_parser
+        return action
+
+
+_NEGATIVE_NUMBER = re.compile(r"^-\d+$|^-\d*\.\d+$")  # a value, not an option (argparse's own test)
+
+
+def _did_you_mean(word: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(word, known, n=3, cutoff=0.6)
+    return f" (did you mean {' or '.join(close)}?)" if close else ""
+
+
+def check_spelling(parser: Parser, argv: list[str]) -> None:
+    """Before argparse parses ``argv``: a subcommand or option that no parser knows is a usage error (exit 2)
+    with the closest known names. Options are checked against the subcommand they follow; an unambiguous or
+    ambiguous prefix (``--min`` for ``--min-time``) and a short option with its value attached (``-ifile``)
+    are left to argparse, as is everything after ``--``."""
+    target = parser
+    for token in argv:
+        if token == "--":
+            return
+        if not token.startswith("-") or token == "-" or _NEGATIVE_NUMBER.match(token):
+            if target is parser and parser.subcommands:  # the first word is the subcommand
+                if token not in parser.subcommands:
+                    parser.error(f"argument command: invalid choice: {token!r}{_did_you_mean(token, list(parser.subcommands))}"
+                                 f"; choose from {', '.join(parser.subcommands)}")
+                target = parser.subcommands[token]
+            continue
+        name = token.split("=", 1)[0]
+        known = target.option_names
+        if name in known or (name.startswith("--") and any(k.startswith(name) for k in known)) or \
+                (not name.startswith("--") and token[:2] in known):
+            continue
+        target.error(f"unrecognized arguments: {name}{_did_you_mean(name, known)}")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="visionattn", description="Attention-based vision and medical-imaging models.")
+    parser = Parser(prog="visionattn", description="Attention-based vision and medical-imaging models.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("list", help="list registered models")
@@ -180,7 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "`bench herseg-memory`, `bench segment [MODEL]`, `bench segment-memory [MODEL] [--shape X Y Z]`, "
                       "`bench detectors [--img-size 640]`"
     )
-    p.add_argument("what", choices=["models", "kernels", "herseg-memory", "segment", "segment-memory", "detectors"])
+    p.add_argument("what", choices=["models", "kernels", "herseg-memory", "segment", "segment-tta", "segment-memory",
+                                      "detectors"])
     p.add_argument("names", nargs="*")
     p.add_argument("--compare", choices=["timm", "gather"],
                    help="models: time timm's model of the same name (same weights), or for BiFormer the official "
@@ -232,7 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--roi-size", type=int, nargs="+", help="sliding-window size (default: the model's)")
     p.add_argument("--overlap", type=float, help="window overlap fraction (default: the model's, 0.5)")
     p.add_argument("--mode", choices=["gaussian", "constant"], help="window blending (default: the model's)")
-    p.add_argument("--tta", action="store_true", help="average over all axis mirrorings (8x slower in 3-D)")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="average over mirrorings along the axes the model was trained to be invariant to (its "
+                        "recipe's flip axes; 2x slower per axis); default: the model's inference.tta")
     p.add_argument("--save-probabilities", action="store_true", help="also write CASE.npz with float16 probabilities")
     p.add_argument("--overlay", action="store_true", help="also write CASE.png: slices with the labels drawn on them")
     p.add_argument("--labels", help="folder of reference label maps (CASE.nii.gz): report Dice per label")
@@ -243,11 +359,38 @@ def build_parser() -> argparse.ArgumentParser:
                         "spacing, from its header before reading it (default: 2**28 = 268435456, 512x512x1024)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--list-models", action="store_true", help="list the bundled models and exit")
+    p.add_argument("--engine", choices=["torch", "onnx"], default="torch",
+                   help="what runs the network: PyTorch, or onnxruntime on the run's network exported to ONNX "
+                        "(a temporary file, or --onnx FILE); the rest of the pipeline is the same")
+    p.add_argument("--onnx", metavar="FILE", help="with --engine onnx: this ONNX file of the model's network "
+                                                  "(from `visionattn export RUN --format onnx`) instead of exporting it")
     p.set_defaults(func=_cmd_segment)
+
+    p = sub.add_parser("export", help="export a segmentation network: `export MODEL_OR_RUN --format "
+                                      "onnx|torchscript|exported-program -o FILE`, checked against PyTorch")
+    p.add_argument("model", metavar="MODEL_OR_RUN", help="a trained run (folder, weights file or bundled name) or a "
+                                                         "registered segmentation model (random weights)")
+    p.add_argument("--format", required=True, choices=["onnx", "torchscript", "exported-program"])
+    p.add_argument("-o", "--output", required=True, help="the file to write (.onnx, .pt, .pt2)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--sizes", nargs="+", metavar="SIZE",
+                   help="spatial sizes to check the export at, e.g. 40x56x40 41x57x43 (the first is also the "
+                        "export example); default: the run's roi_size or 2x the network's size_divisible, then "
+                        "two odd sizes")
+    p.add_argument("--onnx-exporter", choices=["torchscript", "dynamo"], default="torchscript",
+                   help="onnx: torch's TorchScript-based exporter (default) or the torch.export-based one "
+                        "(needs onnxscript)")
+    p.add_argument("--kwarg", action="append", metavar="KEY=VALUE",
+                   help="a constructor argument of a model built by name (repeatable), e.g. out_channels=3")
+    p.add_argument("--atol", type=float, default=1e-4, help="check tolerance: atol + rtol * max|logits|")
+    p.add_argument("--rtol", type=float, default=1e-4, help="check tolerance: atol + rtol * max|logits|")
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("detect", help="detect objects: `detect -i IMAGES -o OUT --model NAME|RUN_FOLDER|WEIGHTS`")
     p.add_argument("-i", "--input", required=True, help="an image or a folder of images")
-    p.add_argument("-o", "--output", required=True, help="folder for detections.json (COCO) and images/ with boxes drawn")
+    p.add_argument("-o", "--output", required=True,
+                   help="folder for results.json (COCO results) with images.json (their COCO images and categories), "
+                        "detections/NAME.json and images/NAME.png per image (boxes drawn), summary.json")
     p.add_argument("--model", required=True, help="a registered detection model (random weights) or a "
                    "`visionattn train` output: its folder or its best/model.safetensors (config.yaml beside it)")
     p.add_argument("--num-classes", type=int, default=None, help="classes of a model built by name")
@@ -256,7 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--img-size", type=int, default=None, help="side the detector resizes images to (its input_size)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--no-draw", action="store_true", help="do not write images/NAME.png")
+    p.add_argument("--overwrite", action="store_true",
+                   help="redo images whose outputs exist (default: skip them); inputs are never written over")
     p.add_argument("--max-image-pixels", type=int, default=None, metavar="N",
                    help="refuse images whose header declares more than N pixels (decompression bombs); "
                         "default 100,000,000")
@@ -266,6 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    check_spelling(parser, argv)
     args, extra = parser.parse_known_args(argv)
     if extra:  # key=value overrides may follow options (`train cfg.yaml --resume train.lr=0.1`)
         if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
@@ -280,6 +427,12 @@ def main(argv: list[str] | None = None) -> int:
         # a problem with what the user gave: one line and exit 2. Anything else is a bug: its traceback stays.
         print(f"visionattn {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `visionattn list | head`: the reader has what it wanted
+        try:  # what is left in stdout's buffer must not fail again at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 1
 
 
 if __name__ == "__main__":

@@ -40,6 +40,31 @@ class ModelEntry:
 
 _REGISTRY: dict[str, ModelEntry] = {}
 
+# the modules whose import registers visionattn's models (each family registers its constructors on import)
+FAMILY_MODULES = ("visionattn.backbones", "visionattn.decoders", "visionattn.detectors")
+_families_loaded = _families_loading = False
+
+
+def load_families() -> None:
+    """Import every model family, so that the registry (and timm) holds all of visionattn's models.
+
+    ``import visionattn`` is light (see :mod:`visionattn`), so the lookups below call this first: a caller
+    that imports ``visionattn.registry`` directly (a recipe's ``_target_: visionattn.registry.create_model``)
+    sees every model too. A call made while the families are being imported (a family looking names up as it
+    registers) returns at once: the registry then holds what has been registered so far."""
+    global _families_loaded, _families_loading
+    if _families_loaded or _families_loading:
+        return
+    import importlib
+
+    _families_loading = True
+    try:
+        for module in FAMILY_MODULES:
+            importlib.import_module(module)
+        _families_loaded = True
+    finally:
+        _families_loading = False
+
 
 def register_model(
     *,
@@ -115,6 +140,7 @@ def _canonical_name(name: str) -> tuple[str, str]:
 
 def get_entry(name: str) -> ModelEntry:
     """Return the registry entry for ``name`` (``va_`` prefix and ``.tag`` accepted)."""
+    load_families()
     arch, _ = _canonical_name(name)
     if arch not in _REGISTRY:
         candidates = list(_REGISTRY) + [TIMM_PREFIX + n for n in _REGISTRY if _REGISTRY[n].timm_name]
@@ -132,6 +158,7 @@ def list_models(pattern: str = "*", task: str | None = None) -> list[str]:
 
     ``pattern`` may also be written with the ``va_`` prefix (``va_convit*``).
     """
+    load_families()
     if pattern.startswith(TIMM_PREFIX):
         pattern = pattern[len(TIMM_PREFIX):]
     names = [n for n, e in _REGISTRY.items() if fnmatch.fnmatchcase(n, pattern) and (task is None or e.task == task)]

@@ -16,10 +16,13 @@ code gathers the K/V of all ``topk`` regions at once (``topk`` copies of K/V per
 routed regions are visited ``kv_chunk`` at a time with an online softmax, so only ``kv_chunk`` copies exist
 at once, in inference and, by regathering each chunk in backward, in training too (``kv_chunk=0``
 reproduces the full gather; ``visionattn bench models biformer_tiny --compare gather`` measures both).
+
+Graph capture: the model scripts (``torch.jit.script``) and traces with ``torch.fx`` (bi-level routing
+attention, whose padding and chunking depend on the input size, is an FX leaf).
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -27,15 +30,49 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath
 from timm.models import build_model_with_cfg, generate_default_cfgs
 from timm.models._features import feature_take_indices
+from timm.models._features_fx import register_notrace_module
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from visionattn.layers.classifier import ClassifierMixin
+from visionattn.layers.classifier import ClassifierMixin, apply_factory_dtype, check_image_input, factory_device
 from visionattn.registry import register_model
 
 __all__ = ["BiFormer", "BiLevelRoutingAttention", "AttentionLePE", "routed_attention"]
 
 PAPER = "Zhu et al., BiFormer: Vision Transformer with Bi-Level Routing Attention, CVPR 2023, arXiv:2303.08810"
+
+
+def _gather_regions(
+    kh: torch.Tensor, vh: torch.Tensor, batch: torch.Tensor, sel: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """K and V of the routed regions ``sel [B, R, c]``, from ``kh``/``vh [B, R, h, T, hd]``:
+    ``[B, R, h, c*T, hd]`` each (regions side by side along the key axis)."""
+    B, R, heads, T, hd = kh.shape
+    c = sel.shape[-1]
+    kg = kh[batch, sel].permute(0, 1, 3, 2, 4, 5).reshape(B, R, heads, c * T, hd)
+    vg = vh[batch, sel].permute(0, 1, 3, 2, 4, 5).reshape(B, R, heads, c * T, hd)
+    return kg, vg
+
+
+def _chunk_attention(
+    qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, batch: torch.Tensor, sel: torch.Tensor, scale: float
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Attention of every query region over the routed regions ``sel``, normalised within them: the output
+    and the log-sum-exp of the logits (``[B, R, h, T, hd]``, ``[B, R, h, T, 1]``) for the online softmax."""
+    kg, vg = _gather_regions(kh, vh, batch, sel)
+    logits = torch.matmul(qh, kg.transpose(-1, -2)) * scale
+    chunk_lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+    return torch.matmul(torch.exp(logits - chunk_lse), vg), chunk_lse
+
+
+def _run_chunk(
+    qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, batch: torch.Tensor, sel: torch.Tensor, scale: float
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    if torch.is_grad_enabled() and not torch.jit.is_scripting():
+        # keep only this chunk's inputs for backward and regather there, so training, too, never holds
+        # more than one chunk of gathered K/V and scores
+        return checkpoint(_chunk_attention, qh, kh, vh, batch, sel, scale, use_reentrant=False)
+    return _chunk_attention(qh, kh, vh, batch, sel, scale)
 
 
 def routed_attention(
@@ -61,39 +98,24 @@ def routed_attention(
     vh = v.view(B, R, T, num_heads, hd).transpose(2, 3)
     batch = torch.arange(B, device=q.device)[:, None, None]
 
-    def gather(sel):
-        c = sel.shape[-1]
-        kg = kh[batch, sel].permute(0, 1, 3, 2, 4, 5).reshape(B, R, num_heads, c * T, hd)  # [B, R, h, cT, hd]
-        vg = vh[batch, sel].permute(0, 1, 3, 2, 4, 5).reshape(B, R, num_heads, c * T, hd)
-        return kg, vg
-
     if kv_chunk == topk:  # everything in one step: the plain softmax, as the official code computes it
-        kg, vg = gather(index)
+        kg, vg = _gather_regions(kh, vh, batch, index)
         logits = torch.matmul(qh, kg.transpose(-1, -2)) * scale  # [B, R, h, T, topk*T]
         return torch.matmul(logits.softmax(-1), vg).transpose(2, 3).reshape(B, R, T, C)
 
-    def chunk_attention(qh, kh, vh, sel):
-        kg, vg = gather(sel)
-        logits = torch.matmul(qh, kg.transpose(-1, -2)) * scale
-        chunk_lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-        return torch.matmul(torch.exp(logits - chunk_lse), vg), chunk_lse
-
-    out = lse = None
-    for c0 in range(0, topk, kv_chunk):
-        sel = index[:, :, c0:c0 + kv_chunk]
-        if torch.is_grad_enabled():
-            # keep only this chunk's inputs for backward and regather there, so training, too, never holds
-            # more than one chunk of gathered K/V and scores
-            chunk_out, chunk_lse = checkpoint(chunk_attention, qh, kh, vh, sel, use_reentrant=False)
-        else:
-            chunk_out, chunk_lse = chunk_attention(qh, kh, vh, sel)
-        if out is None:
-            out, lse = chunk_out, chunk_lse
-        else:
-            new_lse = torch.logaddexp(lse, chunk_lse)
-            out = out * torch.exp(lse - new_lse) + chunk_out * torch.exp(chunk_lse - new_lse)
-            lse = new_lse
+    out, lse = _run_chunk(qh, kh, vh, batch, index[:, :, 0:kv_chunk], scale)
+    for c0 in range(kv_chunk, topk, kv_chunk):
+        chunk_out, chunk_lse = _run_chunk(qh, kh, vh, batch, index[:, :, c0:c0 + kv_chunk], scale)
+        new_lse = torch.logaddexp(lse, chunk_lse)
+        out = out * torch.exp(lse - new_lse) + chunk_out * torch.exp(chunk_lse - new_lse)
+        lse = new_lse
     return out.transpose(2, 3).reshape(B, R, T, C)
+
+
+def _to_regions(t: torch.Tensor, S: int, rh: int, rw: int) -> torch.Tensor:
+    """``[B, S*rh, S*rw, C] -> [B, S*S, rh*rw, C]``: the map cut into ``S x S`` regions of ``rh x rw`` tokens."""
+    B, C = t.shape[0], t.shape[-1]
+    return t.reshape(B, S, rh, S, rw, C).transpose(2, 3).reshape(B, S * S, rh * rw, C)
 
 
 class QKVLinear(nn.Module):
@@ -104,10 +126,12 @@ class QKVLinear(nn.Module):
         self.qk_dim = qk_dim
         self.qkv = nn.Linear(dim, 2 * qk_dim + dim, bias=bias)
 
-    def forward(self, x):
-        return self.qkv(x).split([self.qk_dim, self.qk_dim, x.shape[-1]], dim=-1)
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k, v = self.qkv(x).split([self.qk_dim, self.qk_dim, x.shape[-1]], dim=-1)
+        return q, k, v
 
 
+@register_notrace_module  # FX: padding and routing depend on the input size
 class BiLevelRoutingAttention(nn.Module):
     """BRA on channels-last maps: ``[B, H, W, dim] -> [B, H, W, dim]``.
 
@@ -134,30 +158,29 @@ class BiLevelRoutingAttention(nn.Module):
         with torch.no_grad():
             q_win, k_win = q_regions.mean(2), k_regions.mean(2)  # [B, R, dim]
             logits = (q_win * self.scale) @ k_win.transpose(-1, -2)
-            return torch.topk(logits, k=self.topk, dim=-1).indices
+            return torch.topk(logits, k=self.topk, dim=-1)[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
         S = self.n_win
         pad_h, pad_w = (-H) % S, (-W) % S
-        if pad_h or pad_w:
+        padded = pad_h > 0 or pad_w > 0
+        if padded:
             if not self.auto_pad:
-                raise ValueError(f"BiLevelRoutingAttention: H={H}, W={W} must be multiples of n_win={S} (or use auto_pad=True)")
-            x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+                raise ValueError(
+                    f"BiLevelRoutingAttention: H={H}, W={W} must be multiples of n_win={S} (or use auto_pad=True)"
+                )
+            x = F.pad(x, [0, 0, 0, pad_w, 0, pad_h])
         Hp, Wp = H + pad_h, W + pad_w
         rh, rw = Hp // S, Wp // S
         q, k, v = self.qkv(x)
-
-        def regions(t):  # [B, Hp, Wp, C] -> [B, S*S, rh*rw, C]
-            return t.reshape(B, S, rh, S, rw, C).transpose(2, 3).reshape(B, S * S, rh * rw, C)
-
-        qr, kr, vr = regions(q), regions(k), regions(v)
+        qr, kr, vr = _to_regions(q, S, rh, rw), _to_regions(k, S, rh, rw), _to_regions(v, S, rh, rw)
         index = self.route(qr, kr)
         out = routed_attention(qr, kr, vr, index, self.num_heads, self.scale, self.kv_chunk)
         out = out.reshape(B, S, S, rh, rw, C).transpose(2, 3).reshape(B, Hp, Wp, C)
         out = out + self.lepe(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         out = self.wo(out)
-        return out[:, :H, :W].contiguous() if (pad_h or pad_w) else out
+        return out[:, :H, :W].contiguous() if padded else out
 
 
 class AttentionLePE(nn.Module):
@@ -223,6 +246,8 @@ class BiFormer(ClassifierMixin, nn.Module):
         cpe: the 3x3 depthwise conditional position encoding at the start of every block.
         auto_pad: pad maps whose size is not a multiple of n_win (no effect at 224x224).
         kv_chunk: routed regions gathered at once (see module docstring); 0 = the official full gather.
+        device, dtype: where and in which dtype parameters and buffers are created (timm's factory arguments;
+            ``device='meta'`` allocates nothing).
 
     Shapes: ``forward`` ``[B, in_chans, H, W] -> [B, num_classes]``; ``forward_features`` ``-> [B, C4, H/32, W/32]``.
     """
@@ -247,6 +272,8 @@ class BiFormer(ClassifierMixin, nn.Module):
         drop_path_rate: float = 0.0,
         auto_pad: bool = True,
         kv_chunk: int = 4,
+        device=None,
+        dtype=None,
     ):
         super().__init__()
         self._check_pool(global_pool)
@@ -264,56 +291,70 @@ class BiFormer(ClassifierMixin, nn.Module):
         self.grad_checkpointing = False
 
         c0 = embed_dims[0]
-        if stem == "conv":
-            first = nn.Sequential(
-                nn.Conv2d(in_chans, c0 // 2, 3, 2, 1), nn.BatchNorm2d(c0 // 2), nn.GELU(),
-                nn.Conv2d(c0 // 2, c0, 3, 2, 1), nn.BatchNorm2d(c0),
-            )
-            downs = [nn.Sequential(nn.Conv2d(embed_dims[i], embed_dims[i + 1], 3, 2, 1), nn.BatchNorm2d(embed_dims[i + 1]))
-                     for i in range(3)]
-        else:
-            first = nn.Sequential(nn.Conv2d(in_chans, c0, 4, 4), nn.BatchNorm2d(c0))
-            downs = [nn.Sequential(nn.BatchNorm2d(embed_dims[i]), nn.Conv2d(embed_dims[i], embed_dims[i + 1], 2, 2))
-                     for i in range(3)]
-        self.downsample_layers = nn.ModuleList([first, *downs])
+        dpr = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
+        with factory_device(device):
+            if stem == "conv":
+                first = nn.Sequential(
+                    nn.Conv2d(in_chans, c0 // 2, 3, 2, 1), nn.BatchNorm2d(c0 // 2), nn.GELU(),
+                    nn.Conv2d(c0 // 2, c0, 3, 2, 1), nn.BatchNorm2d(c0),
+                )
+                downs = [nn.Sequential(nn.Conv2d(embed_dims[i], embed_dims[i + 1], 3, 2, 1),
+                                       nn.BatchNorm2d(embed_dims[i + 1]))
+                         for i in range(3)]
+            else:
+                first = nn.Sequential(nn.Conv2d(in_chans, c0, 4, 4), nn.BatchNorm2d(c0))
+                downs = [nn.Sequential(nn.BatchNorm2d(embed_dims[i]), nn.Conv2d(embed_dims[i], embed_dims[i + 1], 2, 2))
+                         for i in range(3)]
+            self.downsample_layers = nn.ModuleList([first, *downs])
 
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
-        stages, start = [], 0
-        for i in range(4):
-            stages.append(nn.Sequential(*[
-                Block(embed_dims[i], embed_dims[i] // head_dim, topks[i], n_win, mlp_ratio, dpr[start + j],
-                      cpe=cpe, auto_pad=auto_pad, kv_chunk=kv_chunk)
-                for j in range(depths[i])
-            ]))
-            start += depths[i]
-        self.stages = nn.ModuleList(stages)
-        self.norm = nn.BatchNorm2d(embed_dims[-1])
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(embed_dims[-1], num_classes) if num_classes > 0 else nn.Identity()
-        self.feature_info = [
-            dict(num_chs=embed_dims[i], reduction=4 * 2**i, module=f"stages.{i}") for i in range(4)
-        ]
-        self.apply(self.init_vit_weights)
+            stages, start = [], 0
+            for i in range(4):
+                stages.append(nn.Sequential(*[
+                    Block(embed_dims[i], embed_dims[i] // head_dim, topks[i], n_win, mlp_ratio, dpr[start + j],
+                          cpe=cpe, auto_pad=auto_pad, kv_chunk=kv_chunk)
+                    for j in range(depths[i])
+                ]))
+                start += depths[i]
+            self.stages = nn.ModuleList(stages)
+            self.norm = nn.BatchNorm2d(embed_dims[-1])
+            self.head_drop = nn.Dropout(drop_rate)
+            self.head = nn.Linear(embed_dims[-1], num_classes) if num_classes > 0 else nn.Identity()
+            self.feature_info = [
+                dict(num_chs=embed_dims[i], reduction=4 * 2**i, module=f"stages.{i}") for i in range(4)
+            ]
+            self.apply(self.init_vit_weights)
+        apply_factory_dtype(self, dtype)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
         return dict(stem=r"^downsample_layers\.0", blocks=[(r"^stages\.(\d+)" if coarse else r"^stages\.(\d+)\.(\d+)", None),
                                                             (r"^downsample_layers\.(\d+)", (0,)), (r"^norm", (99999,))])
 
-    def _stage(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        x = self.downsample_layers[i](x)
-        for blk in self.stages[i]:
-            if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
-                x = checkpoint(blk, x, use_reentrant=False)
-            else:
-                x = blk(x)
+    def _check_input(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            x = check_image_input(x, type(self).__name__, self.in_chans, min_size=32)
         return x
 
+    def _forward_stages(self, x: torch.Tensor, take: List[int], last: int) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """Downsampling and blocks of stages ``0..last`` (of those kept after pruning); returns the last output
+        and the outputs of the stages in ``take``."""
+        intermediates: List[torch.Tensor] = []
+        for i, (down, stage) in enumerate(zip(self.downsample_layers, self.stages)):
+            if i <= last:
+                x = down(x)
+                for blk in stage:
+                    if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+                        x = checkpoint(blk, x, use_reentrant=False)
+                    else:
+                        x = blk(x)
+                if i in take:
+                    intermediates.append(x)
+        return x, intermediates
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, C, H, W] -> [B, C4, H/32, W/32]`` (after the final BatchNorm)."""
-        self.check_image_input(x, min_size=32)
-        for i in range(4):
-            x = self._stage(i, x)
+        """``[B, C, H, W] -> [B, C4, H/32, W/32]`` (after the final BatchNorm; the last kept stage's width and
+        stride, without norm, after pruning)."""
+        x, _ = self._forward_stages(self._check_input(x), [], len(self.stages) - 1)
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -322,7 +363,9 @@ class BiFormer(ClassifierMixin, nn.Module):
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x):
+        # unannotated, as timm's models: torch.fx copies the root forward's annotations into the code it
+        # generates, where this module's string annotations (`from __future__ import annotations`) do not script
         return self.forward_head(self.forward_features(x))
 
     def forward_intermediates(self, x, indices=None, norm=False, stop_early=False, output_fmt="NCHW", intermediates_only=False):
@@ -330,20 +373,27 @@ class BiFormer(ClassifierMixin, nn.Module):
         ``norm`` is set."""
         if output_fmt != "NCHW":
             raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
-        self.check_image_input(x, min_size=32)
-        x, intermediates, take = self.run_stages(x, 4, indices, stop_early, intermediates_only)
-        if norm and 3 in take:
+        num_stages = len(self.stages)
+        x, intermediates, take = self.run_stages(self._check_input(x), num_stages, indices, stop_early, intermediates_only)
+        if norm and num_stages - 1 in take:  # the final norm follows the last stage (an Identity once pruned)
             intermediates[-1] = self.norm(intermediates[-1])
         if intermediates_only:
             return intermediates
         return self.norm(x), intermediates
 
     def prune_intermediate_layers(self, indices=1, prune_norm=False, prune_head=True):
-        take, max_index = feature_take_indices(4, indices)
+        """Drop the stages after the last one ``indices`` selects and optionally the final norm and the head;
+        ``forward_features`` then ends at that stage. Dropping stages drops the final norm (it follows the last
+        stage only) and the head (built for the last stage's width): ``num_features`` / ``head_hidden_size``
+        become the kept stage's width, and ``reset_classifier`` builds a head for it."""
+        take, max_index = feature_take_indices(len(self.stages), indices)
+        if max_index < len(self.stages) - 1:
+            prune_norm = prune_head = True
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
+        if prune_norm:
+            self.norm = self.new_module(nn.Identity())
         self.stages = self.stages[: max_index + 1]
         self.downsample_layers = self.downsample_layers[: max_index + 1]
-        if prune_norm or max_index < 3:
-            self.norm = nn.Identity()
         if prune_head:
             self.reset_classifier(0, "")
         return take

@@ -16,11 +16,14 @@ Speed: the positional attention does not depend on the input, so in inference (n
 computed once, pre-multiplied by the gate and cached until a parameter changes. Since both attentions are
 row-stochastic, ``A @ v = (1 - g) * softmax(q k^T) @ v + (g * P) @ v``; the content term runs through fused
 ``scaled_dot_product_attention`` and the full ``B x heads x N x N`` mixed attention is never built.
+
+Graph capture: the model scripts (``torch.jit.script``; the scripted model recomputes the positional
+attention on every call instead of caching it) and traces with ``torch.fx`` (GPSA is an FX leaf, as in timm).
 """
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -28,10 +31,11 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, PatchEmbed, resample_abs_pos_embed, to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs
 from timm.models._features import feature_take_indices
+from timm.models._features_fx import register_notrace_module
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from visionattn.layers.classifier import ClassifierMixin
+from visionattn.layers.classifier import ClassifierMixin, apply_factory_dtype, check_image_input, factory_device
 from visionattn.registry import register_model
 
 __all__ = ["ConViT", "GatedPositionalSelfAttention", "MultiHeadSelfAttention", "relative_offsets"]
@@ -39,7 +43,9 @@ __all__ = ["ConViT", "GatedPositionalSelfAttention", "MultiHeadSelfAttention", "
 PAPER = "d'Ascoli et al., ConViT: Improving Vision Transformers with Soft Convolutional Inductive Biases, ICML 2021, arXiv:2103.10697"
 
 
-def relative_offsets(grid_size: tuple[int, int], device=None, dtype=torch.float32) -> torch.Tensor:
+def relative_offsets(
+    grid_size: Tuple[int, int], device: Optional[torch.device] = None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """Relative position features between all token pairs of a ``(rows, cols)`` grid.
 
     Returns ``[N, N, 3]`` with ``N = rows * cols`` (row-major tokens); entry ``[i, j]`` is
@@ -53,6 +59,7 @@ def relative_offsets(grid_size: tuple[int, int], device=None, dtype=torch.float3
     return torch.stack((dx, dy, dx * dx + dy * dy), dim=-1)
 
 
+@register_notrace_module  # FX: the positional-attention cache is Python-side state
 class GatedPositionalSelfAttention(nn.Module):
     """GPSA over ``N = rows * cols`` patch tokens.
 
@@ -78,6 +85,7 @@ class GatedPositionalSelfAttention(nn.Module):
         self.qk = nn.Linear(dim, dim * 2, bias=qkv_bias)
         self.v = nn.Linear(dim, dim, bias=qkv_bias)
         self.attn_drop = nn.Dropout(attn_drop)
+        self.attn_drop_rate = attn_drop
         self.proj = nn.Linear(dim, dim)
         self.pos_proj = nn.Linear(3, num_heads)
         self.proj_drop = nn.Dropout(proj_drop)
@@ -89,7 +97,8 @@ class GatedPositionalSelfAttention(nn.Module):
 
     def local_init(self) -> None:
         """Identity value projection and Gaussian-like positional heads centred on a k x k grid of offsets."""
-        self.v.weight.data.copy_(torch.eye(self.v.weight.shape[0]))
+        w = self.v.weight.data
+        w.copy_(torch.eye(w.shape[0], device=w.device, dtype=w.dtype))
         k = int(math.sqrt(self.num_heads))
         center = (k - 1) / 2 if k % 2 == 0 else k // 2
         w = self.pos_proj.weight.data
@@ -103,9 +112,13 @@ class GatedPositionalSelfAttention(nn.Module):
         w[: k * k] *= self.locality_strength
 
     def offsets(self, device: torch.device) -> torch.Tensor:
-        """``[N, N, 3]`` relative offsets for the current grid (float32, cached per grid and device)."""
-        if self.grid_size is None:
+        """``[N, N, 3]`` relative offsets for the current grid (float32, cached per grid and device; computed
+        on every call in a scripted model)."""
+        grid_size = self.grid_size
+        if grid_size is None:
             raise RuntimeError("GatedPositionalSelfAttention.grid_size is not set; the ConViT model sets it")
+        if torch.jit.is_scripting():
+            return relative_offsets(grid_size, device=device)
         n = self.grid_size[0] * self.grid_size[1]
         if self._offsets is None or self._offsets.shape[0] != n or self._offsets.device != device:
             self._offsets = relative_offsets(self.grid_size, device=device)
@@ -122,6 +135,8 @@ class GatedPositionalSelfAttention(nn.Module):
         The cache key holds every parameter's version counter and storage, so an optimizer step,
         ``load_state_dict`` or a device/dtype move invalidates it.
         """
+        if torch.jit.is_scripting():
+            return self._compute_gated_positional_attention(device, dtype)
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
             return self._compute_gated_positional_attention(device, dtype)
         params = (self.pos_proj.weight, self.pos_proj.bias, self.gating_param)
@@ -144,7 +159,7 @@ class GatedPositionalSelfAttention(nn.Module):
         q, k = qk.unbind(0)  # [B, heads, N, head_dim]
         v = self.v(x).reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)
         gate = torch.sigmoid(self.gating_param).view(1, -1, 1, 1).to(x.dtype)
-        if self.training and self.attn_drop.p > 0:
+        if self.training and self.attn_drop_rate > 0:
             # dropout acts on the mixed attention matrix, so it has to be built explicitly
             content = (q @ k.transpose(-2, -1) * self.scale).softmax(dim=-1)
             pos = self.positional_attention(x.device, x.dtype).unsqueeze(0)
@@ -236,6 +251,8 @@ class ConViT(ClassifierMixin, nn.Module):
         local_up_to_layer: blocks ``[0, local_up_to_layer)`` use GPSA; the class token joins before the
             next block. Must be ``< depth``.
         locality_strength: sharpness of the local init of the positional heads.
+        device, dtype: where and in which dtype parameters and buffers are created (timm's factory arguments;
+            ``device='meta'`` allocates nothing).
 
     Shapes: ``forward``: ``[B, in_chans, H, W] -> [B, num_classes]``;
     ``forward_features``: ``-> [B, 1 + N, embed_dim]`` (class token first, ``N = H*W / patch_size^2``).
@@ -262,6 +279,8 @@ class ConViT(ClassifierMixin, nn.Module):
         drop_path_rate: float = 0.0,
         local_up_to_layer: int = 10,
         locality_strength: float = 1.0,
+        device=None,
+        dtype=None,
     ):
         super().__init__()
         self._check_pool(global_pool)
@@ -280,40 +299,44 @@ class ConViT(ClassifierMixin, nn.Module):
         self.global_pool = global_pool
         self.local_up_to_layer = local_up_to_layer
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
+        self.num_prefix_tokens = 1  # the class token, inserted before block local_up_to_layer
         self.grad_checkpointing = False
 
-        self.patch_embed = PatchEmbed(img_size=self.img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim)
-        self.grid_size = self.patch_embed.grid_size
-        num_patches = self.grid_size[0] * self.grid_size[1]
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, embed_dim))
-        self.pos_drop = nn.Dropout(pos_drop_rate)
-
-        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
-        self.blocks = nn.ModuleList(
-            Block(
-                embed_dim, num_heads, mlp_ratio, qkv_bias, proj_drop_rate, attn_drop_rate, dpr[i],
-                use_gpsa=i < local_up_to_layer, locality_strength=locality_strength,
-                norm_layer=lambda d: nn.LayerNorm(d, eps=1e-6),
+        dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
+        with factory_device(device):
+            self.patch_embed = PatchEmbed(
+                img_size=self.img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim
             )
-            for i in range(depth)
-        )
-        for blk in self.blocks:
-            if blk.use_gpsa:
-                blk.attn.grid_size = self.grid_size
-        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
-        self.feature_info = [
-            dict(num_chs=embed_dim, reduction=patch_size, module=f"blocks.{i}") for i in range(depth)
-        ]
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+            self.grid_size = self.patch_embed.grid_size
+            num_patches = self.grid_size[0] * self.grid_size[1]
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+            self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, embed_dim))
+            self.pos_drop = nn.Dropout(pos_drop_rate)
+            self.blocks = nn.ModuleList(
+                Block(
+                    embed_dim, num_heads, mlp_ratio, qkv_bias, proj_drop_rate, attn_drop_rate, dpr[i],
+                    use_gpsa=i < local_up_to_layer, locality_strength=locality_strength,
+                    norm_layer=lambda d: nn.LayerNorm(d, eps=1e-6),
+                )
+                for i in range(depth)
+            )
+            for blk in self.blocks:
+                if blk.use_gpsa:
+                    blk.attn.grid_size = self.grid_size
+            self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+            self.feature_info = [
+                dict(num_chs=embed_dim, reduction=patch_size, module=f"blocks.{i}") for i in range(depth)
+            ]
+            self.head_drop = nn.Dropout(drop_rate)
+            self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
-        trunc_normal_(self.pos_embed, std=0.02)
-        trunc_normal_(self.cls_token, std=0.02)
-        self.apply(self.init_vit_weights)
-        for blk in self.blocks:
-            if blk.use_gpsa:
-                blk.attn.local_init()
+            trunc_normal_(self.pos_embed, std=0.02)
+            trunc_normal_(self.cls_token, std=0.02)
+            self.apply(self.init_vit_weights)
+            for blk in self.blocks:
+                if blk.use_gpsa:
+                    blk.attn.local_init()
+        apply_factory_dtype(self, dtype)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
@@ -324,34 +347,46 @@ class ConViT(ClassifierMixin, nn.Module):
         return dict(stem=r"^cls_token|pos_embed|patch_embed", blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
-        self.check_image_input(x, fixed_size=self.img_size, why_fixed="its position embedding has a fixed size")
+        if not torch.jit.is_scripting():
+            x = check_image_input(
+                x, type(self).__name__, self.in_chans, self.img_size, "its position embedding has a fixed size"
+            )
         return self.pos_drop(self.patch_embed(x) + self.pos_embed)
 
-    def _run_block(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        if i == self.local_up_to_layer:
-            x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
-        blk = self.blocks[i]
-        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
-            return checkpoint(blk, x, use_reentrant=False)
-        return blk(x)
+    def _forward_blocks(self, x: torch.Tensor, take: list[int], last: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Blocks ``0..last`` on embedded tokens, inserting the class token before block ``local_up_to_layer``
+        (unless pruned). Returns the last output and the outputs of the blocks in ``take``."""
+        intermediates: list[torch.Tensor] = []
+        for i, blk in enumerate(self.blocks):
+            if i <= last:
+                if i == self.local_up_to_layer and self.cls_token is not None:
+                    x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+                if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+                    x = checkpoint(blk, x, use_reentrant=False)
+                else:
+                    x = blk(x)
+                if i in take:
+                    intermediates.append(x)
+        return x, intermediates
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, C, H, W] -> [B, 1 + N, embed_dim]`` (normed tokens, class token first)."""
-        x = self._embed(x)
-        for i in range(len(self.blocks)):
-            x = self._run_block(i, x)
+        """``[B, C, H, W] -> [B, 1 + N, embed_dim]`` (normed tokens, class token first; ``[B, N, embed_dim]``
+        once pruned before the class token joins)."""
+        x, _ = self._forward_blocks(self._embed(x), [], len(self.blocks) - 1)
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """``[B, 1 + N, embed_dim] -> [B, num_classes]`` (or ``[B, embed_dim]`` with ``pre_logits``)."""
         if self.global_pool == "avg":
-            x = x[:, 1:].mean(dim=1)
+            x = x[:, self.num_prefix_tokens:].mean(dim=1)
         elif self.global_pool == "token":
             x = x[:, 0]
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x):
+        # unannotated, as timm's models: torch.fx copies the root forward's annotations into the code it
+        # generates, where this module's string annotations (`from __future__ import annotations`) do not script
         return self.forward_head(self.forward_features(x))
 
     def forward_intermediates(
@@ -375,19 +410,16 @@ class ConViT(ClassifierMixin, nn.Module):
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
         take, max_index = feature_take_indices(len(self.blocks), indices)
-        take = set(take)
         last = max_index if (stop_early or intermediates_only) else len(self.blocks) - 1
         B = x.shape[0]
-        x = self._embed(x)
+        x, outputs = self._forward_blocks(self._embed(x), list(take), last)
         intermediates = []
-        for i in range(last + 1):
-            x = self._run_block(i, x)
-            if i in take:
-                tokens = self.norm(x) if norm else x
-                tokens = tokens[:, 1:] if i >= self.local_up_to_layer else tokens
-                if output_fmt == "NCHW":
-                    tokens = tokens.transpose(1, 2).reshape(B, self.embed_dim, *self.grid_size)
-                intermediates.append(tokens)
+        for i, tokens in zip(sorted(set(take)), outputs):  # outputs come in block order
+            tokens = self.norm(tokens) if norm else tokens
+            tokens = tokens[:, 1:] if (i >= self.local_up_to_layer and self.cls_token is not None) else tokens
+            if output_fmt == "NCHW":
+                tokens = tokens.transpose(1, 2).reshape(B, self.embed_dim, *self.grid_size)
+            intermediates.append(tokens)
         if intermediates_only:
             return intermediates
         return self.norm(x), intermediates
@@ -395,14 +427,28 @@ class ConViT(ClassifierMixin, nn.Module):
     def prune_intermediate_layers(
         self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
     ) -> list[int]:
-        """Drop blocks (and optionally norm/head) not needed for ``forward_intermediates(indices)``."""
+        """Drop blocks (and optionally norm/head) not needed for ``forward_intermediates(indices)``.
+
+        Keeping only GPSA blocks (before the class token joins) drops the class token too, and with it a
+        token-pooled head; ``global_pool='avg'`` then averages every token."""
         take, max_index = feature_take_indices(len(self.blocks), indices)
         self.blocks = self.blocks[: max_index + 1]
+        if max_index < self.local_up_to_layer and self.cls_token is not None:
+            self.cls_token = None
+            self.num_prefix_tokens = 0
+            prune_head = prune_head or self.global_pool == "token"
         if prune_norm:
-            self.norm = nn.Identity()
+            self.norm = self.new_module(nn.Identity())
         if prune_head:
             self.reset_classifier(0, "")
         return take
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A new ``head`` (see :meth:`ClassifierMixin.reset_classifier`); ``'token'`` pooling needs the class
+        token, which pruning may have removed."""
+        if global_pool == "token" and self.cls_token is None:
+            raise ValueError("global_pool='token' needs the class token, which prune_intermediate_layers removed")
+        super().reset_classifier(num_classes, global_pool)
 
     @staticmethod
     def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: "ConViT") -> dict[str, torch.Tensor]:

@@ -1,7 +1,8 @@
 """Gated-SwinRMT: shifted-window retention with Manhattan decay and input-dependent gating.
 
 Maity, Mondal & Roy, arXiv:2604.06014 (2026). Only the abstract is public; this file builds the most
-plausible reading of it (``shared/reference/backbones.md`` section 4.3). What the abstract states:
+plausible reading of it, decoding its terms with RMT (Fan et al., CVPR 2024, arXiv:2309.11523), SWAT
+(arXiv:2502.18845) and Gated Attention (Qiu et al., arXiv:2505.06708). What the abstract states:
 
 - Swin-style shifted windows; inside each window, attention is decomposed into a **width-wise pass then a
   height-wise pass**, each with a **per-head exponential distance decay** (RMT's Manhattan decay) and no
@@ -24,11 +25,15 @@ Both passes run on the shared neighborhood-attention kernel: a window row is a n
 the kernel's relative positional bias and the SWAT decay its ``score_decay``. Shifted windows become
 aligned blocks after padding the map by ``M - shift`` in front; padded keys are removed exactly by one
 extra q/k channel that adds ``-3000`` to their logits.
-"""
-from __future__ import annotations
 
+Graph capture: the model scripts (``torch.jit.script``; the kernel call stays a Python call, so a scripted
+model runs but cannot be saved) and traces with ``torch.fx`` (the windowed retention, whose windows depend
+on the input size, is an FX leaf).
+"""
+# no `from __future__ import annotations`: TorchScript reads the signature of the ignored kernel call
+# (_window_pass) from its live annotations
 import math
-from typing import Any, Sequence
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -36,11 +41,12 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath
 from timm.models import build_model_with_cfg, generate_default_cfgs
 from timm.models._features import feature_take_indices
+from timm.models._features_fx import register_notrace_module
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from visionattn.kernels import check_backend, na2d
-from visionattn.layers.classifier import ClassifierMixin
+from visionattn.layers.classifier import ClassifierMixin, apply_factory_dtype, check_image_input, factory_device
 from visionattn.registry import register_model
 
 __all__ = ["GatedSwinRMT", "WindowedRetention", "retention_decay_rates", "balanced_alibi_slopes"]
@@ -72,6 +78,15 @@ def rotary(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
 
 
+@torch.jit.ignore  # TorchScript: a Python call (the kernels' Python API does not script)
+def _window_pass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: Tuple[int, int], bias: torch.Tensor,
+                 decay: Optional[torch.Tensor], scale: float, score: str, backend: str) -> torch.Tensor:
+    """One retention pass over blocked windows of ``kernel`` (a row ``(1, M)`` or a column ``(M, 1)``)."""
+    return na2d(q, k, v, kernel, stride=kernel, rpb=bias, scale=scale, score=score, score_decay=decay,
+                backend=backend)
+
+
+@register_notrace_module  # FX: the window size and padding depend on the input size
 class WindowedRetention(nn.Module):
     """Decomposed (width then height) retention in (shifted) windows. ``[B, H, W, dim] -> [B, H, W, dim]``.
 
@@ -100,14 +115,20 @@ class WindowedRetention(nn.Module):
         self.variant, self.window_size, self.shift, self.out_norm = variant, window_size, shift, out_norm
         self.rope, self.attention_backend = rope, check_backend("WindowedRetention", attention_backend)
         self.scale = self.head_dim ** -0.5
+        self.masked_key_value = MASKED_LOGIT / self.scale  # the extra key channel of padded keys (times q's 1)
         self.q = nn.Linear(dim, dim)
         self.k = nn.Linear(dim, dim)
         self.v = nn.Linear(dim, dim)
         self.lce = nn.Conv2d(dim, dim, side_dwconv, padding=side_dwconv // 2, groups=dim)
         self.out_proj = nn.Linear(dim, dim)
         self.register_buffer("log_gamma", retention_decay_rates(num_heads, init_value, heads_range), persistent=False)
+        # each variant's modules; the other variant's are None (TorchScript skips the branches using them)
+        self.gate: nn.Module | None = None
+        self.value_gate: nn.Module | None = None
+        self.norm: nn.Module | None = None
         if variant == "retention":
             self.gate = nn.Linear(dim, dim)  # G1: sigmoid(x W_g + b_g) after LCE, before W_O
+            self.register_buffer("alibi", None, persistent=False)
         else:
             self.value_gate = nn.Linear(dim, dim)  # SwiGLU: v = (x W_v) * SiLU(x W_vg)
             self.register_buffer("alibi", balanced_alibi_slopes(num_heads), persistent=False)
@@ -115,7 +136,7 @@ class WindowedRetention(nn.Module):
         half = self.head_dim // 2
         self.register_buffer("rope_freq", 1.0 / 10000 ** torch.linspace(0, 1, half), persistent=False)
 
-    def _window(self, H: int, W: int) -> tuple[int, int]:
+    def _window(self, H: int, W: int) -> Tuple[int, int]:
         """Window size and shift for an ``H x W`` map: the window collapses to the whole map (no shift) when
         the map is no larger than the window ([guess], the behaviour the abstract describes on CIFAR-10)."""
         M = self.window_size
@@ -123,12 +144,13 @@ class WindowedRetention(nn.Module):
             return min(H, W), 0
         return M, (M // 2 if self.shift else 0)
 
-    def _pass_tables(self, M: int, axis: int, dtype, device):
+    def _pass_tables(self, M: int, axis: int, dtype: torch.dtype,
+                     device: torch.device) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Bias (and SWAT decay) tables for one pass: ``[heads, 1, 2M-1]`` (width) or ``[heads, 2M-1, 1]``."""
         dist = (torch.arange(2 * M - 1, device=device) - (M - 1)).abs().float()
-        shape = (self.num_heads, 1, 2 * M - 1) if axis == 1 else (self.num_heads, 2 * M - 1, 1)
+        shape = [self.num_heads, 1, 2 * M - 1] if axis == 1 else [self.num_heads, 2 * M - 1, 1]
         log_decay = (self.log_gamma[:, None] * dist[None, :]).reshape(shape)
-        if self.variant == "retention":
+        if self.alibi is None:  # retention: the decay is the additive bias
             return log_decay.to(dtype), None
         bias = (self.alibi[:, None] * dist[None, :]).reshape(shape)
         return bias.to(dtype), log_decay.exp().to(dtype)
@@ -137,7 +159,7 @@ class WindowedRetention(nn.Module):
         B, H, W, C = x.shape
         hd, heads = self.head_dim, self.num_heads
         q, k, v = self.q(x), self.k(x), self.v(x)
-        if self.variant == "swat":
+        if self.value_gate is not None:  # SWAT
             v = v * F.silu(self.value_gate(x))
         lce = self.lce(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         q, k = q.view(B, H, W, heads, hd), k.view(B, H, W, heads, hd)
@@ -150,29 +172,29 @@ class WindowedRetention(nn.Module):
         M, shift = self._window(H, W)
         top = (M - shift) % M
         Hp, Wp = math.ceil((H + top) / M) * M, math.ceil((W + top) / M) * M
-        pad = (0, 0, 0, 0, top, Wp - W - top, top, Hp - H - top)  # [B, H, W, heads, hd]: pad W then H
+        pad = [0, 0, 0, 0, top, Wp - W - top, top, Hp - H - top]  # [B, H, W, heads, hd]: pad W then H
         # one extra q/k channel removes padded keys exactly: q gets 1, padded keys get -MASKED_LOGIT / scale
         valid = F.pad(torch.ones(1, H, W, 1, 1, device=x.device, dtype=x.dtype), pad)
         q = torch.cat([F.pad(q, pad), torch.ones_like(valid).expand(B, -1, -1, heads, 1)], dim=-1)
-        k = torch.cat([F.pad(k, pad), ((valid - 1) * (MASKED_LOGIT / self.scale)).expand(B, -1, -1, heads, 1)], dim=-1)
+        k = torch.cat([F.pad(k, pad), ((valid - 1) * self.masked_key_value).expand(B, -1, -1, heads, 1)], dim=-1)
         v = F.pad(v.view(B, H, W, heads, hd), pad)
         if self.variant == "swat" and self.out_norm == "rowsum":
             v = torch.cat([v, valid.expand(B, -1, -1, heads, 1)], dim=-1)  # carries each query's total weight
 
         score = "softmax" if self.variant == "retention" else "sigmoid"
-        out = v
-        for axis, kernel in ((1, (1, M)), (0, (M, 1))):  # width pass, then height pass on its output
-            bias, decay = self._pass_tables(M, axis, x.dtype, x.device)
-            out = na2d(q, k, out, kernel, stride=kernel, rpb=bias, scale=self.scale, score=score,
-                       score_decay=decay, backend=self.attention_backend)
+        # width pass, then height pass on its output
+        bias, decay = self._pass_tables(M, 1, x.dtype, x.device)
+        out = _window_pass(q, k, v, (1, M), bias, decay, self.scale, score, self.attention_backend)
+        bias, decay = self._pass_tables(M, 0, x.dtype, x.device)
+        out = _window_pass(q, k, out, (M, 1), bias, decay, self.scale, score, self.attention_backend)
         out = out[:, top:top + H, top:top + W]
         if self.variant == "swat" and self.out_norm == "rowsum":
             out = out[..., :hd] / out[..., hd:].clamp_min(1e-6)
         out = out.reshape(B, H, W, C)
-        if self.variant == "swat" and self.norm is not None:
+        if self.norm is not None:  # SWAT's normalised output
             out = self.norm(out.reshape(-1, C)).view(B, H, W, C)
         out = out + lce
-        if self.variant == "retention":
+        if self.gate is not None:  # retention's G1 gate
             out = out * torch.sigmoid(self.gate(x))
         return self.out_proj(out)
 
@@ -227,6 +249,8 @@ class GatedSwinRMT(ClassifierMixin, nn.Module):
         head_dim_proj: width of the projection before pooling (RMT: 1024).
         attention_backend: kernel backend of the windowed retention (``'auto'``, ``'reference'``, ``'torch'``,
             ``'triton'``).
+        device, dtype: where and in which dtype parameters and buffers are created (timm's factory arguments;
+            ``device='meta'`` allocates nothing).
 
     Shapes: ``forward`` ``[B, in_chans, H, W] -> [B, num_classes]``; ``forward_features``
     ``-> [B, C4, H/32, W/32]``.
@@ -254,6 +278,8 @@ class GatedSwinRMT(ClassifierMixin, nn.Module):
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         attention_backend: str = "auto",
+        device=None,
+        dtype=None,
     ):
         super().__init__()
         self._check_pool(global_pool)
@@ -268,81 +294,116 @@ class GatedSwinRMT(ClassifierMixin, nn.Module):
         self.num_features = embed_dims[-1]
         self.head_hidden_size = head_dim_proj
         self.grad_checkpointing = False
-        c0 = embed_dims[0]
-        self.stem = nn.Sequential(
-            *_conv_bn(in_chans, c0 // 2, 2), *_conv_bn(c0 // 2, c0 // 2, 1), *_conv_bn(c0 // 2, c0, 2),
-            *_conv_bn(c0, c0, 1, act=False),
-        )
-        self.downsamples = nn.ModuleList(
-            nn.Sequential(*_conv_bn(embed_dims[i], embed_dims[i + 1], 2, act=False)) for i in range(3)
-        )
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
-        stages, start = [], 0
-        for i in range(4):
-            stages.append(nn.ModuleList(
-                Block(embed_dims[i], num_heads[i], mlp_ratio, dpr[start + j], variant=mixer, window_size=window_size,
-                      shift=bool(j % 2), init_value=init_value, heads_range=heads_ranges[i], out_norm=out_norm,
-                      rope=rope, attention_backend=attention_backend)
-                for j in range(depths[i])
-            ))
-            start += depths[i]
-        self.stages = nn.ModuleList(stages)
-        self.proj = nn.Linear(embed_dims[-1], head_dim_proj)
-        self.proj_norm = nn.BatchNorm2d(head_dim_proj)
-        self.proj_act = nn.SiLU()
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(head_dim_proj, num_classes) if num_classes > 0 else nn.Identity()
-        self.feature_info = [dict(num_chs=embed_dims[i], reduction=4 * 2**i, module=f"stages.{i}") for i in range(4)]
-        self.apply(self.init_vit_weights)
+        dpr = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
+        with factory_device(device):
+            c0 = embed_dims[0]
+            self.stem = nn.Sequential(
+                *_conv_bn(in_chans, c0 // 2, 2), *_conv_bn(c0 // 2, c0 // 2, 1), *_conv_bn(c0 // 2, c0, 2),
+                *_conv_bn(c0, c0, 1, act=False),
+            )
+            self.downsamples = nn.ModuleList(
+                nn.Sequential(*_conv_bn(embed_dims[i], embed_dims[i + 1], 2, act=False)) for i in range(3)
+            )
+            stages, start = [], 0
+            for i in range(4):
+                stages.append(nn.ModuleList(
+                    Block(embed_dims[i], num_heads[i], mlp_ratio, dpr[start + j], variant=mixer,
+                          window_size=window_size, shift=bool(j % 2), init_value=init_value,
+                          heads_range=heads_ranges[i], out_norm=out_norm, rope=rope,
+                          attention_backend=attention_backend)
+                    for j in range(depths[i])
+                ))
+                start += depths[i]
+            self.stages = nn.ModuleList(stages)
+            self.proj = nn.Linear(embed_dims[-1], head_dim_proj)
+            self.proj_norm = nn.BatchNorm2d(head_dim_proj)
+            self.proj_act = nn.SiLU()
+            self.head_drop = nn.Dropout(drop_rate)
+            self.head = nn.Linear(head_dim_proj, num_classes) if num_classes > 0 else nn.Identity()
+            self.feature_info = [
+                dict(num_chs=embed_dims[i], reduction=4 * 2**i, module=f"stages.{i}") for i in range(4)
+            ]
+            self.apply(self.init_vit_weights)
+        apply_factory_dtype(self, dtype)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
         return dict(stem=r"^stem", blocks=[(r"^stages\.(\d+)" if coarse else r"^stages\.(\d+)\.(\d+)", None),
                                            (r"^downsamples\.(\d+)", (0,))])
 
-    def _stage(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        """``[B, C_{i-1}, H, W]`` (or the image) -> ``[B, C_i, H', W']``."""
-        x = self.stem(x) if i == 0 else self.downsamples[i - 1](x)
-        x = x.permute(0, 2, 3, 1)
-        for blk in self.stages[i]:
-            if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
-                x = checkpoint(blk, x, use_reentrant=False)
-            else:
-                x = blk(x)
-        return x.permute(0, 3, 1, 2)
+    def _check_input(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            x = check_image_input(x, type(self).__name__, self.in_chans, min_size=32)
+        return x
+
+    def _forward_stages(self, x: torch.Tensor, take: List[int], last: int) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """Stages ``0..last`` (of those kept after pruning), each ``[B, C_{i-1}, H, W]`` (or the image) ->
+        ``[B, C_i, H', W']``: the stem or downsampling, then the blocks on channels-last maps. Returns the last
+        output and the outputs of the stages in ``take``."""
+        intermediates: List[torch.Tensor] = []
+        for i, stage in enumerate(self.stages):
+            if i <= last:
+                if i == 0:
+                    x = self.stem(x)
+                else:
+                    for j, down in enumerate(self.downsamples):  # downsamples[i - 1], as TorchScript can index
+                        if j == i - 1:
+                            x = down(x)
+                x = x.permute(0, 2, 3, 1)
+                for blk in stage:
+                    if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+                        x = checkpoint(blk, x, use_reentrant=False)
+                    else:
+                        x = blk(x)
+                x = x.permute(0, 3, 1, 2)
+                if i in take:
+                    intermediates.append(x)
+        return x, intermediates
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, C, H, W] -> [B, C4, H/32, W/32]``."""
-        self.check_image_input(x, min_size=32)
-        for i in range(4):
-            x = self._stage(i, x)
+        """``[B, C, H, W] -> [B, C4, H/32, W/32]`` (the last kept stage's output after pruning)."""
+        x, _ = self._forward_stages(self._check_input(x), [], len(self.stages) - 1)
         return x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """RMT's head: Linear(C4 -> 1024) -> BatchNorm -> SiLU -> average pool -> classifier."""
-        x = self.proj(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-        x = self.proj_act(self.proj_norm(x))
+        """RMT's head: Linear(C4 -> 1024) -> BatchNorm -> SiLU -> average pool -> classifier (after pruning,
+        the projection is gone: pool -> classifier)."""
+        if self.proj is not None:
+            x = self.proj(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+            x = self.proj_act(self.proj_norm(x))
         if self.global_pool == "avg":
             x = x.mean((2, 3))
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x):
+        # unannotated, as timm's models: torch.fx copies the root forward's annotations into the code it
+        # generates, where this module's string annotations (`from __future__ import annotations`) do not script
         return self.forward_head(self.forward_features(x))
 
     def forward_intermediates(self, x, indices=None, norm=False, stop_early=False, output_fmt="NCHW", intermediates_only=False):
         """Stage outputs ``[B, C_i, H/4/2^i, W/4/2^i]`` (timm's API; there is no final norm)."""
         if output_fmt != "NCHW":
             raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
-        self.check_image_input(x, min_size=32)
-        x, intermediates, _ = self.run_stages(x, 4, indices, stop_early, intermediates_only)
+        x = self._check_input(x)
+        x, intermediates, _ = self.run_stages(x, len(self.stages), indices, stop_early, intermediates_only)
         return intermediates if intermediates_only else (x, intermediates)
 
     def prune_intermediate_layers(self, indices=1, prune_norm=False, prune_head=True):
-        take, max_index = feature_take_indices(4, indices)
+        """Drop the stages after the last one ``indices`` selects and optionally the head. The head includes
+        RMT's projection (Linear -> BatchNorm -> SiLU, built for the last stage's width), so pruning the head
+        removes it, and dropping stages prunes the head: ``num_features`` / ``head_hidden_size`` become the
+        kept stage's width, and ``reset_classifier`` builds a classifier for it. (There is no final norm.)"""
+        take, max_index = feature_take_indices(len(self.stages), indices)
+        if max_index < len(self.stages) - 1:
+            prune_head = True
+            self.num_features = self.feature_info[max_index]["num_chs"]
         self.stages = self.stages[: max_index + 1]
         self.downsamples = self.downsamples[:max_index]
         if prune_head:
+            self.proj = self.proj_norm = None
+            self.proj_act = self.new_module(nn.Identity())
+            self.head_hidden_size = self.num_features
             self.reset_classifier(0, "")
         return take
 

@@ -22,6 +22,7 @@ from timm.layers import DropPath
 from timm.models import build_model_with_cfg, generate_default_cfgs
 from torch import nn
 
+from visionattn.layers.classifier import apply_factory_dtype, factory_device
 from visionattn.layers.isotropic import IsotropicPatchClassifier
 from visionattn.layers.mlp import FeedForward
 from visionattn.registry import register_model
@@ -71,14 +72,20 @@ class NiNformer(IsotropicPatchClassifier):
         embed_dim: token width; mlp_dim: hidden size of every MLP (token mixing, channel mixing, FFN).
         depth: number of NiN blocks; drop_rate: dropout inside every MLP (0.5 in the released config).
         drop_path_rate: stochastic depth (ours, off by default; the official code has none).
+        device, dtype: where and in which dtype parameters and buffers are created (timm's factory arguments;
+            ``device='meta'`` allocates nothing).
     """
 
     def __init__(self, img_size=32, patch_size: int = 4, in_chans: int = 3, num_classes: int = 10,
                  global_pool: str = "avg", embed_dim: int = 256, mlp_dim: int = 512, depth: int = 4,
-                 drop_rate: float = 0.5, drop_path_rate: float = 0.0):
-        super().__init__(img_size, patch_size, in_chans, num_classes, global_pool, embed_dim, depth)
-        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
-        self.blocks = nn.ModuleList(NiNBlock(embed_dim, self.num_patches, mlp_dim, drop_rate, dpr[i]) for i in range(depth))
+                 drop_rate: float = 0.5, drop_path_rate: float = 0.0, device=None, dtype=None):
+        super().__init__(img_size, patch_size, in_chans, num_classes, global_pool, embed_dim, depth, device=device)
+        dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
+        with factory_device(device):
+            self.blocks = nn.ModuleList(
+                NiNBlock(embed_dim, self.num_patches, mlp_dim, drop_rate, dpr[i]) for i in range(depth)
+            )
+        apply_factory_dtype(self, dtype)
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> NiNformer:

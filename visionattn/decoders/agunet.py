@@ -3,7 +3,7 @@
 
 Bouget et al., Meningioma segmentation in T1-weighted MRI leveraging global context and attention
 mechanisms, Front. Radiol. 2021, arXiv:2101.07715; code dbouget/mri_brain_tumor_segmentation (Keras,
-inference only). Built as that code builds them (``shared/reference/decoders_detectors.md`` section 3):
+inference only). Built as that code builds them:
 
 - conv block: 2 x (conv 3 'same' -> BN -> ReLU -> spatial dropout); encoder levels max-pool by 2;
 - multi-scale input: an average-pooled pyramid of the input, ``ReLU(conv3(s_i))`` (no BN) concatenated
@@ -14,19 +14,22 @@ inference only). Built as that code builds them (``shared/reference/decoders_det
 - DAUNet: a dual-attention bottleneck (position attention, N x N, and channel attention, C x C, each with a
   zero-initialised residual scale), plain decoder ``[skip, up] -> BN -> ReLU -> conv block``;
 - DAGUNet: DAUNet whose every decoder level also receives the bottleneck upsampled directly to it;
-- deep supervision: a 1x1 head per decoder level, finest first.
+- deep supervision (opt-in): a 1x1 head per decoder level, finest first.
 
-MONAI conventions: ``spatial_dims, in_channels, out_channels``; logits out (no softmax); a list in training
-(finest first, at 1, 1/2, 1/4, ... of the input size: use ``monai.losses.DeepSupervisionLoss``) and the
-finest logits in eval. Inputs whose sides are not multiples of ``2 ** (len(filters) - 1)`` are zero-padded
-(end of each axis) and the logits cropped back.
+MONAI conventions: ``spatial_dims, in_channels, out_channels`` first; logits out (no softmax), one tensor in
+training and in eval. ``deep_supervision=True`` (off by default, as in MONAI's ``DynUNet``) returns in
+training a list finest first (at 1, 1/2, 1/4, ... of the input size: use
+``monai.losses.DeepSupervisionLoss``); weights saved with deep supervision load into a network without it
+(the auxiliary heads are dropped). Any input size works: sides that are not multiples of
+``size_divisible = 2 ** (len(filters) - 1)`` are zero-padded (end of each axis) and the logits cropped back,
+with shape arithmetic only, so ``torch.jit.script``, ``torch.export`` and ONNX graphs take any size.
 
 ``bottleneck_attention='neighborhood'`` replaces the N x N position attention with neighborhood attention
 from :mod:`visionattn.kernels` (memory linear in N), so large volumes fit.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, List, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -73,9 +76,65 @@ class AttentionGate(nn.Module):
         return x * self.psi(F.relu(torch.cat([self.w_g(g), self.w_x(x)], dim=1)))
 
 
+def _pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """``x [B, C, *S]`` zero-padded at the end of every spatial axis up to a multiple of ``multiple``; always
+    applied (zero where a side fits), so traced and exported graphs have no size-dependent branch."""
+    pad: List[int] = []
+    spatial = x.shape[2:]
+    for i in range(len(spatial) - 1, -1, -1):  # F.pad lists the last axis first
+        pad.append(0)
+        pad.append((multiple - spatial[i] % multiple) % multiple)
+    return F.pad(x, pad)
+
+
+def _crop_to(x: torch.Tensor, size: List[int]) -> torch.Tensor:
+    """The first ``size[i]`` entries of every spatial axis ``i`` of ``x [B, C, *S]`` (by ``index_select``: a
+    slice that may span the whole axis would let ``torch.export`` specialise on the padding)."""
+    for i in range(len(size)):
+        x = x.index_select(2 + i, torch.arange(size[i], device=x.device))
+    return x
+
+
+@torch.jit.unused
+def _exporting() -> bool:
+    """True while ``torch.jit.trace``, an ONNX export or ``torch.export`` captures the model: the neighborhood
+    bottleneck then takes its plain-PyTorch path instead of the custom kernel, which those graphs cannot hold."""
+    is_exporting = getattr(getattr(torch, "compiler", None), "is_exporting", None)
+    return bool(torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or (is_exporting is not None and is_exporting()))
+
+
+def _drop_deep_supervision_heads(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                 error_msgs) -> None:
+    """``load_state_dict`` pre-hook: a network built without deep supervision drops the auxiliary heads'
+    weights (every ``heads.i`` but the last, finest one) of a run trained with it; they take no part in
+    its output."""
+    if module.deep_supervision:
+        return
+    head_prefix, keep = prefix + "heads.", str(len(module.heads) - 1)
+    for key in [k for k in state_dict if k.startswith(head_prefix)]:
+        if key[len(head_prefix):].split(".", 1)[0] != keep:
+            del state_dict[key]
+
+
+def _window_index(positions: torch.Tensor, kernel_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One axis of NATTEN's non-causal windows (stride 1, dilation 1) as ``(index [L, K], valid [L, K])``:
+    query ``i`` sees keys ``start_i .. start_i + K - 1`` with ``start_i = clamp(i - K // 2, 0, L - K)``; on an
+    axis shorter than ``K`` it sees the whole axis (the rest of its ``K`` slots are invalid). Computed from
+    ``positions = arange(L)`` with tensor ops only, so exported graphs stay valid for every ``L``."""
+    last = positions[-1:]  # L - 1, as a tensor
+    start = torch.minimum((positions - kernel_size // 2).clamp(min=0), (last + 1 - kernel_size).clamp(min=0))
+    index = start[:, None] + torch.arange(kernel_size, device=positions.device)[None, :]
+    valid = index <= last
+    return torch.minimum(index, last), valid
+
+
 class PositionAttention(nn.Module):
     """DANet's position attention: ``gamma * softmax(q^T k) v + x`` over all voxels (``'global'``) or over a
-    neighborhood of ``kernel_size`` voxels (``'neighborhood'``, linear memory). ``[B, C, *S] -> [B, C, *S]``."""
+    neighborhood of ``kernel_size`` voxels (``'neighborhood'``, linear memory). ``[B, C, *S] -> [B, C, *S]``.
+
+    The neighborhood form runs :func:`visionattn.kernels.neighborhood_attention` (with autocast switched
+    off around it and ``q, k, v`` in one dtype, so it works under ``torch.autocast``); scripted, traced or
+    exported it computes the same windows with plain gathers (:meth:`windowed`), which those graphs hold."""
 
     def __init__(self, spatial_dims: int, channels: int, mode: str = "global", kernel_size: int = 7):
         super().__init__()
@@ -89,21 +148,49 @@ class PositionAttention(nn.Module):
         self.gamma = nn.Parameter(torch.zeros(1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, C, *S = x.shape
         q, k, v = self.query(x), self.key(x), self.value(x)
         if self.mode == "global":
             attn = torch.softmax(q.flatten(2).transpose(1, 2) @ k.flatten(2), dim=-1)  # [B, N, N]
-            out = (v.flatten(2) @ attn.transpose(1, 2)).view(B, C, *S)
+            out = (v.flatten(2) @ attn.transpose(1, 2)).reshape(v.shape)
+        elif torch.jit.is_scripting():
+            out = self.windowed(q, k, v)
+        elif _exporting():
+            out = self.windowed(q, k, v)
         else:
-            from visionattn.kernels import neighborhood_attention
-
-            def heads_last(t):  # [B, C, *S] -> [B, *S, 1, C]
-                return t.movedim(1, -1).unsqueeze(-2)
-
-            kernel = tuple(min(self.kernel_size, s) for s in S)
-            out = neighborhood_attention(heads_last(q), heads_last(k), heads_last(v), kernel, scale=1.0)
-            out = out.squeeze(-2).movedim(-1, 1)
+            out = self._kernel(q, k, v)
         return self.gamma * out + x
+
+    @torch.jit.unused
+    def _kernel(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        from visionattn.kernels import neighborhood_attention
+
+        # the CPU kernel mixes its own float32 buffers with autocast's bfloat16 results: run it outside
+        # autocast, on q, k, v of one dtype (autocast's convolutions make them all bfloat16 already)
+        dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+        kernel = tuple(min(self.kernel_size, s) for s in q.shape[2:])
+        heads_last = [t.to(dtype).movedim(1, -1).unsqueeze(-2) for t in (q, k, v)]  # [B, *S, 1, C]
+        with torch.autocast(q.device.type, enabled=False):
+            out = neighborhood_attention(*heads_last, kernel, scale=1.0)
+        return out.squeeze(-2).movedim(-1, 1)
+
+    def windowed(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The neighborhood form with gathers and masking: the same windows as the kernel (NATTEN's, kernel
+        ``min(kernel_size, side)`` per axis), ``O(N K^d C)`` memory. ``q, k [B, Cq, *S]``, ``v [B, C, *S]``."""
+        K = self.kernel_size
+        flat = torch.zeros(1, 1, dtype=torch.long, device=q.device)  # key index per (query, window slot)
+        valid = torch.ones(1, 1, dtype=torch.bool, device=q.device)
+        slots = 1
+        for length in q.shape[2:]:
+            index, ok = _window_index(torch.arange(length, device=q.device), K)
+            flat = (flat[:, None, :, None] * length + index[None, :, None, :]).reshape(-1, slots * K)
+            valid = (valid[:, None, :, None] & ok[None, :, None, :]).reshape(-1, slots * K)
+            slots = slots * K
+        # products and sums rather than einsum, whose reshapes torch.export would specialise on the batch size
+        scores = (q.flatten(2).unsqueeze(-1) * k.flatten(2)[:, :, flat]).sum(1)  # [B, N, slots]
+        scores = scores.masked_fill(~valid, float("-inf"))
+        weights = torch.softmax(scores.float(), dim=-1).to(v.dtype)
+        out = (weights.unsqueeze(1) * v.flatten(2)[:, :, flat]).sum(-1)  # [B, C, N]
+        return out.reshape(v.shape)
 
 
 class ChannelAttention(nn.Module):
@@ -114,10 +201,9 @@ class ChannelAttention(nn.Module):
         self.gamma = nn.Parameter(torch.zeros(1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, C, *S = x.shape
         a = x.flatten(2)  # [B, C, N]
         energy = torch.softmax(a @ a.transpose(1, 2), dim=-1)  # [B, C, C]
-        return self.gamma * (energy @ a).view(B, C, *S) + x
+        return self.gamma * (energy @ a).reshape(x.shape) + x
 
 
 class DualAttention(nn.Module):
@@ -136,7 +222,7 @@ class DualAttention(nn.Module):
         self.channel = branch(ChannelAttention())
         self.fuse = nn.Sequential(Drop(dropout), Conv(channels, channels, 1), BN(channels))
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fuse(self.position(x) + self.channel(x))
 
 
@@ -144,18 +230,25 @@ class AttentionUNet(nn.Module):
     """AGUNet / DAUNet / DAGUNet.
 
     Args:
-        spatial_dims, in_channels, out_channels: MONAI's names.
+        spatial_dims, in_channels, out_channels: MONAI's names, in MONAI's order.
         filters: per level, the last being the bottleneck (paper setting [guess]: 16, 32, 128, 256, 256).
         variant: ``'agunet'`` (attention gates), ``'daunet'`` (dual-attention bottleneck) or ``'dagunet'``
             (dual attention + the bottleneck fed to every decoder level).
-        multiscale: the input pyramid; deep_supervision: one output per decoder level in training.
+        multiscale: the input pyramid.
+        deep_supervision: build a 1x1 head per decoder level and return, in training, the list of their
+            logits finest first (full size, 1/2, 1/4, ...; ``monai.losses.DeepSupervisionLoss``). Off by
+            default (MONAI's ``DynUNet`` default): one head, one tensor.
         dropout: spatial dropout in conv blocks (the code's default: none).
         bottleneck_attention: ``'global'`` (N x N) or ``'neighborhood'`` (kernel ``attention_kernel``).
+
+    ``forward``: ``[B, in_channels, *S] -> [B, out_channels, *S]`` logits for any ``S``: sides are
+    zero-padded at their end to a multiple of :attr:`size_divisible` (``2 ** (len(filters) - 1)``) and the
+    logits cropped back.
     """
 
     def __init__(self, spatial_dims: int = 3, in_channels: int = 1, out_channels: int = 2,
                  filters: Sequence[int] = (16, 32, 128, 256, 256), variant: str = "agunet", multiscale: bool = True,
-                 deep_supervision: bool = True, dropout: float = 0.0, bottleneck_attention: str = "global",
+                 deep_supervision: bool = False, dropout: float = 0.0, bottleneck_attention: str = "global",
                  attention_kernel: int = 7):
         super().__init__()
         if variant not in ("agunet", "daunet", "dagunet"):
@@ -164,10 +257,11 @@ class AttentionUNet(nn.Module):
             raise ValueError(f"filters needs at least two levels (encoder + bottleneck), got {list(filters)}")
         Conv, BN, ConvT = _nd(spatial_dims, "Conv"), _nd(spatial_dims, "BatchNorm"), _nd(spatial_dims, "ConvTranspose")
         self.spatial_dims, self.in_channels, self.out_channels = spatial_dims, in_channels, out_channels
-        self.variant, self.multiscale, self.deep_supervision = variant, multiscale, deep_supervision
+        self.variant, self.multiscale, self.deep_supervision = variant, multiscale, bool(deep_supervision)
         self.filters = list(filters)
         L = len(filters) - 1  # pooled encoder levels
         self.levels = L
+        self.size_divisible = 2 ** L
         self.encoders = nn.ModuleList()
         self.pyramid = nn.ModuleList()
         for i, f in enumerate(filters):
@@ -200,52 +294,58 @@ class AttentionUNet(nn.Module):
                     guide = f
                 self.decoders.append(nn.Sequential(BN(guide + 2 * f), nn.ReLU(inplace=True),
                                                    ConvBlock(spatial_dims, guide + 2 * f, f, dropout)))
-            self.heads.append(Conv(f, out_channels, 1))
+            # the finest head always; the coarser ones only with deep supervision (placeholders keep the
+            # finest head's weights under the same key, heads.{L-1}, either way)
+            self.heads.append(Conv(f, out_channels, 1) if deep_supervision or i == 0 else nn.Identity())
             prev = f
         self.pool = _nd(spatial_dims, "MaxPool")(2)
         self.avg = _nd(spatial_dims, "AvgPool")(2)
+        self.register_load_state_dict_pre_hook(_drop_deep_supervision_heads)
 
-    def forward(self, x: torch.Tensor):
-        if x.ndim != self.spatial_dims + 2 or x.shape[1] != self.in_channels:
-            raise ValueError(
-                f"AttentionUNet({self.spatial_dims}-D) expects [B, {self.in_channels}, "
-                f"{', '.join(['X'] * self.spatial_dims)}], got {tuple(x.shape)}"
-            )
+    def forward(self, x: torch.Tensor) -> Union[torch.Tensor, List[torch.Tensor]]:
+        if x.dim() != self.spatial_dims + 2 or x.shape[1] != self.in_channels:
+            raise ValueError(f"AttentionUNet({self.spatial_dims}-D) expects [B, {self.in_channels}, "
+                             f"{', '.join(['X'] * self.spatial_dims)}], got {list(x.shape)}")
         size = x.shape[2:]
-        m = 2 ** self.levels
-        pad = [p for s in reversed(size) for p in (0, (-s) % m)]
-        if any(pad):
-            x = F.pad(x, pad)
+        x = _pad_to_multiple(x, self.size_divisible)
+        pyramid: List[torch.Tensor] = []  # the input pyramid for encoder levels 1 .. L-1
         scaled = x
-        skips = []
+        for conv in self.pyramid:
+            scaled = self.avg(scaled)
+            pyramid.append(conv(scaled))
+        skips: List[torch.Tensor] = []
         h = x
-        for i, enc in enumerate(self.encoders):
+        for i, encoder in enumerate(self.encoders):
             if i >= 1:
                 h = self.pool(h)
-                if self.multiscale and i < self.levels:
-                    scaled = self.avg(scaled)
-                    h = torch.cat([h, self.pyramid[i - 1](scaled)], dim=1)
-            h = enc(h)
-            if i < self.levels:
-                skips.append(h)
-        bottom = self.bottleneck_attention(h)
+                if i - 1 < len(pyramid):
+                    h = torch.cat([h, pyramid[i - 1]], dim=1)
+            h = encoder(h)
+            skips.append(h)
+        bottom = self.bottleneck_attention(skips.pop())
         h = bottom
-        outs = []
-        for d in range(self.levels):
-            skip = skips[self.levels - 1 - d]
-            up = self.ups[d](h)
-            if self.variant == "agunet":
-                h = self.decoders[d](torch.cat([up, self.gates[d](up, skip)], dim=1))
-            else:
-                parts = ([self.guides[d](bottom)] if self.variant == "dagunet" else []) + [skip, up]
-                h = self.decoders[d](torch.cat(parts, dim=1))
-            outs.append(self.heads[d](h))
-        crop = tuple(slice(None, s) for s in size)
-        finest = outs[-1][(Ellipsis, *crop)]
+        decoded: List[torch.Tensor] = []  # decoder levels, deepest first
+        if self.variant == "agunet":
+            for d, (up, gate, decoder) in enumerate(zip(self.ups, self.gates, self.decoders)):
+                u = up(h)
+                h = decoder(torch.cat([u, gate(u, skips[self.levels - 1 - d])], dim=1))
+                decoded.append(h)
+        elif self.variant == "dagunet":
+            for d, (up, guide, decoder) in enumerate(zip(self.ups, self.guides, self.decoders)):
+                h = decoder(torch.cat([guide(bottom), skips[self.levels - 1 - d], up(h)], dim=1))
+                decoded.append(h)
+        else:
+            for d, (up, decoder) in enumerate(zip(self.ups, self.decoders)):
+                h = decoder(torch.cat([skips[self.levels - 1 - d], up(h)], dim=1))
+                decoded.append(h)
+        finest = _crop_to(self.heads[-1](h), size)
         if self.training and self.deep_supervision:
-            coarse = [o[(Ellipsis, *tuple(slice(None, -(-s // 2 ** (self.levels - 1 - d))) for s in size))]
-                      for d, o in enumerate(outs[:-1])]
-            return [finest] + coarse[::-1]  # finest first
+            outs = [finest]
+            for d, head in enumerate(self.heads):
+                scale = 1 << (self.levels - 1 - d)
+                if scale > 1:  # coarser levels, deepest first: each goes in right after the finest
+                    outs.insert(1, _crop_to(head(decoded[d]), [-(-s // scale) for s in size]))
+            return outs
         return finest
 
 
@@ -256,7 +356,8 @@ def _build(variant: str, spatial_dims: int, pretrained: bool, kwargs: dict[str, 
     return AttentionUNet(**dict(dict(spatial_dims=spatial_dims, variant=variant), **kwargs))
 
 
-NOTES = "filters [16, 32, 128, 256, 256] ([guess]); multi-scale input and deep supervision on"
+NOTES = ("filters [16, 32, 128, 256, 256] ([guess]); multi-scale input on; deep supervision off by default "
+         "(deep_supervision=True: one output per decoder level, finest first)")
 INPUT_2D = (1, 256, 256)
 INPUT_3D = (1, 128, 128, 144)
 

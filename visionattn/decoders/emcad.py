@@ -1,27 +1,31 @@
 """EMCAD: efficient multi-scale convolutional attention decoding, for any 4-level encoder.
 
 Rahman, Munir & Marculescu, CVPR 2024, arXiv:2405.06880. Official code: SLDGroup/EMCAD
-(``lib/decoders.py``, ``lib/networks.py``). Built as the official code builds it (``shared/reference/
-decoders_detectors.md`` section 1):
+(``lib/decoders.py``, ``lib/networks.py``). Built as the official code builds it:
 
 - per stage, deepest first: ``d4 = MSCAM(x4)``; then ``up = EUCB(d)``, ``g = LGAG(up, skip)``,
   ``d = MSCAM(up + g)``;
 - MSCAM = CAB (x <- CAB(x) * x) -> SAB (x <- SAB(x) * x) -> MSCB, with **one SAB shared by all stages**;
 - MSCB: 1x1 expand (factor 2) -> parallel depthwise 1x1/3x3/5x5 (summed) -> channel shuffle -> 1x1 project,
   residual; EUCB: nearest x2 upsampling -> depthwise 3x3 -> 1x1; LGAG: grouped 3x3 gate, one channel;
-- four 1x1 heads, each upsampled (bilinear) to the input size; outputs deepest first ``[p4, p3, p2, p1]``,
-  ``p1`` (stride 4) being the prediction.
+- four 1x1 heads, each upsampled (bilinear) to the input size; ``p1`` (stride 4) is the prediction. The
+  official code returns ``[p4, p3, p2, p1]``; with ``deep_supervision=True`` this one returns them finest
+  first, ``[p1, p2, p3, p4]``, the order ``monai.losses.DeepSupervisionLoss`` weights (1, 1/2, 1/4, 1/8);
+  the MUTATION loss sums every subset, so the order does not matter to it.
 
 Decoder sizes (heads excluded): 506,507 parameters on PVTv2-B0 channels, 1,913,515 on PVTv2-B2 channels.
-MONAI conventions: ``in_channels``, ``out_channels``; logits out; a list in training (deep supervision),
-the final map in eval. Inputs whose sides are not multiples of 32 are zero-padded (bottom/right) and the
-logits cropped back.
+MONAI conventions: ``spatial_dims, in_channels, out_channels`` first; logits out, one tensor in training and
+in eval by default; deep supervision is opt-in (``deep_supervision=True``: the list above in training; only
+then are the three auxiliary heads built, and weights saved with them load into a network without them).
+Any input size works: sides that are not multiples of ``size_divisible`` (the encoder's stride, 32) are
+zero-padded (bottom/right) and the logits cropped back, with shape arithmetic only, so ``torch.jit.script``,
+``torch.export`` and ONNX graphs take any size.
 """
 from __future__ import annotations
 
 import itertools
 import math
-from typing import Any, Sequence
+from typing import Any, List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +39,34 @@ __all__ = ["EMCADDecoder", "EMCADNet", "MutationLoss", "mutation_loss"]
 PAPER = "Rahman, Munir & Marculescu, EMCAD: Efficient Multi-scale Convolutional Attention Decoding for Medical Image Segmentation, CVPR 2024, arXiv:2405.06880"
 
 
+def _pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """``x [B, C, H, W]`` zero-padded at the bottom and right up to multiples of ``multiple``; always applied
+    (zero where a side fits), so traced and exported graphs have no size-dependent branch."""
+    H, W = x.shape[2], x.shape[3]
+    return F.pad(x, [0, (multiple - W % multiple) % multiple, 0, (multiple - H % multiple) % multiple])
+
+
+def _crop_to(x: torch.Tensor, size: List[int]) -> torch.Tensor:
+    """The first ``size[i]`` entries of every spatial axis ``i`` of ``x [B, C, *S]`` (by ``index_select``: a
+    slice that may span the whole axis would let ``torch.export`` specialise on the padding)."""
+    for i in range(len(size)):
+        x = x.index_select(2 + i, torch.arange(size[i], device=x.device))
+    return x
+
+
+def _drop_deep_supervision_heads(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                 error_msgs) -> None:
+    """``load_state_dict`` pre-hook: a network built without deep supervision drops the auxiliary heads'
+    weights (every ``heads.i`` but the last, finest one) of a run trained with it; they take no part in
+    its output."""
+    if module.deep_supervision:
+        return
+    head_prefix, keep = prefix + "heads.", str(len(module.heads) - 1)
+    for key in [k for k in state_dict if k.startswith(head_prefix)]:
+        if key[len(head_prefix):].split(".", 1)[0] != keep:
+            del state_dict[key]
+
+
 class MSDC(nn.Module):
     """Parallel depthwise convolutions (kernels ``kernel_sizes``), each -> BN -> ReLU6, summed."""
 
@@ -46,8 +78,13 @@ class MSDC(nn.Module):
             for k in kernel_sizes
         )
 
-    def forward(self, x):
-        return sum(branch(x) for branch in self.branches)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.jit.annotate(Optional[torch.Tensor], None)
+        for branch in self.branches:
+            y = branch(x)
+            out = y if out is None else out + y
+        assert out is not None
+        return out
 
 
 class MSCB(nn.Module):
@@ -76,9 +113,11 @@ class CAB(nn.Module):
         self.fc1 = nn.Conv2d(channels, channels // ratio, 1, bias=False)
         self.fc2 = nn.Conv2d(channels // ratio, channels, 1, bias=False)
 
-    def forward(self, x):
-        mlp = lambda t: self.fc2(F.relu(self.fc1(t)))  # noqa: E731
-        return torch.sigmoid(mlp(F.adaptive_avg_pool2d(x, 1)) + mlp(F.adaptive_max_pool2d(x, 1)))
+    def mlp(self, t: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.relu(self.fc1(t)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.mlp(F.adaptive_avg_pool2d(x, 1)) + self.mlp(F.adaptive_max_pool2d(x, 1)))
 
 
 class SAB(nn.Module):
@@ -119,7 +158,7 @@ class EUCB(nn.Module):
                                     nn.BatchNorm2d(in_channels), nn.ReLU(inplace=True))
         self.pwconv = nn.Conv2d(in_channels, out_channels, 1)
 
-    def forward(self, x, size: tuple[int, int]):
+    def forward(self, x: torch.Tensor, size: List[int]) -> torch.Tensor:
         x = F.interpolate(x, size=size, mode="nearest")
         return self.pwconv(self.dwconv(x))  # the shuffle with groups = channels is the identity
 
@@ -166,32 +205,37 @@ class EMCADDecoder(nn.Module):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
 
-    def forward(self, x4: torch.Tensor, skips: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        d = self.mscams[0](x4)
-        outs = [d]
-        for i in range(3):
-            up = self.eucbs[i](d, size=tuple(skips[i].shape[-2:]))
-            d = self.mscams[i + 1](up + self.lgags[i](up, skips[i]))
-            outs.append(d)
-        return outs
+    def forward(self, x4: torch.Tensor, skips: List[torch.Tensor]) -> List[torch.Tensor]:
+        d4 = self.mscams[0](x4)
+        up = self.eucbs[0](d4, skips[0].shape[-2:])
+        d3 = self.mscams[1](up + self.lgags[0](up, skips[0]))
+        up = self.eucbs[1](d3, skips[1].shape[-2:])
+        d2 = self.mscams[2](up + self.lgags[1](up, skips[1]))
+        up = self.eucbs[2](d2, skips[2].shape[-2:])
+        d1 = self.mscams[3](up + self.lgags[2](up, skips[2]))
+        return [d4, d3, d2, d1]
 
 
 class EMCADNet(nn.Module):
-    """A 4-level encoder + EMCAD + four segmentation heads.
+    """A 4-level encoder + EMCAD + its segmentation head(s).
 
     Args:
+        spatial_dims: must be 2 (MONAI's first argument; EMCAD is 2-D).
         in_channels, out_channels: image channels and classes (MONAI naming). One-channel images pass
             through Conv1x1 -> BN -> ReLU to three channels first, as the official code does.
         encoder: a timm model name with ``features_only`` support and 4 levels (``pvt_v2_b0``,
             ``pvt_v2_b2``, ``va_biformer_tiny``, ...).
         pretrained_encoder: load the encoder's pretrained weights (from the hub or timm's cache).
-        deep_supervision: in training return all four outputs (deepest first); eval returns the last.
+        deep_supervision: build all four heads and return, in training, their four outputs finest first
+            (``[p1, p2, p3, p4]``, all at the input size); off by default (one head, one tensor). Eval
+            always returns ``p1``.
 
-    ``forward``: ``[B, in_channels, H, W] -> [B, out_channels, H, W]`` logits (a list of four in training).
+    ``forward``: ``[B, in_channels, H, W] -> [B, out_channels, H, W]`` logits for any ``H, W`` (zero-padded
+    to multiples of :attr:`size_divisible`, the encoder's stride, and cropped back).
     """
 
     def __init__(self, spatial_dims: int = 2, in_channels: int = 3, out_channels: int = 2, encoder: str = "pvt_v2_b2",
-                 pretrained_encoder: bool = False, deep_supervision: bool = True, expansion: int = 2,
+                 pretrained_encoder: bool = False, deep_supervision: bool = False, expansion: int = 2,
                  kernel_sizes: Sequence[int] = (1, 3, 5), encoder_out_indices: Sequence[int] | None = None):
         super().__init__()
         if spatial_dims != 2:
@@ -200,7 +244,8 @@ class EMCADNet(nn.Module):
 
         import visionattn  # noqa: F401  (registers the va_ encoders in timm)
 
-        self.in_channels, self.out_channels, self.deep_supervision = in_channels, out_channels, deep_supervision
+        self.spatial_dims, self.in_channels, self.out_channels = 2, in_channels, out_channels
+        self.deep_supervision = bool(deep_supervision)
         self.stem = (nn.Sequential(nn.Conv2d(1, 3, 1), nn.BatchNorm2d(3), nn.ReLU(inplace=True)) if in_channels == 1
                      else nn.Identity())
         enc_in = 3 if in_channels == 1 else in_channels
@@ -212,34 +257,71 @@ class EMCADNet(nn.Module):
         if len(channels) != 4:
             raise ValueError(f"encoder {encoder!r} gives {len(channels)} feature levels; EMCAD needs 4 "
                              "(pass encoder_out_indices to pick them)")
-        self.stride = max(self.encoder.feature_info.reduction())
+        self.stride = self.size_divisible = int(max(self.encoder.feature_info.reduction()))
         self.decoder = EMCADDecoder(channels[::-1], expansion, kernel_sizes)
-        self.heads = nn.ModuleList(nn.Conv2d(c, out_channels, 1) for c in channels[::-1])
+        # deepest first, as the decoder's stages (heads.3 is the prediction's under either setting); the
+        # auxiliary heads are placeholders without deep supervision
+        self.heads = nn.ModuleList(nn.Conv2d(c, out_channels, 1) if deep_supervision or i == 3 else nn.Identity()
+                                   for i, c in enumerate(channels[::-1]))
+        self.register_load_state_dict_pre_hook(_drop_deep_supervision_heads)
 
-    def forward(self, x: torch.Tensor):
-        if x.ndim != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"EMCADNet expects [B, {self.in_channels}, H, W], got {tuple(x.shape)}")
-        H, W = x.shape[-2:]
-        pad_h, pad_w = (-H) % self.stride, (-W) % self.stride
-        if pad_h or pad_w:
-            x = F.pad(x, (0, pad_w, 0, pad_h))
+    def forward(self, x: torch.Tensor) -> Union[torch.Tensor, List[torch.Tensor]]:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"EMCADNet expects [B, {self.in_channels}, H, W], got {list(x.shape)}")
+        size = x.shape[2:]
+        x = _pad_to_multiple(x, self.size_divisible)
+        padded = x.shape[2:]
         feats = self.encoder(self.stem(x))  # [x1, x2, x3, x4]
-        decoded = self.decoder(feats[3], [feats[2], feats[1], feats[0]])
-        size = x.shape[-2:]
-        outs = [F.interpolate(head(d), size=size, mode="bilinear", align_corners=False)[..., :H, :W]
-                for head, d in zip(self.heads, decoded)]
+        decoded = self.decoder(feats[3], [feats[2], feats[1], feats[0]])  # [d4, d3, d2, d1]
+        finest = _crop_to(F.interpolate(self.heads[-1](decoded[3]), size=padded, mode="bilinear",
+                                        align_corners=False), size)
         if self.training and self.deep_supervision:
+            outs = [finest]
+            for i, head in enumerate(self.heads):  # deepest first: each goes in right after the finest
+                if i < 3:
+                    outs.insert(1, _crop_to(F.interpolate(head(decoded[i]), size=padded, mode="bilinear",
+                                                          align_corners=False), size))
             return outs
-        return outs[-1]
+        return finest
 
 
-def _soft_dice(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1e-5) -> torch.Tensor:
-    """Mean over classes (background included) of ``1 - (2I + s) / (sum p^2 + sum t^2 + s)``, sums over the batch."""
+def _soft_dice(logits: torch.Tensor, onehot: torch.Tensor, smooth: float = 1e-5) -> torch.Tensor:
+    """Mean over classes (background included) of ``1 - (2I + s) / (sum p^2 + sum t^2 + s)``, sums over the
+    batch; ``onehot``: ``[B, K, *spatial]`` (one-hot or class probabilities)."""
     probs = logits.softmax(1)
-    onehot = F.one_hot(target, probs.shape[1]).movedim(-1, 1).to(probs.dtype)
     dims = (0, *range(2, probs.ndim))
     inter = (probs * onehot).sum(dims)
     return (1 - (2 * inter + smooth) / ((probs * probs).sum(dims) + (onehot * onehot).sum(dims) + smooth)).mean()
+
+
+def _mutation_target(target: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ce_target, onehot)`` for ``logits [B, K, *S]`` from class indices ``[B, 1, *S]`` / ``[B, *S]`` or
+    one-hot (or class-probability) labels ``[B, K, *S]``; any other shape is refused by name."""
+    B, K, spatial = logits.shape[0], logits.shape[1], tuple(logits.shape[2:])
+    shape = tuple(target.shape)
+    expected = (f"class indices [B, 1, *S] = {[B, 1, *spatial]} or [B, *S] = {[B, *spatial]}, or one-hot "
+                f"[B, K, *S] = {[B, K, *spatial]}")
+    if K < 2:
+        raise ValueError(f"MutationLoss needs logits of at least 2 classes (softmax cross-entropy and Dice); got "
+                         f"{K} channel(s) in {list(logits.shape)}")
+    if shape == (B, *spatial):
+        indices = target
+    elif shape == (B, 1, *spatial):
+        indices = target[:, 0]
+    elif shape == (B, K, *spatial):
+        onehot = target.to(logits.dtype)
+        return onehot, onehot
+    else:
+        raise ValueError(f"MutationLoss: target {list(shape)} fits neither {expected}")
+    if indices.is_floating_point():
+        if not bool((indices == indices.round()).all()):
+            raise ValueError(f"MutationLoss: a target of shape {list(shape)} holds class indices, but it has "
+                             f"non-integer values; one-hot or probability targets need K = {K} channels")
+    indices = indices.long()
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= K):
+        raise ValueError(f"MutationLoss: class indices must lie in 0..{K - 1} for {K} output channels, got "
+                         f"{int(indices.min())}..{int(indices.max())}")
+    return indices, F.one_hot(indices, K).movedim(-1, 1).to(logits.dtype)
 
 
 def mutation_loss(outputs: Sequence[torch.Tensor], target: torch.Tensor, ce_weight: float = 0.3,
@@ -247,21 +329,32 @@ def mutation_loss(outputs: Sequence[torch.Tensor], target: torch.Tensor, ce_weig
     """MUTATION deep supervision (MERIT/EMCAD): for every non-empty subset of the head outputs, sum their
     logits and add ``ce_weight * CE + dice_weight * Dice``; the terms are summed, not averaged.
 
-    ``outputs``: logits ``[B, K, *spatial]`` each; ``target``: ``[B, *spatial]`` or ``[B, 1, *spatial]`` labels.
+    ``outputs``: logits ``[B, K, *spatial]`` each, all the same shape (their order does not matter);
+    ``target``: class indices ``[B, 1, *spatial]`` or ``[B, *spatial]``, or one-hot (or class-probability)
+    labels ``[B, K, *spatial]``. With ``K = 1`` one-hot and index labels would look alike: refused, as is
+    any other shape.
     """
-    if target.ndim == outputs[0].ndim:
-        target = target[:, 0]
-    target = target.long()
+    outputs = list(outputs)
+    if not outputs:
+        raise ValueError("MutationLoss: no outputs")
+    for o in outputs[1:]:
+        if o.shape != outputs[0].shape:
+            raise ValueError(f"MutationLoss sums the head outputs, so they must have one shape; got "
+                             f"{[list(t.shape) for t in outputs]}")
+    ce_target, onehot = _mutation_target(target, outputs[0])
     total = outputs[0].new_zeros(())
     for r in range(1, len(outputs) + 1):
         for subset in itertools.combinations(outputs, r):
             logits = torch.stack(subset).sum(0)
-            total = total + ce_weight * F.cross_entropy(logits, target) + dice_weight * _soft_dice(logits, target)
+            total = total + ce_weight * F.cross_entropy(logits, ce_target) + dice_weight * _soft_dice(logits, onehot)
     return total
 
 
 class MutationLoss(nn.Module):
-    """:func:`mutation_loss` as a module (usable as a recipe's ``loss``); a single tensor is one output."""
+    """:func:`mutation_loss` as a module (usable as a recipe's ``loss``); a single tensor is one output.
+
+    Targets: class indices ``[B, 1, *S]`` / ``[B, *S]`` or one-hot ``[B, K, *S]``. For the MUTATION
+    terms the network must return its deep-supervision list (``deep_supervision=True``)."""
 
     takes_output_list = True  # the trainer passes deep-supervision outputs to it as they are
 

@@ -2,7 +2,7 @@
 
 Xu et al., arXiv:2504.06205 (v2 "HER-Seg", Jul 2025; v1 "HRMedSeg"). Official code: xq141839/HER-Seg, which
 is still the v1 implementation (``SAM/LGViT.py``, ``SAM/ecm_decoder.py``, ``SAM/transformer.py``). Built
-from the v1 code and the v2 framework figure (``shared/reference/decoders_detectors.md`` section 2)::
+from the v1 code and the v2 paper's framework figure::
 
     image [B, in, H, W] -> patch embed 16x16 -> CE-Encoder [B, C, H/16, W/16] -> Neck [B, 256, H/16, W/16]
           -> ME-Decoder -> logits [B, out_channels, H, W]
@@ -44,13 +44,19 @@ multiply-adds, as common counters report; what v2 changed is not public). One tr
 1024 x 1024, batch 1, peaks at 499 MiB of live tensors on the CPU (``visionattn.tasks.bench_herseg``),
 against the paper's 0.59 GB of GPU memory.
 
-Input sides must be multiples of 16 (the patch size): anything else raises a ``ValueError`` naming the
-size; pad or resize, or use sliding windows with a multiple-of-16 ``roi_size``.
+MONAI conventions: ``spatial_dims, in_channels, out_channels`` first (``spatial_dims`` must be 2); logits
+out, one tensor in training and in eval. HER-Seg has a single output head: ``deep_supervision=True`` makes
+training return that one output as a one-element list, so code written for the other families'
+deep-supervision lists (``monai.losses.DeepSupervisionLoss``) runs unchanged. Any input size works: sides
+that are not multiples of ``size_divisible`` (16, the patch size) are zero-padded (bottom/right) and the
+logits cropped back, with shape arithmetic only. Scripted (``torch.jit.script``), traced or exported
+(``torch.export``, ONNX), the linear attention is computed by plain einsums (:func:`linear_attention_plain`,
+the same formulas, still linear in N) instead of :func:`visionattn.kernels.linear_attention`.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -63,12 +69,47 @@ from visionattn.layers.classifier import init_vit_weights
 from visionattn.registry import register_model
 
 __all__ = ["CEEncoder", "DLABlock", "DualGatedLinearAttention", "HERSeg", "MEDecoder", "MBConv", "MetaPooling",
-           "RoPE2d"]
+           "RoPE2d", "linear_attention_plain"]
 
 PAPER = ("Xu et al., HER-Seg: Holistically Efficient Segmentation for High-Resolution Medical Images "
          "(v1: HRMedSeg), arXiv:2504.06205")
 
 PATCH_SIZE = 16
+
+
+def _pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """``x [B, C, H, W]`` zero-padded at the bottom and right up to multiples of ``multiple``; always applied
+    (zero where a side fits), so traced and exported graphs have no size-dependent branch."""
+    H, W = x.shape[2], x.shape[3]
+    return F.pad(x, [0, (multiple - W % multiple) % multiple, 0, (multiple - H % multiple) % multiple])
+
+
+def _crop_to(x: torch.Tensor, size: List[int]) -> torch.Tensor:
+    """The first ``size[i]`` entries of every spatial axis ``i`` of ``x [B, C, *S]`` (by ``index_select``: a
+    slice that may span the whole axis would let ``torch.export`` specialise on the padding)."""
+    for i in range(len(size)):
+        x = x.index_select(2 + i, torch.arange(size[i], device=x.device))
+    return x
+
+
+@torch.jit.unused
+def _exporting() -> bool:
+    """True while ``torch.jit.trace``, an ONNX export or ``torch.export`` captures the model."""
+    is_exporting = getattr(getattr(torch, "compiler", None), "is_exporting", None)
+    return bool(torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or (is_exporting is not None and is_exporting()))
+
+
+def linear_attention_plain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_rot: torch.Tensor, k_rot: torch.Tensor,
+                           eps: float = 1e-6) -> torch.Tensor:
+    """:func:`visionattn.kernels.linear_attention`'s formulas as three einsums (``S = k~^T v / N``,
+    ``z = 1 / (q . mean k + eps)``, ``out = (q~ S) z``), accumulated in float32 (float64 for float64
+    inputs): the form scripted and exported graphs hold. ``[B, N, heads, d]`` -> ``[B, N, heads, dv]``."""
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    n = q.shape[1]
+    S = torch.einsum("bnhd,bnhe->bhde", k_rot.to(acc), v.to(acc)) / n
+    kbar = k.to(acc).mean(1)
+    z = 1.0 / (torch.einsum("bnhd,bhd->bnh", q.to(acc), kbar) + eps)
+    return (torch.einsum("bnhd,bhde->bnhe", q_rot.to(acc), S) * z.unsqueeze(-1)).to(v.dtype)
 
 
 class MBConv(nn.Module):
@@ -105,18 +146,19 @@ class RoPE2d(nn.Module):
         k = dim // 4
         self.register_buffer("inv_freq", base ** (-torch.arange(k, dtype=torch.float32) / k), persistent=False)
 
-    def angles(self, grid: tuple[int, int]) -> torch.Tensor:
+    def angles(self, grid: Tuple[int, int]) -> torch.Tensor:
         """``[h * w, dim / 2]`` rotation angles of the row-major grid positions."""
         h, w = grid
-        rows, cols = torch.meshgrid(torch.arange(h, device=self.inv_freq.device, dtype=torch.float32),
-                                    torch.arange(w, device=self.inv_freq.device, dtype=torch.float32), indexing="ij")
+        rows, cols = torch.meshgrid([torch.arange(h, device=self.inv_freq.device, dtype=torch.float32),
+                                     torch.arange(w, device=self.inv_freq.device, dtype=torch.float32)], indexing="ij")
         return torch.cat([rows.reshape(-1, 1) * self.inv_freq, cols.reshape(-1, 1) * self.inv_freq], dim=-1)
 
-    def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
         """``x [B, h * w, dim]`` (row-major tokens) -> rotated ``[B, h * w, dim]``."""
         angles = self.angles(grid)
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-        re, im = x.unflatten(-1, (-1, 2)).unbind(-1)
+        pairs = x.unflatten(-1, [-1, 2])
+        re, im = pairs[..., 0], pairs[..., 1]
         return torch.stack([re * cos - im * sin, re * sin + im * cos], dim=-1).flatten(-2)
 
 
@@ -142,16 +184,28 @@ class DualGatedLinearAttention(nn.Module):
         self.lepe = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        B, N, C = x.shape
+    def forward(self, x: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+        B, N, C = x.shape[0], x.shape[1], x.shape[2]
         gate = F.silu(self.gate(x))
-        q, k = (F.elu(t) + 1.0 for t in self.qk(x).chunk(2, dim=-1))
+        qk = self.qk(x).chunk(2, dim=-1)
+        q, k = F.elu(qk[0]) + 1.0, F.elu(qk[1]) + 1.0
         v = self.v_up(F.silu(self.v_down(x)))
-        heads = (B, N, self.num_heads, C // self.num_heads)
-        out = linear_attention(q.view(heads), k.view(heads), v.view(heads), self.rope(q, grid).view(heads),
-                               self.rope(k, grid).view(heads), eps=self.eps, backend=self.attention_backend)
-        lepe = self.lepe(v.transpose(1, 2).reshape(B, C, *grid)).flatten(2).transpose(1, 2)
+        heads = [B, N, self.num_heads, C // self.num_heads]
+        q_rot, k_rot = self.rope(q, grid).view(heads), self.rope(k, grid).view(heads)
+        q, k, v_heads = q.view(heads), k.view(heads), v.view(heads)
+        if torch.jit.is_scripting():
+            out = linear_attention_plain(q, k, v_heads, q_rot, k_rot, self.eps)
+        elif _exporting():
+            out = linear_attention_plain(q, k, v_heads, q_rot, k_rot, self.eps)
+        else:
+            out = self._kernel(q, k, v_heads, q_rot, k_rot)
+        lepe = self.lepe(v.transpose(1, 2).reshape(B, C, grid[0], grid[1])).flatten(2).transpose(1, 2)
         return self.proj((out.reshape(B, N, C) + lepe) * gate)
+
+    @torch.jit.unused
+    def _kernel(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_rot: torch.Tensor,
+                k_rot: torch.Tensor) -> torch.Tensor:
+        return linear_attention(q, k, v, q_rot, k_rot, eps=self.eps, backend=self.attention_backend)
 
 
 class DLABlock(nn.Module):
@@ -166,7 +220,7 @@ class DLABlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
         x = x + self.drop_path(self.attn(self.norm1(x), grid))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
@@ -196,7 +250,7 @@ class CEEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.mbconvs(self.patch_embed(x))
-        B, C, h, w = x.shape
+        B, C, h, w = x.shape[0], x.shape[1], x.shape[2], x.shape[3]
         tokens = x.flatten(2).transpose(1, 2)
         for block in self.blocks:
             tokens = block(tokens, (h, w))
@@ -225,7 +279,11 @@ class MetaPooling(nn.Module):
                                    for k in pool_sizes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + sum(pool(x) - x for pool in self.pools)
+        pooled = torch.jit.annotate(Optional[torch.Tensor], None)
+        for pool in self.pools:
+            y = pool(x) - x
+            pooled = y if pooled is None else pooled + y
+        return x if pooled is None else x + pooled
 
 
 class RandomFourierPE(nn.Module):
@@ -236,10 +294,10 @@ class RandomFourierPE(nn.Module):
         super().__init__()
         self.register_buffer("gaussian_matrix", scale * torch.randn(2, dim // 2))
 
-    def forward(self, grid: tuple[int, int]) -> torch.Tensor:
+    def forward(self, grid: Tuple[int, int]) -> torch.Tensor:
         h, w = grid
         device = self.gaussian_matrix.device
-        ys, xs = torch.meshgrid((torch.arange(h, device=device) + 0.5) / h, (torch.arange(w, device=device) + 0.5) / w,
+        ys, xs = torch.meshgrid([(torch.arange(h, device=device) + 0.5) / h, (torch.arange(w, device=device) + 0.5) / w],
                                 indexing="ij")
         coords = torch.stack([xs, ys], dim=-1).reshape(-1, 2) * 2 - 1
         coords = 2 * math.pi * coords @ self.gaussian_matrix
@@ -260,8 +318,9 @@ class DownsampledAttention(nn.Module):
         self.out_proj = nn.Linear(inner, dim)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        q, k, v = (proj(t).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
-                   for proj, t in ((self.q_proj, q), (self.k_proj, k), (self.v_proj, v)))
+        q = self.q_proj(q).unflatten(-1, [self.num_heads, -1]).transpose(1, 2)
+        k = self.k_proj(k).unflatten(-1, [self.num_heads, -1]).transpose(1, 2)
+        v = self.v_proj(v).unflatten(-1, [self.num_heads, -1]).transpose(1, 2)
         out = F.scaled_dot_product_attention(q, k, v)
         return self.out_proj(out.transpose(1, 2).flatten(2))
 
@@ -294,15 +353,16 @@ class TwoWayBlock(nn.Module):
         self.image_to_token = DownsampledAttention(dim, num_heads, downsample_rate)
         self.norm4 = nn.LayerNorm(dim)
 
-    def forward(self, tokens, image, token_pe, image_pe, grid: tuple[int, int]):
+    def forward(self, tokens: torch.Tensor, image: torch.Tensor, token_pe: torch.Tensor, image_pe: torch.Tensor,
+                grid: Tuple[int, int]) -> Tuple[torch.Tensor, torch.Tensor]:
         if self.skip_first_layer_pe:
             tokens = self.self_attn(tokens, tokens, tokens)
         else:
             q = tokens + token_pe
             tokens = tokens + self.self_attn(q, q, tokens)
         tokens = self.norm1(tokens)
-        B, N, D = image.shape
-        pooled = self.meta_pool(image.transpose(1, 2).reshape(B, D, *grid)).flatten(2).transpose(1, 2)
+        B, D = image.shape[0], image.shape[2]
+        pooled = self.meta_pool(image.transpose(1, 2).reshape(B, D, grid[0], grid[1])).flatten(2).transpose(1, 2)
         tokens = self.norm2(tokens + self.token_to_image(tokens + token_pe, image + image_pe, pooled))
         tokens = self.norm3(tokens + self.mlp(tokens))
         image = self.norm4(image + self.image_to_token(pooled + image_pe, tokens + token_pe, tokens))
@@ -336,8 +396,8 @@ class MEDecoder(nn.Module):
             nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim // 8))
             for _ in range(num_classes))
 
-    def forward(self, image_embedding: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
-        B, D, h, w = image_embedding.shape
+    def forward(self, image_embedding: torch.Tensor, out_size: List[int]) -> torch.Tensor:
+        B, D, h, w = image_embedding.shape[0], image_embedding.shape[1], image_embedding.shape[2], image_embedding.shape[3]
         image = (image_embedding + self.no_mask_embed.weight.view(1, D, 1, 1)).flatten(2).transpose(1, 2)
         image_pe = self.pe((h, w)).to(image.dtype)[None]
         token_pe = self.task_tokens.weight.repeat(B, 1, 1)  # a copy, not a view: hooks on module inputs need a grad_fn
@@ -346,7 +406,10 @@ class MEDecoder(nn.Module):
             tokens, image = block(tokens, image, token_pe, image_pe, (h, w))
         tokens = self.final_norm(tokens + self.final_attn(tokens + token_pe, image + image_pe, image))
         features = self.upscale(image.transpose(1, 2).reshape(B, D, h, w))  # [B, D/8, 4h, 4w]
-        weights = torch.stack([mlp(tokens[:, i]) for i, mlp in enumerate(self.hypernets)], dim=1)  # [B, K, D/8]
+        per_class: List[torch.Tensor] = []
+        for i, mlp in enumerate(self.hypernets):
+            per_class.append(mlp(tokens[:, i]))
+        weights = torch.stack(per_class, dim=1)  # [B, K, D/8]
         masks = (weights @ features.flatten(2)).unflatten(-1, features.shape[-2:])
         return F.interpolate(masks, size=out_size, mode="bilinear", align_corners=False)
 
@@ -356,48 +419,51 @@ class HERSeg(nn.Module):
     guessed parts).
 
     Args:
+        spatial_dims: must be 2 (MONAI's first argument; HER-Seg is 2-D).
         in_channels, out_channels: image channels and classes (MONAI naming); one task token per class.
-        img_size: the nominal input size (used for FLOP counts and as the registry's default input); any
-            size whose sides are multiples of 16 runs.
+        img_size: the nominal input size (used for FLOP counts and as the registry's default input).
         embed_dim, mbconv_depth, depths, num_heads, mlp_ratio, drop_path_rate: the CE-Encoder.
         decoder_dim, decoder_depth, decoder_heads, decoder_mlp_dim, attention_downsample_rate, pool_sizes:
             the Neck's output width and the ME-Decoder.
         attention_backend: DLA's linear-attention backend, ``'auto'``, ``'torch'`` (chunked),
             ``'triton'`` or ``'reference'`` (quadratic; for tests and memory comparisons).
-        spatial_dims: must be 2.
+        deep_supervision: return the (single) output as a one-element list in training, like the other
+            families' deep-supervision lists; off by default.
 
-    ``forward``: ``[B, in_channels, H, W] -> [B, out_channels, H, W]`` logits, H and W multiples of 16.
+    ``forward``: ``[B, in_channels, H, W] -> [B, out_channels, H, W]`` logits for any ``H, W`` (zero-padded
+    to multiples of :attr:`size_divisible`, the patch size 16, and cropped back).
     """
 
-    def __init__(self, in_channels: int = 3, out_channels: int = 1, img_size: int | Sequence[int] = 1024,
-                 embed_dim: int = 96, mbconv_depth: int = 2, depths: Sequence[int] = (2, 6, 2),
-                 num_heads: Sequence[int] = (6, 12, 24), mlp_ratio: float = 2.0, drop_path_rate: float = 0.1,
-                 decoder_dim: int = 256, decoder_depth: int = 2, decoder_heads: int = 8, decoder_mlp_dim: int = 256,
-                 attention_downsample_rate: int = 2, pool_sizes: Sequence[int] = (5, 9, 13),
-                 attention_backend: str = "auto", spatial_dims: int = 2):
+    def __init__(self, spatial_dims: int = 2, in_channels: int = 3, out_channels: int = 1,
+                 img_size: int | Sequence[int] = 1024, embed_dim: int = 96, mbconv_depth: int = 2,
+                 depths: Sequence[int] = (2, 6, 2), num_heads: Sequence[int] = (6, 12, 24), mlp_ratio: float = 2.0,
+                 drop_path_rate: float = 0.1, decoder_dim: int = 256, decoder_depth: int = 2, decoder_heads: int = 8,
+                 decoder_mlp_dim: int = 256, attention_downsample_rate: int = 2, pool_sizes: Sequence[int] = (5, 9, 13),
+                 attention_backend: str = "auto", deep_supervision: bool = False):
         super().__init__()
         if spatial_dims != 2:
             raise ValueError(f"HER-Seg is a 2-D network; got spatial_dims={spatial_dims}")
         img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         if len(img_size) != 2 or any(s % PATCH_SIZE for s in img_size):
             raise ValueError(f"HERSeg: img_size must be two multiples of {PATCH_SIZE}, got {img_size}")
-        self.in_channels, self.out_channels, self.img_size = in_channels, out_channels, img_size
+        self.spatial_dims, self.in_channels, self.out_channels, self.img_size = 2, in_channels, out_channels, img_size
+        self.deep_supervision = bool(deep_supervision)
+        self.size_divisible = PATCH_SIZE
         self.encoder = CEEncoder(in_channels, embed_dim, mbconv_depth, depths, num_heads, mlp_ratio, drop_path_rate,
                                  attention_backend)
         self.neck = Neck(embed_dim, decoder_dim)
         self.decoder = MEDecoder(out_channels, decoder_dim, decoder_depth, decoder_heads, decoder_mlp_dim,
                                  attention_downsample_rate, pool_sizes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"HERSeg expects [B, {self.in_channels}, H, W], got {tuple(x.shape)}")
-        H, W = x.shape[-2:]
-        if H % PATCH_SIZE or W % PATCH_SIZE:
-            fit = f"{math.ceil(H / PATCH_SIZE) * PATCH_SIZE}x{math.ceil(W / PATCH_SIZE) * PATCH_SIZE}"
-            raise ValueError(f"HERSeg needs H and W divisible by {PATCH_SIZE} (its patch size), got {H}x{W}: pad or "
-                             f"resize the image (e.g. to {fit}), or use sliding windows with a multiple-of-"
-                             f"{PATCH_SIZE} roi_size")
-        return self.decoder(self.neck(self.encoder(x)), (H, W))
+    def forward(self, x: torch.Tensor) -> Union[torch.Tensor, List[torch.Tensor]]:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"HERSeg expects [B, {self.in_channels}, H, W], got {list(x.shape)}")
+        size = x.shape[2:]
+        x = _pad_to_multiple(x, self.size_divisible)
+        logits = _crop_to(self.decoder(self.neck(self.encoder(x)), x.shape[2:]), size)
+        if self.training and self.deep_supervision:
+            return [logits]
+        return logits
 
 
 @register_model(task="segmentation", paper=PAPER, model_cls=HERSeg, timm=False, input_size=(3, 1024, 1024),

@@ -1,6 +1,7 @@
 """The shell shared by isotropic patch models (NiNformer, Activator): a convolutional patch embedding, a
 stack of same-width blocks over a fixed token grid, mean pooling and a linear head, with timm's model API
-(``forward_features`` / ``forward_head`` / ``forward_intermediates`` / classifier reset)."""
+(``forward_features`` / ``forward_head`` / ``forward_intermediates`` / classifier reset), buildable on any
+device (``device='meta'`` included) and in any dtype, scriptable and FX-traceable."""
 from __future__ import annotations
 
 import torch
@@ -9,12 +10,13 @@ from timm.models._features import feature_take_indices
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from visionattn.layers.classifier import ClassifierMixin
+from visionattn.layers.classifier import ClassifierMixin, check_image_input, factory_device
 
 
 class IsotropicPatchClassifier(ClassifierMixin, nn.Module):
     """Base class. Subclasses build ``self.blocks`` (an ``nn.ModuleList`` of ``[B, N, dim] -> [B, N, dim]``
-    blocks) after calling ``super().__init__``.
+    blocks) after calling ``super().__init__``, inside ``factory_device(device)``, and end their ``__init__`` with
+    ``apply_factory_dtype(self, dtype)``.
 
     Shapes: ``forward``: ``[B, in_chans, H, W] -> [B, num_classes]``; ``forward_features``:
     ``-> [B, N, embed_dim]`` with ``N = (H / patch_size) * (W / patch_size)``.
@@ -23,7 +25,7 @@ class IsotropicPatchClassifier(ClassifierMixin, nn.Module):
     GLOBAL_POOLS = ("", "avg")
 
     def __init__(self, img_size, patch_size: int, in_chans: int, num_classes: int, global_pool: str,
-                 embed_dim: int, depth: int, drop_rate: float = 0.0):
+                 embed_dim: int, depth: int, drop_rate: float = 0.0, device=None):
         super().__init__()
         self.img_size = to_2tuple(img_size)
         if self.img_size[0] % patch_size or self.img_size[1] % patch_size:
@@ -37,10 +39,11 @@ class IsotropicPatchClassifier(ClassifierMixin, nn.Module):
         self.grid_size = (self.img_size[0] // patch_size, self.img_size[1] // patch_size)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.grad_checkpointing = False
-        self.patch_embed = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
-        self.blocks = nn.ModuleList()  # filled by the subclass
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        with factory_device(device):
+            self.patch_embed = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+            self.blocks = nn.ModuleList()  # filled by the subclass
+            self.head_drop = nn.Dropout(drop_rate)
+            self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.feature_info = [
             dict(num_chs=embed_dim, reduction=patch_size, module=f"blocks.{i}") for i in range(depth)
         ]
@@ -50,19 +53,26 @@ class IsotropicPatchClassifier(ClassifierMixin, nn.Module):
         return dict(stem=r"^patch_embed", blocks=[(r"^blocks\.(\d+)", None)])
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
-        self.check_image_input(x, fixed_size=self.img_size, why_fixed="its token count is fixed")
+        if not torch.jit.is_scripting():
+            x = check_image_input(x, type(self).__name__, self.in_chans, self.img_size, "its token count is fixed")
         return self.patch_embed(x).flatten(2).transpose(1, 2)  # [B, N, embed_dim]
 
-    def _run_block(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
-            return checkpoint(self.blocks[i], x, use_reentrant=False)
-        return self.blocks[i](x)
+    def _forward_blocks(self, x: torch.Tensor, take: list[int], last: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Blocks ``0..last`` on tokens ``[B, N, embed_dim]``; returns the last output and those of ``take``."""
+        intermediates: list[torch.Tensor] = []
+        for i, blk in enumerate(self.blocks):
+            if i <= last:
+                if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+                    x = checkpoint(blk, x, use_reentrant=False)
+                else:
+                    x = blk(x)
+                if i in take:
+                    intermediates.append(x)
+        return x, intermediates
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, C, H, W] -> [B, N, embed_dim]``."""
-        x = self._embed(x)
-        for i in range(len(self.blocks)):
-            x = self._run_block(i, x)
+        x, _ = self._forward_blocks(self._embed(x), [], len(self.blocks) - 1)
         return x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -72,7 +82,9 @@ class IsotropicPatchClassifier(ClassifierMixin, nn.Module):
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x):
+        # unannotated, as timm's models: torch.fx copies the root forward's annotations into the code it
+        # generates, where this module's string annotations (`from __future__ import annotations`) do not script
         return self.forward_head(self.forward_features(x))
 
     def forward_intermediates(
@@ -89,16 +101,11 @@ class IsotropicPatchClassifier(ClassifierMixin, nn.Module):
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
         take, max_index = feature_take_indices(len(self.blocks), indices)
-        take = set(take)
         last = max_index if (stop_early or intermediates_only) else len(self.blocks) - 1
         B = x.shape[0]
-        x = self._embed(x)
-        intermediates = []
-        for i in range(last + 1):
-            x = self._run_block(i, x)
-            if i in take:
-                t = x.transpose(1, 2).reshape(B, self.embed_dim, *self.grid_size) if output_fmt == "NCHW" else x
-                intermediates.append(t)
+        x, intermediates = self._forward_blocks(self._embed(x), list(take), last)
+        if output_fmt == "NCHW":
+            intermediates = [t.transpose(1, 2).reshape(B, self.embed_dim, *self.grid_size) for t in intermediates]
         if intermediates_only:
             return intermediates
         return x, intermediates

@@ -1,0 +1,67 @@
+"""timm's own model tests (tests/test_models.py from the sdist of the installed timm) on every va_* model, run
+by .ci/timm-tests. Skipped, saying why, when the sdist cannot be downloaded (no network); set TIMM_SDIST to a
+local timm-<version>.tar.gz to run without one."""
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / ".ci" / "timm-tests"
+NO_SDIST = 75  # the script's exit status when the sdist cannot be downloaded or used
+
+# tests timm's file runs on every model (va_* models among them), and those it runs on the models of the
+# modules in its FEAT_INTER_FILTERS list (every visionattn family, once the script has added them)
+PER_MODEL = {"test_model_forward", "test_model_backward", "test_model_forward_torchscript",
+             "test_model_forward_fx", "test_model_backward_fx", "test_model_forward_fx_torchscript"}
+PER_FEATURE_MODEL = {"test_model_forward_intermediates", "test_model_forward_intermediates_features",
+                     "test_prune_intermediate_layers_contract"}
+
+
+def _run(*args: str, timeout: float) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHON=sys.executable)
+    r = subprocess.run(["bash", str(SCRIPT), *args], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=timeout)
+    if r.returncode == NO_SDIST:
+        pytest.skip(f"timm's sdist is not available: {r.stderr.strip().splitlines()[-1]}")
+    return r
+
+
+def _tail(r: subprocess.CompletedProcess, n: int = 60) -> str:
+    return "\n".join((r.stdout + r.stderr).splitlines()[-n:])
+
+
+def test_runner_selects_every_va_model_and_leaves_out_the_network():
+    """The selection alone (collect-only): every va_* model in every per-model test, nothing of timm's models,
+    no pretrained-download test."""
+    import timm
+
+    import visionattn
+
+    visionattn.list_models()  # registers the va_* models in timm
+    va_models = {n for n in timm.list_models() if n.startswith("va_")}
+    r = _run("--collect-only", timeout=600)
+    assert r.returncode == 0, _tail(r)
+    ids = [line for line in r.stdout.splitlines() if line.startswith("tests/test_models.py::")]
+    by_test: dict[str, set[str]] = {}
+    for node in ids:
+        test, params = re.fullmatch(r"tests/test_models\.py::(\w+)\[(.*)\]", node).groups()
+        model = next(p for p in params.split("-") if p.startswith("va_"))
+        by_test.setdefault(test, set()).add(model.split(".")[0])
+    for test in PER_MODEL | PER_FEATURE_MODEL:
+        assert by_test.get(test) == va_models, (test, va_models - by_test.get(test, set()))
+    assert by_test["test_model_default_cfgs"] | by_test["test_model_default_cfgs_non_std"] == va_models
+    assert not {"test_model_load_pretrained", "test_model_features_pretrained", "test_model_inference"} & set(by_test)
+    assert "network-only tests on va_* models deselected" in r.stdout
+
+
+@pytest.mark.slow
+def test_timm_model_suite_passes_for_every_va_model():
+    """The whole of timm's test_models.py on every va_* model: all pass (about 40 minutes on 2 CPU cores)."""
+    r = _run(timeout=4 * 3600)
+    summary = (r.stdout.strip().splitlines() or [""])[-1]
+    assert r.returncode == 0, _tail(r)
+    assert re.search(r"\d+ passed", summary) and "failed" not in summary and "error" not in summary, summary

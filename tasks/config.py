@@ -212,7 +212,10 @@ def _check_arguments(obj: Any, node: dict, target: str, where: str) -> None:
         params = inspect.signature(obj).parameters
     except (TypeError, ValueError):
         params = {}
-    for name, exempt in FETCHING_ARGUMENTS.items():
+    # every argument named pretrained* counts too (EMCADNet's pretrained_encoder fetches timm weights)
+    names = dict(FETCHING_ARGUMENTS, **{p: () for p in list(params) + list(node)
+                                        if isinstance(p, str) and p.startswith("pretrained") and p not in FETCHING_ARGUMENTS})
+    for name, exempt in names.items():
         if home in exempt:
             continue
         if name in node:

@@ -71,6 +71,7 @@ REFUSED_ONLY = {
     "visionattn_create_model_pretrained": {"_target_": "visionattn.create_model", "name": "convit_tiny", "pretrained": True},
     "pretrained_overlay_file": {"_target_": "visionattn.create_model", "name": "convit_tiny",
                                 "pretrained_cfg_overlay": {"file": "/etc/passwd"}},
+    "emcad_pretrained_encoder": {"_target_": "visionattn.decoders.EMCADNet", "pretrained_encoder": True},
     "monai_download_by_default": {"_target_": "monai.networks.nets.EfficientNetBN", "model_name": "efficientnet-b0"},
     "monai_torchvision_by_name": {"_target_": "monai.transforms.TorchVision", "name": "Lambda"},
     "monai_load_image": {"_target_": "monai.transforms.LoadImage"},

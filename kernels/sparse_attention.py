@@ -235,13 +235,16 @@ class _TopKAttention(torch.autograd.Function):
             b = _buckets(scores, t, amb, ks)
             counts = b.new_zeros(*b.shape[:-1], R + 1).scatter_add_(-1, b, torch.ones_like(b))
             kept = _per_set(counts)  # keys in set i (K ascending), per row
-            if not bool((kept == torch.tensor(ks, device=kept.device)).all()):
+            reranked = not bool((kept == torch.tensor(ks, device=kept.device)).all())
+            if reranked:
                 # the recomputed scores differ from the forward's at a cut (a matmul that is not bitwise
-                # reproducible): rank this chunk afresh, as the forward would have
+                # reproducible): rank this chunk afresh, as the forward would have, and renormalise
                 t, amb = _thresholds(scores, ks)
                 b = _buckets(scores, t, amb, ks)
-            z = norm[:, :, start:end]
             e = _exp(scores.sub_(row_max[:, :, start:end]))
+            z = norm[:, :, start:end]
+            if reranked:
+                z = _per_set(e.new_zeros(*e.shape[:-1], R + 1).scatter_add_(-1, b, e))
             d_weights = torch.matmul(dout_chunk, v.transpose(-1, -2))  # dL/d(mixed weights), [B, H, c, Nk]
             e_dw = e * d_weights
             # <P_i, dW> per set: e dW summed over set i, over Z_i

@@ -37,7 +37,7 @@ from visionattn.kernels.semantics import NAParams, group_length, window_bounds
 # few passes made over it, large enough that the matmuls and the per-op overhead stay efficient
 CHUNK_ELEMENTS = 1 << 18
 # a chunk's window-mask bias is cached across calls while all chunks together hold at most this many
-BIAS_CACHE_ELEMENTS = 1 << 23
+BIAS_CACHE_ELEMENTS = 1 << 21
 # a scratch buffer (see _scratch) larger than this is not kept between calls
 ARENA_MAX_ELEMENTS = 1 << 22
 # elements of the heads-first copy of one input for one slice of (batch, head) pairs
@@ -317,7 +317,7 @@ def _to_token_major(dst: torch.Tensor, src: torch.Tensor, sl) -> None:
     dst[b0:b1, :, h0:h1].copy_(src[:, :N].view(b1 - b0, h1 - h0, N, -1).transpose(1, 2))
 
 
-def _index(c: dict, kind: str, pairs: int, N: int, rows: int) -> torch.Tensor:
+def _index(c: dict, kind: str, pairs: int, rows: int) -> torch.Tensor:
     """Row indices into a heads-first ``[pairs * rows, D]`` tensor of a chunk's query slots (``'q'``; padded
     slots read their real query), of its output slots (``'out'``; padded slots write to the extra row N) or
     of its halos (``'kv'``), for every pair; cached in the chunk."""
@@ -359,7 +359,8 @@ def _extend(table: torch.Tensor | None, h: int, outside: float, dtype, factor: f
 def tiled_forward(q, k, v, rpb, decay, params: NAParams, tile=None):
     """Forward. ``q, k [B, *spatial, h, D]``, ``v [B, *spatial, h, Dv]`` -> ``(out, lse [B, *spatial, h])``;
     ``lse`` is fp32 (fp64 for fp64 inputs; zeros for sigmoid scores). ``decay`` (sigmoid only) multiplies
-    the weights, indexed like ``rpb``. Windows, scale and score come from ``params``."""
+    the weights, indexed like ``rpb``. Windows, scale and score come from ``params``; ``tile`` is the number of
+    queries per tile along each axis (an int, or a tuple per axis; default :func:`default_tile`)."""
     with torch.no_grad():
         return _forward(q, k, v, rpb, decay, params, tile)
 
@@ -392,8 +393,8 @@ def _forward(q, k, v, rpb, decay, params: NAParams, tile):
         for c in prob.schedule(pairs):
             C = c["C"]
             G = pairs * C
-            kv_index = _index(c, "kv", pairs, N, N)
-            qg = _gather("q", qh, _index(c, "q", pairs, N, N), Tq, compute)
+            kv_index = _index(c, "kv", pairs, N)
+            qg = _gather("q", qh, _index(c, "q", pairs, N), Tq, compute)
             kg = _gather("k", kh, kv_index, Hk, compute)
             s = _scratch("s", (G, Tq, Hk), compute, device)
             if rpb_ext is not None:
@@ -404,7 +405,7 @@ def _forward(q, k, v, rpb, decay, params: NAParams, tile):
             s.baddbmm_(qg, kg.transpose(1, 2), alpha=scale * unit)
             vg = _gather("v", vh, kv_index, Hk, compute)
             o = _scratch("o", (G, Tq, Dv), compute, device)
-            out_index = _index(c, "out", pairs, N, rows)
+            out_index = _index(c, "out", pairs, rows)
             if sigmoid:
                 s.sigmoid_()  # exactly 0 outside the windows (sigmoid(-inf))
                 if decay_ext is not None:
@@ -428,7 +429,7 @@ def tiled_backward(dout, dlse, q, k, v, rpb, decay, out, lse, params: NAParams, 
     """Gradients ``(dq, dk, dv, drpb)`` (``drpb`` None without ``rpb``) from the output gradient ``dout``
     and, optionally, a gradient ``dlse`` of the returned log-sum-exp (softmax; d lse / d s = p). The
     probabilities are recomputed per chunk from the saved log-sum-exp; only one chunk's score block exists
-    at a time."""
+    at a time. ``tile`` as for :func:`tiled_forward`."""
     with torch.no_grad():
         return _backward(dout, dlse, q, k, v, rpb, decay, out, lse, params, tile)
 
@@ -470,7 +471,7 @@ def _backward(dout, dlse, q, k, v, rpb, decay, out, lse, params: NAParams, tile)
         for c in prob.schedule(pairs, 2):
             C = c["C"]
             G = pairs * C
-            q_index, kv_index = _index(c, "q", pairs, N, N), _index(c, "kv", pairs, N, N)
+            q_index, kv_index = _index(c, "q", pairs, N), _index(c, "kv", pairs, N)
             qg, kg = _gather("q", qh, q_index, Tq, compute), _gather("k", kh, kv_index, Hk, compute)
             vg, dog = _gather("v", vh, kv_index, Hk, compute), _gather("dout", doh, q_index, Tq, compute)
             if c["pad_pos"] is not None:  # padded slots get a zero output gradient: they contribute nothing
@@ -505,7 +506,7 @@ def _backward(dout, dlse, q, k, v, rpb, decay, out, lse, params: NAParams, tile)
             dv_h.index_add_(0, kv_index, dv_t.view(-1, Dv))
             zero = dv_t.new_zeros(1, 1, 1)
             dq_t = torch.baddbmm(zero, ds, kg, beta=0.0, alpha=scale, out=_scratch("dq", (G, Tq, D), compute, device))
-            dq_h.index_copy_(0, _index(c, "out", pairs, N, rows), dq_t.view(-1, D))
+            dq_h.index_copy_(0, _index(c, "out", pairs, rows), dq_t.view(-1, D))
             dk_t = torch.baddbmm(zero, ds.transpose(1, 2), qg, beta=0.0, alpha=scale,
                                  out=_scratch("dk", (G, Hk, D), compute, device))
             dk_h.index_add_(0, kv_index, dk_t.view(-1, D))

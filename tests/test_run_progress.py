@@ -134,30 +134,37 @@ def test_progress_reaches_a_pipe_while_the_run_is_going(images, tmp_path):
         p.stderr.close()
 
 
+@pytest.mark.slow  # a benchmark: first calls, warm-up and timed rounds
 def test_bench_kernels_reports_each_row_as_it_is_measured(monkeypatch, capsys):
-    measured = []
-    time_fn = bench.time_fn
+    """A problem's implementations are timed together (interleaved rounds); their rows are reported as soon
+    as that problem is done, before the next one is timed."""
+    measured = []  # problems timed so far
+    round_robin_times = bench.round_robin_times
 
-    def counting_time_fn(*args, **kwargs):
+    def counting(*args, **kwargs):
+        result = round_robin_times(*args, **kwargs)
         measured.append(1)
-        return time_fn(*args, **kwargs)
+        return result
 
-    monkeypatch.setattr(bench, "time_fn", counting_time_fn)
+    monkeypatch.setattr(bench, "round_robin_times", counting)
     reported = []
-    text, rows = bench.bench_kernels(problems=["2d-16-k5"], skip=("flex",), min_time=0.01,
+    text, rows = bench.bench_kernels(problems=["2d-16-k5", "topk-64"], skip=("flex",), min_time=0.01,
                                      report=lambda line: reported.append((len(measured), line)))
-    assert reported[0][1].startswith("device cpu") and reported[0][0] == 1  # after the matmul ceiling only
-    impl_lines = reported[1:]
-    assert [line.split()[1].rstrip(":") for _, line in impl_lines] == [r["impl"] for r in rows]
-    # each row was reported as soon as its forward and backward timings were in, not all at the end
-    assert [n for n, _ in impl_lines] == [1 + 2 * (i + 1) for i in range(len(rows))] and len(measured) == 1 + 2 * len(rows)
-    assert "fwd+bwd" in impl_lines[1][1] and "x)" in impl_lines[1][1]
+    assert reported[0] == (0, text.splitlines()[0]) and reported[0][1].startswith("device cpu")
+    by_problem = {}
+    for n, line in reported[1:]:
+        by_problem.setdefault(line.split()[0], set()).add(n)
+    assert by_problem == {"2d-16-k5": {1}, "topk-64": {2}}, reported
+    impl_lines = [line for _, line in reported[1:]]
+    assert [line.split()[1].rstrip(":") for line in impl_lines] == [r["impl"] for r in rows]
+    assert "fwd+bwd" in impl_lines[1] and "x)" in impl_lines[1]
 
     assert main(["bench", "kernels", "--problems", "2d-16-k5", "--skip", "flex,dense", "--min-time", "0.01"]) == 0
     out = capsys.readouterr().out
     assert out.index("2d-16-k5 naive-gather: fwd") < out.index("impl ")  # the rows, then the final table
 
 
+@pytest.mark.slow  # a benchmark: first calls, warm-up and timed rounds
 def test_bench_models_prints_each_row_before_the_table(capsys):
     assert main(["bench", "models", "activator_glu_cifar", "ninformer_cifar", "--batch-size", "1",
                  "--min-time", "0.05"]) == 0

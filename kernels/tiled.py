@@ -7,9 +7,10 @@ materialised; nothing of size ``N * K^d`` or ``N^2`` is kept for backward. Backw
 probabilities from the saved log-sum-exp (softmax) and forms dQ, dK, dV and dRPB explicitly, as fused
 kernels do: five batched matmuls per chunk (two in the forward) and few passes over the score block.
 
-- Layout: a slice of (batch, head) pairs is copied heads-first once; a chunk's tiles are then gathered by
-  one row copy straight into the ``[pairs * tiles, T, D]`` batches ``bmm`` takes, and results go back by
-  one indexed copy (queries) or add (halos) into heads-first accumulators.
+- Layout: a chunk's tiles are gathered from the token-major inputs by one row copy (a row is one head's
+  vector of one token) straight into the ``[pairs * tiles, T, D]`` batches ``bmm`` takes (pairs: the
+  (batch, head) pairs of a slice of the call), and results go back by one indexed copy (queries) or add
+  (halos) straight into the outputs; nothing is transposed.
 - Passes: the scale rides on the matmuls (``alpha``) and the bias, ``-lse`` and ``-delta`` on their
   ``beta`` inputs, so a chunk's backward makes four elementwise passes over its scores. Softmax logits are
   kept in base 2 (``exp2`` is several times faster than ``exp`` on CPU and has no slow path for results
@@ -17,8 +18,8 @@ kernels do: five batched matmuls per chunk (two in the forward) and few passes o
 - Bias: the window mask and the relative positional bias are not stored per tile. Tiles with the same
   (mask, offset) pattern form a group (all interior tiles share one); the bias is read per group and
   ``drpb`` summed per group before the small scatter into the table.
-- Memory: every temporary is chunk- or slice-sized and comes from a per-thread arena reused across chunks
-  and calls; fresh buffers would cost a page fault per 4 KiB page every call.
+- Memory: every temporary is chunk-sized and comes from a per-thread arena reused across chunks and calls;
+  fresh buffers would cost a page fault per 4 KiB page every call.
 
 Per-axis tile tables come from :mod:`visionattn.kernels.semantics` and are cached per problem shape.
 """
@@ -40,8 +41,6 @@ CHUNK_ELEMENTS = 1 << 18
 BIAS_CACHE_ELEMENTS = 1 << 21
 # a scratch buffer (see _scratch) larger than this is not kept between calls
 ARENA_MAX_ELEMENTS = 1 << 22
-# elements of the heads-first copy of one input for one slice of (batch, head) pairs
-SLICE_ELEMENTS = 1 << 20
 LOG2E = 1.0 / math.log(2.0)
 LN2 = math.log(2.0)
 
@@ -143,6 +142,7 @@ class _Problem:
         self.rpb_size = math.prod(2 * k - 1 for k in kernel_size)
         self.rpb_stride = [math.prod(2 * k - 1 for k in kernel_size[a + 1:]) for a in range(n)]
         self.padded = not all(bool(ax.q_valid.all()) for ax in self.axes)  # some tile repeats a query
+        self.rows = self.N + 1 if self.padded else self.N  # tokens per batch element of a results buffer
         self.cache_bias = self.total_tiles * self.Tq * self.Hk <= BIAS_CACHE_ELEMENTS
         self.device = device
         self._chunks: dict[int, list[dict]] = {}
@@ -286,53 +286,47 @@ def _scratch(name: str, shape: tuple, dtype, device) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------
-# layout: the backends get token-major tensors, [B, N, h, D]. A call works through slices of its (batch, head)
-# pairs; a slice is copied heads-first, [pairs * N, D], once, so that gathering a chunk of tiles is one row
-# copy straight into the [pairs * C, T, D] batch of matrices bmm takes, and results go back by one indexed
-# copy or add per chunk into heads-first accumulators, turned token-major once at the end.
+# layout: the backends get token-major tensors, [B, N, h, D]: row (b * N + token) * h + head of the [B * N * h,
+# D] view holds one head's vector of one token. A chunk's tiles are gathered by one row copy straight into the
+# [pairs * C, T, D] batch of matrices bmm takes (pairs: the (batch, head) pairs of a slice of the call), and
+# the results go back by one indexed copy (queries) or add (halos) straight into the outputs.
 
 
-def _slices(B: int, h: int, N: int, D: int) -> list[tuple[int, int, int, int]]:
-    """``(b0, b1, h0, h1)`` slices of the (batch, head) pairs whose heads-first copies stay within
-    ``SLICE_ELEMENTS``: whole batch elements when one fits, else head ranges of one batch element."""
-    fit = max(1, SLICE_ELEMENTS // (N * D))
+def _slices(B: int, h: int, per_pair: int) -> list[tuple[int, int, int, int]]:
+    """``(b0, b1, h0, h1)`` slices of the (batch, head) pairs such that one tile's score block(s) for the
+    slice's pairs (``per_pair`` elements each) fit a chunk: whole batch elements when one fits, else head
+    ranges of one batch element."""
+    fit = max(1, CHUNK_ELEMENTS * max(1, torch.get_num_threads()) // per_pair)
     if fit >= h:
         nb = min(B, fit // h)
         return [(b0, min(b0 + nb, B), 0, h) for b0 in range(0, B, nb)]
     return [(b, b + 1, h0, min(h0 + fit, h)) for b in range(B) for h0 in range(0, h, fit)]
 
 
-def _heads_first(name: str, x: torch.Tensor, sl, dtype) -> torch.Tensor:
-    """``x [B, N, h, D]`` restricted to slice ``sl`` -> ``[pairs * N, D]`` in ``dtype`` (an arena buffer)."""
-    b0, b1, h0, h1 = sl
-    part = x[b0:b1, :, h0:h1].transpose(1, 2)  # [nb, nh, N, D]
-    out = _scratch(name, tuple(part.shape), dtype, x.device).copy_(part)
-    return out.view(-1, x.shape[-1])
-
-
-def _to_token_major(dst: torch.Tensor, src: torch.Tensor, sl) -> None:
-    """``dst [B, N, h, D][slice] = src [pairs, >= N, D]`` (heads-first, extra rows dropped)."""
-    b0, b1, h0, h1 = sl
-    N = dst.shape[1]
-    dst[b0:b1, :, h0:h1].copy_(src[:, :N].view(b1 - b0, h1 - h0, N, -1).transpose(1, 2))
-
-
-def _index(c: dict, kind: str, pairs: int, rows: int) -> torch.Tensor:
-    """Row indices into a heads-first ``[pairs * rows, D]`` tensor of a chunk's query slots (``'q'``; padded
-    slots read their real query), of its output slots (``'out'``; padded slots write to the extra row N) or
-    of its halos (``'kv'``), for every pair; cached in the chunk."""
-    key = (kind, pairs, rows)
+def _rows(c: dict, kind: str, sl, tokens: int, h: int) -> torch.Tensor:
+    """Row indices into a token-major ``[B * tokens * h, D]`` view for a chunk's slots and a slice's pairs,
+    pair-major (``[pairs * C * T]``): the slots' queries (``'q'``; padded slots read their real query), their
+    output rows (``'out'``; padded slots write to token ``N``, so ``tokens`` must be ``N + 1`` when there are
+    any) or the halos' keys (``'kv'``). Cached in the chunk."""
+    key = (kind, sl, tokens, h)
     if key not in c:
-        src = {"q": c["q_src"], "out": c["q_out"], "kv": c["kv"]}[kind].reshape(1, -1)
-        base = torch.arange(pairs, device=src.device).view(-1, 1) * rows
-        c[key] = (base + src).reshape(-1)
+        b0, b1, h0, h1 = sl
+        slot = {"q": c["q_src"], "out": c["q_out"], "kv": c["kv"]}[kind].reshape(1, 1, -1)
+        device = slot.device
+        batch = torch.arange(b0, b1, device=device).view(-1, 1, 1) * tokens
+        head = torch.arange(h0, h1, device=device).view(1, -1, 1)
+        c[key] = ((batch + slot) * h + head).reshape(-1)
     return c[key]
 
 
 def _gather(name: str, x: torch.Tensor, index: torch.Tensor, T: int, dtype) -> torch.Tensor:
-    """Rows ``index`` of ``x [rows, D]`` -> ``[len(index) // T, T, D]`` (an arena buffer)."""
+    """Rows ``index`` of ``x [rows, D]`` -> ``[len(index) // T, T, D]`` in ``dtype`` (an arena buffer)."""
     out = _scratch(name, (index.numel(), x.shape[-1]), dtype, x.device)
-    return torch.index_select(x, 0, index, out=out).view(-1, T, x.shape[-1])
+    if x.dtype == dtype:
+        torch.index_select(x, 0, index, out=out)
+    else:
+        out.copy_(x.index_select(0, index))
+    return out.view(-1, T, x.shape[-1])
 
 
 def _pair_table(name: str, prob: _Problem, c: dict, table_ext: torch.Tensor) -> torch.Tensor:
@@ -365,6 +359,24 @@ def tiled_forward(q, k, v, rpb, decay, params: NAParams, tile=None):
         return _forward(q, k, v, rpb, decay, params, tile)
 
 
+def _output(shape, dtype, compute, device, prob: _Problem, zero: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """An output ``shape [B, *spatial, h, D]`` in ``dtype`` and the ``[rows, D]`` tensor results are written
+    to, in ``compute`` dtype: the output itself, or a buffer with a dummy token ``N`` per batch element (for
+    padded slots) or of another dtype, copied into the output by :func:`_finish`."""
+    out = (torch.zeros if zero else torch.empty)(shape, dtype=dtype, device=device)
+    B, h, D = shape[0], shape[-2], shape[-1]
+    if not prob.padded and dtype == compute:
+        return out, out.view(-1, D)
+    return out, (torch.zeros if zero else torch.empty)(B * prob.rows * h, D, dtype=compute, device=device)
+
+
+def _finish(out: torch.Tensor, rows: torch.Tensor, prob: _Problem) -> torch.Tensor:
+    if rows.data_ptr() != out.data_ptr():
+        B, h, D = out.shape[0], out.shape[-2], out.shape[-1]
+        out.view(B, prob.N, h, D).copy_(rows.view(B, prob.rows, h, D)[:, :prob.N])
+    return out
+
+
 def _forward(q, k, v, rpb, decay, params: NAParams, tile):
     B, *spatial, h, D = q.shape
     Dv = v.shape[-1]
@@ -372,30 +384,25 @@ def _forward(q, k, v, rpb, decay, params: NAParams, tile):
     device = q.device
     prob = _problem(spatial, params, device, tile)
     N, Tq, Hk = prob.N, prob.Tq, prob.Hk
-    rows = N + 1 if prob.padded else N  # padded query slots write to an extra row
     compute = _compute_dtype(q.dtype)
-    qf, kf, vf = q.reshape(B, N, h, D), k.reshape(B, N, h, D), v.reshape(B, N, h, Dv)
-    out = torch.empty(B, *spatial, h, Dv, device=device, dtype=q.dtype)
-    lse = (torch.zeros if sigmoid else torch.empty)(B, *spatial, h, device=device, dtype=compute)
+    qr, kr, vr = q.reshape(-1, D), k.reshape(-1, D), v.reshape(-1, Dv)  # [B * N * h, D]
+    out, out_rows = _output((B, *spatial, h, Dv), q.dtype, compute, device, prob)
+    lse, lse_rows = _output((B, *spatial, h, 1), compute, compute, device, prob, zero=sigmoid)
     # softmax logits are kept in base 2 (times log2(e), folded into the scale and the bias): exp2 is several
     # times faster than exp on CPU, and exp's slow path for results below the normal range is never taken
     unit = 1.0 if sigmoid else LOG2E
     rpb_ext = _extend(rpb, h, float("-inf"), compute, unit)
     decay_ext = _extend(decay, h, 0.0, compute)
-    for sl in _slices(B, h, N, max(D, Dv)):
+    for sl in _slices(B, h, Tq * Hk):
         b0, b1, h0, h1 = sl
         nb, nh = b1 - b0, h1 - h0
         pairs = nb * nh
-        qh, kh = _heads_first("q:hf", qf, sl, compute), _heads_first("k:hf", kf, sl, compute)
-        vh = _heads_first("v:hf", vf, sl, compute)
-        out_h = _scratch("out:hf", (pairs * rows, Dv), compute, device)
-        lse_h = _scratch("lse:hf", (pairs * rows, 1), compute, device)
         for c in prob.schedule(pairs):
             C = c["C"]
             G = pairs * C
-            kv_index = _index(c, "kv", pairs, N)
-            qg = _gather("q", qh, _index(c, "q", pairs, N), Tq, compute)
-            kg = _gather("k", kh, kv_index, Hk, compute)
+            kv_index = _rows(c, "kv", sl, N, h)
+            qg = _gather("q", qr, _rows(c, "q", sl, N, h), Tq, compute)
+            kg = _gather("k", kr, kv_index, Hk, compute)
             s = _scratch("s", (G, Tq, Hk), compute, device)
             if rpb_ext is not None:
                 bias = _pair_table("bias", prob, c, rpb_ext[h0:h1])
@@ -403,9 +410,9 @@ def _forward(q, k, v, rpb, decay, params: NAParams, tile):
                 bias = prob.mask_bias(c, compute)
             s.view(nb, nh, C, Tq, Hk).copy_(bias)  # the input the scores accumulate into
             s.baddbmm_(qg, kg.transpose(1, 2), alpha=scale * unit)
-            vg = _gather("v", vh, kv_index, Hk, compute)
+            vg = _gather("v", vr, kv_index, Hk, compute)
             o = _scratch("o", (G, Tq, Dv), compute, device)
-            out_index = _index(c, "out", pairs, rows)
+            out_index = _rows(c, "out", sl, prob.rows, h)
             if sigmoid:
                 s.sigmoid_()  # exactly 0 outside the windows (sigmoid(-inf))
                 if decay_ext is not None:
@@ -417,12 +424,10 @@ def _forward(q, k, v, rpb, decay, params: NAParams, tile):
                 denom = torch.sum(s, dim=-1, keepdim=True, out=_scratch("denom", (G, Tq, 1), compute, device))
                 torch.bmm(s, vg, out=o).div_(denom)  # normalise the [Tq, Dv] output, not the [Tq, Hk] weights
                 m.add_(denom.log2_()).mul_(LN2)  # the log-sum-exp, natural log
-                lse_h.index_copy_(0, out_index, m.view(-1, 1))
-            out_h.index_copy_(0, out_index, o.view(-1, Dv))
-        _to_token_major(out.view(B, N, h, Dv), out_h.view(pairs, rows, Dv), sl)
-        if not sigmoid:
-            _to_token_major(lse.view(B, N, h, 1), lse_h.view(pairs, rows, 1), sl)
-    return out, lse
+                lse_rows.index_copy_(0, out_index, m.view(-1, 1))
+            out_rows.index_copy_(0, out_index, o.view(-1, Dv))
+    # outputs must be contiguous: the custom op's fake implementation promises it to torch.compile
+    return _finish(out, out_rows, prob), _finish(lse, lse_rows, prob).view(B, *spatial, h)
 
 
 def tiled_backward(dout, dlse, q, k, v, rpb, decay, out, lse, params: NAParams, tile=None):
@@ -434,6 +439,22 @@ def tiled_backward(dout, dlse, q, k, v, rpb, decay, out, lse, params: NAParams, 
         return _backward(dout, dlse, q, k, v, rpb, decay, out, lse, params, tile)
 
 
+def _neg_delta(dout: torch.Tensor, out: torch.Tensor, dlse, compute) -> torch.Tensor:
+    """``-(dout . out) + dlse`` per query and head, flat ``[B * N * h, 1]``, with chunk-sized temporaries."""
+    Dv = dout.shape[-1]
+    dof, of = dout.reshape(-1, Dv), out.reshape(-1, Dv)
+    neg_delta = torch.empty(dof.shape[0], 1, device=dout.device, dtype=compute)
+    step = max(1, CHUNK_ELEMENTS // Dv)
+    for r0 in range(0, dof.shape[0], step):
+        r1 = min(r0 + step, dof.shape[0])
+        prod = _scratch("delta", (r1 - r0, Dv), compute, dout.device).copy_(dof[r0:r1]).mul_(of[r0:r1])
+        torch.sum(prod, dim=-1, keepdim=True, out=neg_delta[r0:r1])
+    neg_delta.neg_()
+    if dlse is not None:
+        neg_delta += dlse.reshape(-1, 1)
+    return neg_delta
+
+
 def _backward(dout, dlse, q, k, v, rpb, decay, out, lse, params: NAParams, tile):
     B, *spatial, h, D = q.shape
     Dv = v.shape[-1]
@@ -441,39 +462,30 @@ def _backward(dout, dlse, q, k, v, rpb, decay, out, lse, params: NAParams, tile)
     device = q.device
     prob = _problem(spatial, params, device, tile)
     N, Tq, Hk = prob.N, prob.Tq, prob.Hk
-    rows = N + 1 if prob.padded else N
     compute = _compute_dtype(q.dtype)
-    qf, kf, vf = q.reshape(B, N, h, D), k.reshape(B, N, h, D), v.reshape(B, N, h, Dv)
-    dof = dout.reshape(B, N, h, Dv)
-    dq = torch.empty(q.shape, device=device, dtype=q.dtype)
-    dk = torch.empty(k.shape, device=device, dtype=k.dtype)
-    dv = torch.empty(v.shape, device=device, dtype=v.dtype)
+    qr, kr, vr, dor = q.reshape(-1, D), k.reshape(-1, D), v.reshape(-1, Dv), dout.reshape(-1, Dv)
+    dq, dq_rows = _output(q.shape, q.dtype, compute, device, prob)
+    # halo results are added (zeros to start from), with no padded slots
+    dk = torch.zeros(k.shape, dtype=compute, device=device)
+    dv = torch.zeros(v.shape, dtype=compute, device=device)
+    dk_rows, dv_rows = dk.view(-1, D), dv.view(-1, Dv)
     drpb = torch.zeros(h, prob.rpb_size + 1, device=device, dtype=compute) if rpb is not None else None
     unit = 1.0 if sigmoid else LOG2E
     rpb_ext = _extend(rpb, h, float("-inf"), compute, unit)
     decay_ext = _extend(decay, h, 0.0, compute)
-    for sl in _slices(B, h, N, max(D, Dv)):
+    if not sigmoid:
+        neg_delta = _neg_delta(dout, out, dlse, compute)
+        lse2 = lse.reshape(-1, 1).to(compute) * LOG2E  # base-2 logits, as in the forward
+    for sl in _slices(B, h, 2 * Tq * Hk):
         b0, b1, h0, h1 = sl
         nb, nh = b1 - b0, h1 - h0
         pairs = nb * nh
-        qh, kh = _heads_first("q:hf", qf, sl, compute), _heads_first("k:hf", kf, sl, compute)
-        vh, doh = _heads_first("v:hf", vf, sl, compute), _heads_first("dout:hf", dof, sl, compute)
-        dq_h = _scratch("dq:hf", (pairs * rows, D), compute, device)
-        dk_h = _scratch("dk:hf", (pairs * N, D), compute, device).zero_()
-        dv_h = _scratch("dv:hf", (pairs * N, Dv), compute, device).zero_()
-        if not sigmoid:
-            # -delta = -(dout . out) + dlse and the base-2 log-sum-exp, heads-first [pairs * N]
-            prod = _heads_first("delta", out.reshape(B, N, h, Dv), sl, compute).mul_(doh)
-            neg_delta = torch.sum(prod, dim=-1, out=_scratch("neg_delta", (pairs * N,), compute, device)).neg_()
-            if dlse is not None:
-                neg_delta += _heads_first("dlse", dlse.reshape(B, N, h, 1), sl, compute).view(-1)
-            lse2 = _heads_first("lse2", lse.reshape(B, N, h, 1), sl, compute).view(-1).mul_(LOG2E)
         for c in prob.schedule(pairs, 2):
             C = c["C"]
             G = pairs * C
-            q_index, kv_index = _index(c, "q", pairs, N), _index(c, "kv", pairs, N)
-            qg, kg = _gather("q", qh, q_index, Tq, compute), _gather("k", kh, kv_index, Hk, compute)
-            vg, dog = _gather("v", vh, kv_index, Hk, compute), _gather("dout", doh, q_index, Tq, compute)
+            q_index, kv_index = _rows(c, "q", sl, N, h), _rows(c, "kv", sl, N, h)
+            qg, kg = _gather("q", qr, q_index, Tq, compute), _gather("k", kr, kv_index, Hk, compute)
+            vg, dog = _gather("v", vr, kv_index, Hk, compute), _gather("dout", dor, q_index, Tq, compute)
             if c["pad_pos"] is not None:  # padded slots get a zero output gradient: they contribute nothing
                 dog.view(pairs, C * Tq, Dv).index_fill_(1, c["pad_pos"], 0.0)
             if rpb_ext is not None:
@@ -494,22 +506,22 @@ def _backward(dout, dlse, q, k, v, rpb, decay, out, lse, params: NAParams, tile)
                     p.view(nb, nh, C, Tq, Hk).mul_(factor)
             else:
                 # p = exp(s + bias - lse): the bias and -lse form the input the product accumulates into
-                lse_t = _gather("lse:t", lse2.view(-1, 1), q_index, Tq, compute)
+                lse_t = _gather("lse:t", lse2, q_index, Tq, compute)
                 torch.sub(bias, lse_t.view(nb, nh, C, Tq, 1), out=s.view(nb, nh, C, Tq, Hk))
                 p = s.baddbmm_(qg, kg.transpose(1, 2), alpha=scale * LOG2E).exp2_()  # 0 outside the windows
                 # ds = p * (dout . v - delta), -delta being the input of the dout v^T product
-                neg_delta_t = _gather("neg_delta:t", neg_delta.view(-1, 1), q_index, Tq, compute)
+                neg_delta_t = _gather("neg_delta:t", neg_delta, q_index, Tq, compute)
                 if c["pad_pos"] is not None:
                     neg_delta_t.view(pairs, C * Tq).index_fill_(1, c["pad_pos"], 0.0)
                 ds = torch.baddbmm(neg_delta_t, dog, vg.transpose(1, 2), out=dp).mul_(p)
             dv_t = torch.bmm(p.transpose(1, 2), dog, out=_scratch("dv", (G, Hk, Dv), compute, device))
-            dv_h.index_add_(0, kv_index, dv_t.view(-1, Dv))
+            dv_rows.index_add_(0, kv_index, dv_t.view(-1, Dv))
             zero = dv_t.new_zeros(1, 1, 1)
             dq_t = torch.baddbmm(zero, ds, kg, beta=0.0, alpha=scale, out=_scratch("dq", (G, Tq, D), compute, device))
-            dq_h.index_copy_(0, _index(c, "out", pairs, rows), dq_t.view(-1, D))
+            dq_rows.index_copy_(0, _rows(c, "out", sl, prob.rows, h), dq_t.view(-1, D))
             dk_t = torch.baddbmm(zero, ds.transpose(1, 2), qg, beta=0.0, alpha=scale,
                                  out=_scratch("dk", (G, Hk, D), compute, device))
-            dk_h.index_add_(0, kv_index, dk_t.view(-1, D))
+            dk_rows.index_add_(0, kv_index, dk_t.view(-1, D))
             if drpb is not None:
                 # sum ds over the tiles of each pattern group, then scatter the groups into the table (entries
                 # outside the windows have ds == 0 and land in the extra last column)
@@ -518,9 +530,6 @@ def _backward(dout, dlse, q, k, v, rpb, decay, out, lse, params: NAParams, tile)
                 pattern = c["pattern"]
                 per_group = per_tile.new_zeros(nh, pattern.shape[0], Tq * Hk).index_add_(1, c["group"], per_tile)
                 drpb[h0:h1].scatter_add_(1, pattern.view(1, -1).expand(nh, -1), per_group.view(nh, -1))
-        _to_token_major(dq.view(B, N, h, D), dq_h.view(pairs, rows, D), sl)
-        _to_token_major(dk.view(B, N, h, D), dk_h.view(pairs, N, D), sl)
-        _to_token_major(dv.view(B, N, h, Dv), dv_h.view(pairs, N, Dv), sl)
     if drpb is not None:
         drpb = drpb[:, :-1].to(rpb.dtype).reshape(rpb.shape)
-    return dq, dk, dv, drpb
+    return _finish(dq, dq_rows, prob), dk.to(k.dtype), dv.to(v.dtype), drpb

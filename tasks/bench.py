@@ -335,19 +335,20 @@ def matmul_gflops(device: str = "cpu", size: int = 1024) -> float:
     return 2 * size**3 / secs / 1e9
 
 
-def round_robin_times(fns: dict, min_time: float = 1.0, rounds: int = 5) -> dict[object, list[float]]:
+def round_robin_times(fns: dict, min_time: float = 1.0, rounds: int = 5,
+                      clock: Callable[[], float] = time.perf_counter) -> dict[object, list[float]]:
     """Seconds per call of every function, measured interleaved: in each of ``rounds`` rounds every function
-    in turn runs for ``min_time / rounds`` seconds (at least once), so that a change in the machine's load hits
-    all of them alike. Returns every call's time, per function."""
+    in turn runs for ``min_time / rounds`` seconds of ``clock`` (at least once), so that a change in the
+    machine's load hits all of them alike. Returns every call's time, per function."""
     samples: dict = {name: [] for name in fns}
     budget = min_time / rounds
     for _ in range(rounds):
         for name, fn in fns.items():
-            start = time.perf_counter()
+            start = clock()
             while True:
-                t0 = time.perf_counter()
+                t0 = clock()
                 fn()
-                samples[name].append(time.perf_counter() - t0)
+                samples[name].append(clock() - t0)
                 if t0 - start + samples[name][-1] >= budget:
                     break
     return samples
@@ -434,6 +435,7 @@ def bench_kernels(
     min_time: float = 1.0,
     threads: int | None = None,
     report: Callable[[str], None] | None = None,
+    clock: str = "wall",
 ) -> tuple[str, list[dict]]:
     """Time visionattn's kernels against the alternatives: forward, backward (fwd+bwd minus fwd) and
     forward+backward, all measured interleaved (round-robin, best of the rounds) in the same run, together
@@ -447,13 +449,20 @@ def bench_kernels(
     (``topk-*``) against the dense masked reference. Ratio columns are ``alternative time / visionattn
     time``: above 1 means we are faster. Also checks that every alternative's output matches ours.
     ``report`` (e.g. ``print``) receives each line as soon as it is known: the machine's line, then one per
-    implementation measured. Returns the printed text and the rows.
+    implementation measured. ``clock``: ``'wall'`` (elapsed time), or ``'cpu'``, the CPU time of the calling
+    thread (one thread only): on a machine shared with other jobs it leaves out the time the benchmark waits
+    for a core, which otherwise weighs on long calls more than on short ones. Returns the printed text and
+    the rows.
     """
     from visionattn.errors import InvalidInputError
     from visionattn.kernels import triton_available
 
     if threads:
         torch.set_num_threads(threads)
+    if clock not in ("wall", "cpu"):
+        raise InvalidInputError(f"clock must be 'wall' or 'cpu', got {clock!r}")
+    if clock == "cpu" and (device != "cpu" or torch.get_num_threads() != 1):
+        raise InvalidInputError("clock='cpu' times the calling thread: it needs device cpu and one thread")
     if device == "cuda" and not torch.cuda.is_available():
         raise InvalidInputError("--device cuda asked for, but no CUDA device is available")
     ours_backends = ["torch"] if device == "cpu" else (["triton", "torch"] if triton_available() else ["torch"])
@@ -462,7 +471,8 @@ def bench_kernels(
         if pname not in KERNEL_PROBLEMS and pname not in OTHER_KERNEL_PROBLEMS:
             raise InvalidInputError(f"unknown problem {pname!r}; choose from "
                                     f"{', '.join([*KERNEL_PROBLEMS, *OTHER_KERNEL_PROBLEMS])}")
-    lines = [f"device {device}, {torch.get_num_threads()} threads; times are the best of interleaved rounds"]
+    lines = [f"device {device}, {torch.get_num_threads()} threads; times are the best of interleaved rounds"
+             + ("; CPU time of the calling thread" if clock == "cpu" else "")]
     rows: list[dict] = []
 
     def note(line: str) -> None:  # a line of the final text, reported now
@@ -527,7 +537,8 @@ def bench_kernels(
                         _sync(device)
 
                     fns[(name, "fwd+bwd")] = fwd_bwd
-            samples = round_robin_times(fns, min_time=min_time)
+            samples = round_robin_times(fns, min_time=min_time,
+                                        clock=time.thread_time if clock == "cpu" else time.perf_counter)
             best = {key: min(ts) for key, ts in samples.items()}
             ceiling = 2 * size**3 / best["matmul-1024"] / 1e9
             ours_fwd, ours_fb = best.get((ours_name, "fwd")), best.get((ours_name, "fwd+bwd"))

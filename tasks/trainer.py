@@ -39,7 +39,7 @@ TRAIN_DEFAULTS = dict(
     epochs=10, batch_size=64, accumulate=1, opt="adamw", lr=1e-3, weight_decay=0.05, warmup_epochs=1.0,
     min_lr=1e-5, clip_grad=None, amp="none", ema_decay=0.0, label_smoothing=0.0, deterministic=True,
     checkpoint_every=0, max_steps=None, max_minutes=None, schedule_by_time=False, eval_batch_size=256, eval_every=1,
-    num_workers=0, log_every=10, threads=None, channels_last=False,
+    num_workers=0, log_every=10, threads=None, channels_last=False, budget_clock="wall",
 )
 SCHEDULE_UNITS = 10_000  # with schedule_by_time, the LR schedule runs over this many units of the time budget
 LOG_SECONDS = 60.0  # a progress line at least this often (at the end of a step), whatever train.log_every says
@@ -152,6 +152,8 @@ class Trainer:
             self.total_steps = min(self.total_steps, int(o["max_steps"]))
         if o["schedule_by_time"] and not o["max_minutes"]:
             raise ConfigError("train.schedule_by_time needs train.max_minutes (the budget the schedule spans)")
+        if o["budget_clock"] not in ("wall", "cpu"):
+            raise ConfigError(f"train.budget_clock must be 'wall' or 'cpu', got {o['budget_clock']!r}")
         # by steps: warmup then cosine over the run's steps; by time: the same shape over the time budget,
         # warmup_epochs then being read as a fraction of the budget
         t_initial, warmup_t = (SCHEDULE_UNITS, int(o["warmup_epochs"] * SCHEDULE_UNITS)) if o["schedule_by_time"] else \
@@ -355,9 +357,9 @@ class Trainer:
                 last_of_epoch = self.batch_in_epoch == len(epoch_batches)
                 if len(accum) < o["accumulate"] and not last_of_epoch:
                     continue
-                step_start = time.time()
+                step_start = self._budget_clock()
                 loss = self._optimizer_step(accum)
-                step_seconds = time.time() - step_start
+                step_seconds = self._budget_clock() - step_start
                 self.train_seconds += step_seconds  # kept in checkpoints, so a resumed run continues the budget
                 images = sum(len(b) for b in accum) * self.world
                 accum = []
@@ -444,6 +446,15 @@ class Trainer:
                  f"{w[2] / max(w[3], 1e-9):.1f} img/s elapsed {_hms(elapsed)} eta {_hms(eta)}")
         self._window = [0, 0.0, 0, 0.0]
         self._last_line = now
+
+    def _budget_clock(self) -> float:
+        """Seconds on the clock that ``train.max_minutes`` is counted in. ``wall``: elapsed time. ``cpu``: this
+        process's CPU time divided by torch's thread count, i.e. about the elapsed time the same steps take on
+        an otherwise idle machine; a run sharing its cores with other jobs then gets the same budget of work
+        (and the same schedule) as one that has them to itself."""
+        if self.opts["budget_clock"] == "cpu":
+            return time.process_time() / max(1, torch.get_num_threads())
+        return time.time()
 
     def _out_of_time(self) -> bool:
         """``train.max_minutes`` of training (evaluation not counted) are used up, on any process."""

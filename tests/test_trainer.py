@@ -159,3 +159,30 @@ def test_bad_data_is_named(tmp_path, capsys, image_folder):
     good = write_recipe(tmp_path / "d.yaml", image_folder, tmp_path / "d")
     assert main(["train", str(good), "--resume", "output_dir=" + str(tmp_path / "nothing")]) == 2
     assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_cpu_budget_clock_counts_work_not_waiting(image_folder, tmp_path, monkeypatch, capsys):
+    """``train.budget_clock=cpu``: the budget is this process's CPU time, so time spent waiting for a core (here,
+    sleeping inside every step) does not use it up, while the wall clock does."""
+    import json
+
+    from visionattn.tasks import trainer as trainer_mod
+
+    real_step = trainer_mod.Trainer._optimizer_step
+
+    def slow_step(self, accum):
+        time.sleep(0.05)  # waiting, as a process does on a loaded machine
+        return real_step(self, accum)
+
+    monkeypatch.setattr(trainer_mod.Trainer, "_optimizer_step", slow_step)
+    steps = {}
+    for clock in ("wall", "cpu"):
+        cfg = write_recipe(tmp_path / f"{clock}.yaml", image_folder, tmp_path / clock, epochs=3)
+        # 0.3 s of budget: 6+ sleeping steps on the wall clock; on the CPU clock the sleeps are free
+        assert main(["train", str(cfg), f"train.budget_clock={clock}", "train.max_minutes=0.005"]) == 0
+        steps[clock] = json.loads((tmp_path / clock / "summary.json").read_text())["steps"]
+    capsys.readouterr()
+    assert steps["wall"] < steps["cpu"], steps
+    cfg = write_recipe(tmp_path / "bad.yaml", image_folder, tmp_path / "bad")
+    assert main(["train", str(cfg), "train.budget_clock=gpu"]) == 2
+    assert "budget_clock must be 'wall' or 'cpu'" in capsys.readouterr().err

@@ -175,16 +175,20 @@ def run_one(item: Item, process: Callable[[Item], dict], *, overwrite: bool, key
 
 
 def run_items(items: Sequence[Item], process: Callable[[Item], dict], *, overwrite: bool, command: str,
-              key: str, rank: int = 0, world: int = 1, progress: Callable | None = None) -> list[dict]:
+              key: str, rank: int = 0, world: int = 1, progress: Callable | None = None,
+              report: Callable[[dict], None] | None = None) -> list[dict]:
     """This process's share of ``items`` (every ``world``-th from ``rank``) through :func:`run_one`, each
-    failure printed once on stderr (``command: key NAME: error``); returns every process's entries
-    (gathered under ``torchrun``)."""
+    failure printed once on stderr (``command: key NAME: error``) and each entry handed to ``report`` as
+    soon as it is known (after the failure's line); returns every process's entries (gathered under
+    ``torchrun``)."""
     mine = list(items[rank::world])
     entries = []
     for item in (progress(mine) if progress else mine):
         entry = run_one(item, process, overwrite=overwrite, key=key)
         if entry["status"] == "failed":
             print(f"{command}: {key} {item.name}: {entry['error']}", file=sys.stderr)
+        if report is not None:
+            report(entry)
         entries.append(entry)
     return gather(entries, world)
 
@@ -315,11 +319,17 @@ def merge_summary(earlier: dict[str, dict], entries: list[dict], key: str) -> li
     status ``skipped``; items not run this time keep theirs unchanged."""
     merged = dict(earlier)
     for e in entries:
-        before = earlier.get(e[key])
-        if e["status"] == "skipped" and before is not None and before["status"] in ("ok", "skipped"):
-            e = {**before, "status": "skipped"}
-        merged[e[key]] = e
+        merged[e[key]] = merged_entry(earlier, e, key)
     return [merged[name] for name in sorted(merged)]
+
+
+def merged_entry(earlier: dict[str, dict], entry: dict, key: str) -> dict:
+    """``entry`` as the summary keeps it: a skipped item's earlier ``ok``/``skipped`` entry (what it measured
+    then), with status ``skipped``; any other entry as it is."""
+    before = earlier.get(entry[key])
+    if entry["status"] == "skipped" and before is not None and before["status"] in ("ok", "skipped"):
+        return {**before, "status": "skipped"}
+    return entry
 
 
 def write_summary(out_dir: Path, header: dict, list_name: str, merged: list[dict]) -> dict:

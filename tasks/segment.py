@@ -13,8 +13,9 @@ Nothing is lost or left half-written, whatever the input:
 - a case whose requested outputs all exist is skipped (nnU-Net's behaviour on re-runs) and keeps its earlier
   ``summary.json`` entry; ``overwrite`` redoes it. Outputs that only partly exist are never replaced
   without ``overwrite``;
-- ``OUT/summary.json`` lists every case (time, volume per label in ml, Dice when reference labels are given,
-  or the error) and is merged with the one an earlier run left; one that cannot be read is moved aside;
+- ``OUT/summary.json`` lists every case (time, volume per label in ml on the input's own grid, Dice when
+  reference labels are given, or the error), rounded, with this run's totals, and is merged with the one an
+  earlier run left; one that cannot be read is moved aside;
 - headers are checked before any voxel data is read: voxel counts (``max_voxels``, also after resampling to
   the model's spacing), header extensions, intensity scaling; then the values are checked as the model sees
   them (float32 after scaling, and again after the intensity normalisation);
@@ -24,6 +25,9 @@ Nothing is lost or left half-written, whatever the input:
 Inputs: a ``.nii``/``.nii.gz`` file, or a folder of them. In a folder, files named ``CASE_0000.nii.gz``,
 ``CASE_0001.nii.gz``, ... are the channels of one case (nnU-Net's convention); other files are one case each.
 Two files that name the same case (``a.nii`` + ``a.nii.gz``, ``a.nii.gz`` + ``a_0000.nii.gz``) fail that case.
+
+It prints a line per case as soon as it is done (:func:`case_line`), and writes with ``overlay`` a PNG per case
+whose legend gives each label's name (the recipe's ``data.labels``), colour and volume (:func:`write_overlay`).
 """
 from __future__ import annotations
 
@@ -405,35 +409,107 @@ def write_probabilities(probs: np.ndarray, path: Path, dtype=np.float16) -> None
         np.savez_compressed(tmp, probabilities=probs.astype(dtype))
 
 
-def write_overlay(image: np.ndarray, labels: np.ndarray, path: Path, n_slices: int = 8, title: str = "") -> None:
-    """A PNG montage of ``n_slices`` slices along the last axis (through the labelled region when there is
-    one) with the labels drawn over the image."""
+# label 1, 2, ... take these colours in turn (matplotlib's tab10 without its grey, which a grey MRI hides);
+# labels past them get hues spaced by the golden ratio
+LABEL_COLOURS = ("#ff7f0e", "#2ca02c", "#1f77b4", "#d62728", "#9467bd", "#17becf", "#e377c2", "#bcbd22", "#8c564b")
+OVERLAY_DPI = 80
+
+
+def label_colours(n_labels: int) -> np.ndarray:
+    """``[n_labels, 3]`` RGB in ``[0, 1]``: row ``k`` is the colour label ``k`` is drawn in (row 0, the
+    background, is never drawn)."""
+    import colorsys
+
+    rows = [(0.0, 0.0, 0.0)]
+    for k in range(1, n_labels):
+        if k <= len(LABEL_COLOURS):
+            hex_code = LABEL_COLOURS[k - 1]
+            rows.append(tuple(int(hex_code[i:i + 2], 16) / 255 for i in (1, 3, 5)))
+        else:
+            rows.append(colorsys.hsv_to_rgb((0.13 + 0.618034 * k) % 1.0, 0.8, 0.95))
+    return np.asarray(rows, dtype=np.float64).reshape(-1, 3)
+
+
+def overlay_figure(image: np.ndarray, labels: np.ndarray, label_names: Sequence[str] | None = None,
+                   n_slices: int = 8, title: str = "", volumes_ml: dict | None = None):
+    """The overlay's matplotlib figure: ``n_slices`` slices along the last axis (through the labelled region
+    when there is one), the labels drawn half-transparent over the image, and under the slices a legend with
+    each label's name (``label_names[k]`` for label ``k``; default ``label k``), colour and, given
+    ``volumes_ml`` (by name), its volume. Returns ``(figure, legend axes)``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    n_labels = max(len(label_names) if label_names is not None else 0, int(labels.max(initial=0)) + 1, 2)
+    names = [label_names[k] if label_names is not None and k < len(label_names) else f"label {k}"
+             for k in range(n_labels)]
+    colours = label_colours(n_labels)
 
     z = np.nonzero(labels.reshape(-1, labels.shape[-1]).any(0))[0]
     lo, hi = (int(z.min()), int(z.max())) if len(z) else (0, labels.shape[-1] - 1)
     picks = np.unique(np.linspace(lo, hi, n_slices).round().astype(int))
     cols = min(4, len(picks))
     rows = -(-len(picks) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3 * rows), squeeze=False)
+    legend_cols = min(n_labels - 1, cols)  # as many as there are columns of slices: the legend fits their width
+    legend_rows = -(-(n_labels - 1) // legend_cols)
+    panel, title_h, legend_h = 3.0, 0.6, 0.25 + 0.3 * legend_rows  # inches
+    height = rows * panel + title_h + legend_h
+    fig = plt.figure(figsize=(panel * cols, height), dpi=OVERLAY_DPI)
+    grid = fig.add_gridspec(rows, cols, left=0.02, right=0.98, top=1 - title_h / height, bottom=legend_h / height,
+                            wspace=0.08, hspace=0.15)
     vmin, vmax = np.percentile(image, [1, 99])
-    masked = np.ma.masked_equal(labels, 0)
-    for ax in axes.flat:
+    for i, k in enumerate(picks):
+        ax = fig.add_subplot(grid[i // cols, i % cols])
         ax.axis("off")
-    for ax, k in zip(axes.flat, picks):
         ax.imshow(image[..., k].T, cmap="gray", origin="lower", vmin=vmin, vmax=vmax)
-        ax.imshow(masked[..., k].T, cmap="tab10", origin="lower", alpha=0.5, vmin=0, vmax=9, interpolation="nearest")
+        lab = labels[..., k].T
+        rgba = np.zeros((*lab.shape, 4))
+        rgba[..., :3] = colours[np.clip(lab, 0, n_labels - 1)]
+        rgba[..., 3] = np.where(lab > 0, 0.5, 0.0)
+        ax.imshow(rgba, origin="lower", interpolation="nearest")
         ax.set_title(f"slice {k}", fontsize=8)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    fig.suptitle(title, fontsize=10, y=1 - 0.08 / height, va="top")
+
+    def text(k: int) -> str:
+        ml = (volumes_ml or {}).get(names[k])
+        return names[k] if ml is None else f"{names[k]} ({format_ml(ml)} ml)"
+
+    legend_ax = fig.add_axes((0.0, 0.0, 1.0, legend_h / height))
+    legend_ax.axis("off")
+    handles = [Patch(facecolor=colours[k], edgecolor="none", label=text(k)) for k in range(1, n_labels)]
+    legend_ax.legend(handles=handles, loc="center", ncol=legend_cols, frameon=False, fontsize=9, handlelength=2.5,
+                     handleheight=1.3)
+    return fig, legend_ax
+
+
+def write_overlay(image: np.ndarray, labels: np.ndarray, path: Path, n_slices: int = 8, title: str = "",
+                  label_names: Sequence[str] | None = None,
+                  volumes_ml: dict | None = None) -> tuple[int, int, int, int]:
+    """Write :func:`overlay_figure` as a PNG (atomically). The PNG's ``Description`` text names each label
+    and its colour. Returns the legend's box in the PNG's pixels, ``(left, top, right, bottom)``."""
+    import matplotlib.pyplot as plt
+
+    fig, legend_ax = overlay_figure(image, labels, label_names, n_slices, title, volumes_ml)
     try:
+        colours = label_colours(len(legend_ax.get_legend().get_texts()) + 1)
+        described = "; ".join(f"{k} {t.get_text()} #{''.join(f'{round(c * 255):02x}' for c in colours[k])}"
+                              for k, t in enumerate(legend_ax.get_legend().get_texts(), start=1))
+        width, height = (fig.get_size_inches() * OVERLAY_DPI).round().astype(int)
+        box = legend_ax.get_position()  # figure fractions, from the bottom left
+        pixels = (int(box.x0 * width), int((1 - box.y1) * height), int(box.x1 * width), int((1 - box.y0) * height))
         with atomic_path(path, ".png") as tmp:
-            fig.savefig(tmp, dpi=80)
+            fig.savefig(tmp, dpi=OVERLAY_DPI, metadata={"Title": title, "Description": f"labels: {described}"})
     finally:
         plt.close(fig)
+    return pixels
+
+
+def format_ml(ml: float) -> str:
+    """A volume in ml to a sensible number of digits: 1234, 123.4, 12.34, 1.234 (never float noise)."""
+    ml = float(ml)
+    return f"{ml:.0f}" if ml >= 1000 else f"{ml:.1f}" if ml >= 100 else f"{ml:.2f}" if ml >= 10 else f"{ml:.3f}"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -451,6 +527,7 @@ class Segmenter:
         out = seg.predict(volume, affine)           # volume [C, X, Y, Z] or [X, Y, Z], affine 4x4 (voxel -> mm)
         out["labels"]                               # [X, Y, Z] uint8 on the input's grid
 
+    ``device``: ``cpu`` (the default), ``auto``, ``cuda`` or ``cuda:N`` (:func:`resolve_device`).
     Settings left ``None`` come from the run's recipe (``inference:`` and ``data.roi_size``). ``engine="onnx"``
     runs the network in onnxruntime instead of PyTorch (the run's network exported to a temporary ONNX file,
     or ``onnx_path``, checked against PyTorch on one window first); everything around it is the same.
@@ -461,7 +538,7 @@ class Segmenter:
                  tta: bool | None = None, engine: str = "torch", onnx_path: str | None = None):
         inference = dict(model.config.get("inference") or {})
         self.model = model
-        self.device = device
+        self.device = resolve_device(device)  # "auto" too
         self.roi_size = list(roi_size or model.data["roi_size"])
         self.overlap = float(overlap if overlap is not None else inference.get("overlap", 0.5))
         self.mode = mode or inference.get("mode", "gaussian")
@@ -477,7 +554,7 @@ class Segmenter:
         if tta and not self.mirror_axes:
             print(f"segment: warning: {model.source} was trained without flips, so --tta has no axis to mirror",
                   file=sys.stderr)
-        model.network.to(device)
+        model.network.to(self.device)
         # the network that runs the windows: the PyTorch one, or the same network in onnxruntime (`engine="onnx"`)
         if engine not in ("torch", "onnx"):
             raise SegmentError(f"engine must be 'torch' or 'onnx', got {engine!r}")
@@ -623,17 +700,29 @@ def segment_case(segmenter: Segmenter, case: Case, outputs: dict[str, Path], *,
     write_like(reference, labels, outputs["labels"])
     if "probabilities" in outputs:
         write_probabilities(result["probabilities"], outputs["probabilities"])
-    voxel_ml = float(np.prod(reference.header.get_zooms()[:3])) / 1000.0
+    # the labels are on the input's grid, so each voxel has the input's own volume
+    voxel_ml = voxel_volume_ml(reference)
+    counts = np.bincount(labels.reshape(-1).astype(np.int64), minlength=len(model.labels))
     entry = {"model": model.source,
-             "volume_ml": {name: round(float((labels == k).sum()) * voxel_ml, 3)
+             "volume_ml": {name: round(float(counts[k]) * voxel_ml, 3)
                            for k, name in enumerate(model.labels) if k > 0}}
     if case.reference is not None:
         truth = np.asarray(nib.load(str(case.reference)).dataobj).round().astype(np.int64)
         dice = dice_per_label(labels, truth, len(model.labels))
         entry["dice"] = {name: None if d is None else round(d, 4) for name, d in zip(model.labels[1:], dice)}
     if "overlay" in outputs:
-        write_overlay(volume[0], labels, outputs["overlay"], title=case.name)
+        write_overlay(volume[0], labels, outputs["overlay"], title=case.name, label_names=model.labels,
+                      volumes_ml=entry["volume_ml"])
     return entry
+
+
+def voxel_volume_ml(img) -> float:
+    """The volume of one voxel of ``img`` in ml: the product of the header's voxel spacing (pixdim, mm), or,
+    where that is not usable (zero, NaN), the determinant of the affine."""
+    zooms = np.abs(np.asarray(img.header.get_zooms()[:3], dtype=np.float64))
+    mm3 = float(np.prod(zooms)) if len(zooms) == 3 and np.isfinite(zooms).all() and (zooms > 0).all() else \
+        abs(float(np.linalg.det(np.asarray(img.affine, dtype=np.float64)[:3, :3])))
+    return mm3 / 1000.0
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -641,11 +730,14 @@ def segment_case(segmenter: Segmenter, case: Case, outputs: dict[str, Path], *,
 
 
 def check_summary_entry(entry: dict) -> None:
-    """An earlier summary's case entry must hold Dice as a table of numbers (``ValueError`` otherwise)."""
-    dice = entry.get("dice", {})
-    if not (isinstance(dice, dict) and all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
-                                           for v in dice.values())):
-        raise ValueError(f"case {entry.get('case')}: 'dice' is not a table of numbers")
+    """An earlier summary's case entry must hold Dice and volumes as tables of numbers (``ValueError``
+    otherwise), as they are averaged and printed again."""
+    for key in ("dice", "volume_ml"):
+        table = entry.get(key, {})
+        numbers = isinstance(table, dict) and all(
+            v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in table.values())
+        if not numbers:
+            raise ValueError(f"case {entry.get('case')}: {key!r} is not a table of numbers")
 
 
 def mean_dice(entries: list[dict], label_names: Sequence[str]) -> dict[str, float]:
@@ -663,14 +755,104 @@ def mean_dice(entries: list[dict], label_names: Sequence[str]) -> dict[str, floa
 # the command
 
 
-def run_segment(input_path: str | None, output: str | None, model_spec: str | None = None, *, device: str = "cpu",
+def resolve_device(device: str | None = "auto") -> str:
+    """The device ``--device`` names: ``auto`` (the default) is CUDA when ``torch.cuda.is_available()``, else
+    the CPU; ``cpu``; ``cuda`` or ``cuda:N``, only where that GPU exists. Under ``torchrun``, ``cuda`` is each
+    process's own GPU, ``cuda:LOCAL_RANK``, and ``auto`` takes the GPUs only when there is one for every
+    process on the machine (``LOCAL_WORLD_SIZE``), so that all processes use the same kind of device.
+    Raises :class:`SegmentError` saying what to use instead."""
+    import os
+
+    name = (device or "auto").strip().lower()
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if name == "auto":
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        needed = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if distributed else 1
+        name = "cuda" if gpus >= max(needed, 1) else "cpu"
+    if name == "cpu":
+        return "cpu"
+    m = re.fullmatch(r"cuda(?::(\d+))?", name)
+    if m is None:
+        raise SegmentError(f"--device {device}: not a device; use auto (the default: a GPU when there is one), "
+                           f"cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise SegmentError(f"--device {device}: no CUDA GPU is usable here (torch.cuda.is_available() is False); "
+                           f"use --device cpu, or --device auto to take a GPU only where there is one")
+    count = torch.cuda.device_count()
+    index = m[1]
+    if index is None and distributed:
+        index = os.environ.get("LOCAL_RANK")
+    if index is None:
+        return "cuda"
+    if int(index) >= count:
+        raise SegmentError(f"--device {device}: this machine has {count} CUDA GPU(s), cuda:0 .. cuda:{count - 1}"
+                           + (f" (the process with LOCAL_RANK {index} has none)" if m[1] is None else "")
+                           + "; use one of those, or --device cpu")
+    return f"cuda:{int(index)}"
+
+
+def case_line(entry: dict, out_dir: Path) -> str:
+    """The line ``segment`` prints for a case: its status and time, its volume per label in ml and, against
+    reference labels, its Dice per label."""
+    name = f"{entry['case']:20s}"
+    if entry["status"] == "failed":
+        return f"{name} failed (error above)"
+    if entry["status"] == "skipped":
+        head = f"{name} skipped: already in {out_dir}; --overwrite to redo"
+    else:
+        head = f"{name} ok {entry.get('seconds', 0):6.2f} s"
+    parts = [head]
+    volumes = entry.get("volume_ml")
+    if isinstance(volumes, dict) and volumes:
+        parts.append(", ".join(f"{k} {format_ml(v)} ml" for k, v in volumes.items() if v is not None))
+    dice = entry.get("dice")
+    if isinstance(dice, dict) and any(v is not None for v in dice.values()):
+        parts.append("Dice " + ", ".join(f"{k} {v:.3f}" for k, v in dice.items() if v is not None))
+    return "  ".join(parts)
+
+
+def _say(line: str) -> None:
+    """Print a line now, above the progress bar when there is one."""
+    from tqdm import tqdm
+
+    tqdm.write(line, file=sys.stdout)
+    sys.stdout.flush()
+
+
+def run_segment(input_path: str | None, output: str | None, model_spec: str | None = None, *, device: str = "auto",
                 roi_size: Sequence[int] | None = None, overlap: float | None = None, mode: str | None = None,
                 tta: bool | None = None, save_probabilities: bool = False, overwrite: bool = False,
                 progress: bool = True, overlay: bool = False, labels_dir: str | None = None,
-                max_voxels: int = DEFAULT_MAX_VOXELS, engine: str = "torch", onnx_path: str | None = None) -> int:
+                max_voxels: int = DEFAULT_MAX_VOXELS, engine: str = "torch", onnx_path: str | None = None,
+                threads: int | None = None) -> int:
     """The ``segment`` command. Without ``input_path`` it segments the bundled sample volumes with the
-    bundled model and reports Dice against their reference labels. Returns the exit code: 1 when a case
-    failed, 0 otherwise (cases skipped because their outputs exist are not failures)."""
+    bundled model and reports Dice against their reference labels. ``device``: see :func:`resolve_device`;
+    ``threads``: the CPU threads torch uses (``torch.set_num_threads``; restored on return). Prints one line
+    per case as it is done (:func:`case_line`) and the totals. Returns the exit code: 1 when a case failed,
+    0 otherwise (cases skipped because their outputs exist are not failures)."""
+    import time
+
+    started = time.perf_counter()
+    if threads is not None and threads < 1:
+        raise SegmentError(f"--threads must be at least 1, got {threads}")
+    device = resolve_device(device)
+    threads_before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _run_segment(input_path, output, model_spec, device=device, roi_size=roi_size, overlap=overlap,
+                            mode=mode, tta=tta, save_probabilities=save_probabilities, overwrite=overwrite,
+                            progress=progress, overlay=overlay, labels_dir=labels_dir, max_voxels=max_voxels,
+                            engine=engine, onnx_path=onnx_path, started=started)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run_segment(input_path, output, model_spec, *, device, roi_size, overlap, mode, tta, save_probabilities,
+                 overwrite, progress, overlay, labels_dir, max_voxels, engine, onnx_path, started) -> int:
+    import os
+    import time
+
     from visionattn.tasks import batch
     from visionattn.tasks.runtime import dist_setup, progress as progress_bar
 
@@ -684,8 +866,6 @@ def run_segment(input_path: str | None, output: str | None, model_spec: str | No
         raise SegmentError("-o/--output is required with -i/--input")
     if max_voxels < 1:
         raise SegmentError(f"--max-voxels must be positive, got {max_voxels}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SegmentError("--device cuda: no CUDA device is available here; use --device cpu")
     segmenter = Segmenter.from_run(model_spec or DEFAULT_MODEL, device=device, roi_size=roi_size, overlap=overlap,
                                    mode=mode, tta=tta, engine=engine, onnx_path=onnx_path)
     cases = find_cases(input_path, segmenter.in_channels)
@@ -697,41 +877,49 @@ def run_segment(input_path: str | None, output: str | None, model_spec: str | No
     batch.refuse_outputs_on_inputs(items, out_dir, {"input": input_path, "--labels": labels_dir})
     batch.prepare_output_folder(out_dir)
 
+    if device.startswith("cuda:") and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        torch.cuda.set_device(device)  # NCCL's collectives run on the current device: each process its own
     rank, world = dist_setup(device)  # (0, 1) outside torchrun
     earlier = batch.read_earlier_summary(out_dir, "segment", "cases", "case", check_summary_entry) if rank == 0 else {}
+    if rank == 0:
+        _say(f"segment: {len(cases)} case(s) with {model_spec or DEFAULT_MODEL} on {device}"
+             + (f" ({torch.get_num_threads()} thread{'s' if torch.get_num_threads() != 1 else ''})"
+                if device == "cpu" else "")
+             + (f", {world} processes" if world > 1 else "") + f", into {out_dir}")
+    # one process: each case's line as soon as it is done; under torchrun, rank 0 prints them all at the end
+    report = (lambda e: _say(case_line(batch.merged_entry(earlier, e, "case"), out_dir))) if world == 1 else None
     by_name = {c.name: c for c in cases}
     entries = batch.run_items(
         items, lambda item: segment_case(segmenter, by_name[item.name], item.outputs, max_voxels=max_voxels),
-        overwrite=overwrite, command="segment", key="case", rank=rank, world=world,
+        overwrite=overwrite, command="segment", key="case", rank=rank, world=world, report=report,
         progress=lambda xs: progress_bar(xs, desc="segment", disable=not progress or None))
     failed = [e for e in entries if e["status"] == "failed"]
     if rank == 0:
         merged = batch.merge_summary(earlier, entries, "case")
-        header = {"model": segmenter.model.source, "device": device}
+        cases_now = {e["case"] for e in entries}
+        this_run = [e for e in merged if e["case"] in cases_now]
+        if report is None:
+            for e in this_run:
+                _say(case_line(e, out_dir))
+        skipped = sum(e["status"] == "skipped" for e in entries)
+        run_means = mean_dice(this_run, segmenter.labels[1:])
+        totals = {"cases": len(entries), "written": len(entries) - len(failed) - skipped, "skipped": skipped,
+                  "failed": len(failed), "seconds": round(time.perf_counter() - started, 2)}
+        if run_means:
+            totals["mean_dice"] = run_means
+        header = {"model": segmenter.model.source, "device": device, "threads": torch.get_num_threads(),
+                  "labels": segmenter.labels}
         if engine != "torch":
             header["engine"] = engine
-        means = mean_dice(merged, segmenter.labels[1:])
+        header["totals"] = totals  # this run's
+        means = mean_dice(merged, segmenter.labels[1:])  # every case the summary lists
         if means:
             header["mean_dice"] = means
         batch.write_summary(out_dir, header, "cases", merged)
-        cases_now = {e["case"] for e in entries}
-        this_run = [e for e in merged if e["case"] in cases_now]
-        for e in this_run:
-            dice = ""
-            if isinstance(e.get("dice"), dict):
-                dice = "  Dice " + ", ".join(f"{k} {v:.3f}" for k, v in e["dice"].items() if v is not None)
-            if e["status"] == "ok":
-                print(f"{e['case']:24s} ok      {e.get('seconds', 0):6.2f} s{dice}")
-            elif e["status"] == "skipped":
-                print(f"{e['case']:24s} skipped: already in {out_dir}; --overwrite to redo{dice}")
-            else:
-                print(f"{e['case']:24s} failed (error above)")
-        run_means = mean_dice(this_run, segmenter.labels[1:])
         if run_means:
-            print(f"mean Dice ({sum('dice' in e for e in this_run if e['status'] != 'failed')} cases): "
-                  + ", ".join(f"{k} {v:.3f}" for k, v in run_means.items()))
-        skipped = sum(e["status"] == "skipped" for e in entries)
-        print(f"segment: {len(entries) - len(failed) - skipped} of {len(entries)} cases written to {out_dir}"
-              + (f", {skipped} skipped (already there)" if skipped else "")
-              + (f"; {len(failed)} failed" if failed else ""))
+            _say(f"mean Dice ({sum('dice' in e for e in this_run if e['status'] != 'failed')} cases): "
+                 + ", ".join(f"{k} {v:.3f}" for k, v in run_means.items()))
+        _say(f"segment: {totals['written']} of {len(entries)} cases written to {out_dir}"
+             + (f", {skipped} skipped (already there)" if skipped else "")
+             + (f"; {len(failed)} failed" if failed else "") + f"; {totals['seconds']:.1f} s in all")
     return 1 if failed else 0

@@ -12,6 +12,10 @@ def test_bench_models_compare_timm(capsys, tmp_path):
     assert rc == 0
     table = capsys.readouterr().out
     assert "speedup" in table and "timm_img_s" in table and "convit_tiny" in table
+    # the row as it was measured, then a blank line and the table
+    lines = table.splitlines()
+    assert lines[0].startswith("convit_tiny: batch 2") and "speedup" in lines[0] and lines[1] == ""
+    assert lines[2].split()[:2] == ["model", "batch"]
     (row,) = json.loads(out_json.read_text())
     assert row["ours_img_s"] > 0 and row["timm_img_s"] > 0
     assert row["max_abs_diff"] <= 1e-5  # same weights, same outputs
@@ -30,6 +34,9 @@ def test_bench_kernels_small_problem(capsys, tmp_path):
     assert rc == 0
     text = capsys.readouterr().out
     assert "matmul ceiling" in text and "fwd ratio" in text and "bwd ratio" in text
+    # each implementation's row as it was measured, before the final table
+    for impl in ("visionattn-torch", "naive-gather", "masked-dense-sdpa"):
+        assert text.index(f"2d-16-k5 {impl}: fwd") < text.index("impl "), text
     rows = {r["impl"]: r for r in json.loads(out_json.read_text())}
     assert set(rows) == {"visionattn-torch", "naive-gather", "masked-dense-sdpa", "flex-attention-compiled",
                          "flex-attention-tiled"}
@@ -70,3 +77,18 @@ def test_bench_models_biformer_against_full_gather(capsys, tmp_path):
     assert row["max_abs_diff"] < 1e-4 and row["gather_img_s"] > 0
     for key in ("infer_peak_mib", "gather_infer_peak_mib", "train_peak_mib", "gather_train_peak_mib"):
         assert row[key] >= 0
+
+
+def test_bench_models_reports_each_model_before_measuring_the_next(monkeypatch):
+    """``report`` gets a model's row as soon as it is measured (a tiny model, a few hundredths of a second)."""
+    import visionattn.tasks.bench as bench
+
+    measured = []
+    interleaved_times = bench.interleaved_times
+    monkeypatch.setattr(bench, "interleaved_times", lambda *a, **k: (measured.append(1), interleaved_times(*a, **k))[1])
+    reported = []
+    table, rows = bench.bench_models(["activator_glu_cifar", "activator_glu_cifar"], batch_size=1, min_time=0.01,
+                                     report=lambda line: reported.append((len(measured), line)))
+    assert [n for n, _ in reported] == [1, 2]
+    assert all(line.startswith("activator_glu_cifar: batch 1") and "ours_img_s" in line for _, line in reported)
+    assert len(rows) == 2 and "ours_img_s" in table

@@ -129,6 +129,8 @@ def test_list_filters_as_the_registry_does(capsys):
     (["train", "recipe.yaml", "--resme"], ["--resume"]),
     (["predict", "run", "--inptu", "x"], ["--input"]),  # before argparse complains that -i is missing
     (["--hepl"], ["--help"]),
+    (["segment", "--treads", "2"], ["unrecognized arguments: --treads", "did you mean --threads"]),
+    (["segment", "--devcie", "cpu"], ["did you mean --device"]),
 ])
 def test_typos_get_a_did_you_mean_and_exit_2(argv, words, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -144,6 +146,7 @@ def test_typos_get_a_did_you_mean_and_exit_2(argv, words, capsys):
     ["bench", "models", "convit_tiny", "--min", "1"],  # an unambiguous prefix, which argparse accepts
     ["predict", "run", "-iimages", "-o", "out.csv"],  # a short option with its value attached
     ["segment", "--overlap", "-0.5"],  # a negative number is a value
+    ["segment", "--device", "auto", "--threads", "2"],
     ["train", "recipe.yaml", "--", "--not-an-option"],
 ])
 def test_spelling_check_leaves_valid_command_lines_alone(argv):

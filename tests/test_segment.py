@@ -3,6 +3,7 @@ a non-RAS one, exact inversion of the preprocessing, multi-channel cases, every 
 the bundled demo."""
 import json
 import os
+import re
 from pathlib import Path
 
 import nibabel as nib
@@ -20,15 +21,16 @@ WEIGHT = torch.tensor([[-4.0], [1.0], [4.0]])  # 3 classes from one channel: a m
 BIAS = torch.tensor([0.0, 2.0, -2.0])
 
 
-def voxelwise_model_dir(tmp_path: Path, in_channels: int = 1, task: str = "segmentation", spacing=(2.0, 2.0, 2.0)) -> Path:
+def voxelwise_model_dir(tmp_path: Path, in_channels: int = 1, task: str = "segmentation", spacing=(2.0, 2.0, 2.0),
+                        labels=("background", "a", "b")) -> Path:
     """A run folder whose network is a 1x1x1 convolution: labels depend on each voxel's value only, so any
     mistake in reorienting or inverting shows up as a voxel mismatch. ``spacing`` defaults to anatomical.nii's
-    2 mm, so no resampling happens unless a test asks for it."""
+    2 mm, so no resampling happens unless a test asks for it. ``labels``: the recipe's three label names."""
     run = tmp_path / f"run_{in_channels}_{task}"
     run.mkdir()
     cfg = {
         "task": task,
-        "data": {"spatial_dims": 3, "in_channels": in_channels, "labels": ["background", "a", "b"], "orientation": "RAS",
+        "data": {"spatial_dims": 3, "in_channels": in_channels, "labels": list(labels), "orientation": "RAS",
                  "spacing": list(spacing), "intensity": "zscore", "roi_size": [16, 16, 16]},
         "inference": {"overlap": 0.25, "mode": "constant", "sw_batch_size": 2},
         "model": {"_target_": "torch.nn.Conv3d", "in_channels": in_channels, "out_channels": 3, "kernel_size": 1},
@@ -258,12 +260,36 @@ def test_torchrun_shares_cases_across_processes(tmp_path):
         np.testing.assert_array_equal(np.asarray(nib.load(str(out / f"case{i}.nii.gz")).dataobj), want)
 
 
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_demo_cases() -> dict[str, list[float]]:
+    """The case lines of the demo output pasted in the README: case -> its numbers after the time (volumes
+    in ml, then Dice)."""
+    text = README.read_text(encoding="utf-8")
+    block = text[text.index("The demo prints one line per case"):].split("```text\n", 1)[1].split("```", 1)[0]
+    return {m[1]: [float(x) for x in re.findall(r" (\d+\.\d+)(?= ml|,|$)", m[2])]
+            for m in re.finditer(r"^(\S+) +ok +\d+\.\d+ s  (.*)$", block, re.M)}
+
+
 def test_bundled_demo_segments_the_samples(tmp_path, capsys):
-    """The README's main command: the bundled model on the bundled validation cases, Dice printed."""
+    """The README's main command: the bundled model on the bundled validation cases, a line per case with
+    its volumes and Dice, as the README shows it (times aside), and the overlay the README shows."""
     out = tmp_path / "demo"
     assert main(["segment", "-o", str(out), "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "mean Dice" in printed
+    pasted = readme_demo_cases()
+    assert sorted(pasted) == ["hippocampus_015", "hippocampus_020", "hippocampus_024"]
+    for case, numbers in pasted.items():
+        line = next(line for line in printed.splitlines() if line.startswith(case + " "))
+        ours = [float(x) for x in re.findall(r" (\d+\.\d+)(?= ml|,|$)", line.split(" s  ", 1)[1])]
+        assert len(numbers) == 4 and ours == pytest.approx(numbers, abs=0.01), (line, numbers)
+    from PIL import Image
+
+    shown = Image.open(README.parent / "docs" / "segment_overlay.png")
+    assert "](docs/segment_overlay.png)" in README.read_text(encoding="utf-8")
+    assert "1 anterior" in shown.text["Description"] and "2 posterior" in shown.text["Description"]
     summary = json.loads((out / "summary.json").read_text())
     assert len(summary["cases"]) == 3
     for name, dice in summary["mean_dice"].items():

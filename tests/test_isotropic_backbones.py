@@ -104,5 +104,4 @@ def test_bad_configuration_is_reported():
 @pytest.mark.parametrize("name,params_m", [("ninformer_s16_224", 38.09), ("ninformer_b16_224", 136.33), ("activator_s16_224", 36.18)])
 def test_larger_variants_have_their_documented_sizes(name, params_m):
     n = n_params(visionattn.create_model(name))
-    assert abs(n / 1e6 - params_m) < 0.01
-    assert f"{params_m:.1f}M" in visionattn.get_entry(name).notes
+    assert abs(n / 1e6 - params_m) < 0.01  # the README's model table prints the count (tests/test_readme_tables.py)

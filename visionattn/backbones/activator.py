@@ -26,7 +26,7 @@ from torch import nn
 from visionattn.layers.classifier import apply_factory_dtype, factory_device
 from visionattn.layers.isotropic import IsotropicPatchClassifier
 from visionattn.layers.mlp import FeedForward
-from visionattn.registry import register_model
+from visionattn.registry import ReportedFigures, register_model
 
 __all__ = ["Activator", "ActivatorGatingUnit"]
 
@@ -125,21 +125,25 @@ default_cfgs = generate_default_cfgs({
 
 
 @register_model(task="classification", paper=PAPER, model_cls=Activator, input_size=(3, 32, 32),
-                notes="released CIFAR config with FFN: 32x32, patch 4, width 256, MLP 512, 4 blocks; 2.651M params")
+                notes="released CIFAR config with FFN: 32x32, patch 4, width 256, MLP 512, 4 blocks",
+                reported=ReportedFigures(source="official code", params_m=2.651))
 def activator_cifar(pretrained: bool = False, **kwargs: Any) -> Activator:
-    """The released CIFAR-10 configuration with the FFN (2.651M parameters at 10 classes)."""
+    """The released CIFAR-10 configuration with the FFN (10 classes)."""
     return _create("activator_cifar", pretrained, **kwargs)
 
 
 @register_model(task="classification", paper=PAPER, model_cls=Activator, input_size=(3, 32, 32),
-                notes="released GEGLU-only CIFAR config (no FFN); 1.599M params")
+                notes="released GEGLU-only CIFAR config (no FFN)",
+                reported=(ReportedFigures(source="official code", params_m=1.599),
+                          ReportedFigures(source="paper v4", metric="top-1", value=73.2, dataset="CIFAR-10",
+                                          setting="variant not stated")))
 def activator_glu_cifar(pretrained: bool = False, **kwargs: Any) -> Activator:
-    """The GLU-only configuration (``activator_only_GEGLU.py``; 1.599M parameters at 10 classes)."""
+    """The GLU-only configuration (``activator_only_GEGLU.py``; 10 classes)."""
     return _create("activator_glu_cifar", pretrained, **dict(dict(use_ffn=False), **kwargs))
 
 
 @register_model(task="classification", paper=PAPER, model_cls=Activator,
-                notes="ours: 224x224, patch 16, width 384, MLP 1536, 12 blocks, with FFN, dropout 0; 36.2M params, 14.0 GFLOPs")
+                notes="ours: 224x224, patch 16, width 384, MLP 1536, 12 blocks, with FFN, dropout 0")
 def activator_s16_224(pretrained: bool = False, **kwargs: Any) -> Activator:
     """224x224 variant (ours): patch 16, width 384, MLP 1536, 12 blocks, with FFN, no dropout."""
     args = dict(img_size=224, patch_size=16, embed_dim=384, mlp_dim=1536, depth=12, drop_rate=0.0, num_classes=1000)

@@ -35,7 +35,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from visionattn.layers.classifier import ClassifierMixin, apply_factory_dtype, check_image_input, factory_device
-from visionattn.registry import register_model
+from visionattn.registry import ReportedFigures, register_model
 
 __all__ = ["BiFormer", "BiLevelRoutingAttention", "AttentionLePE", "routed_attention"]
 
@@ -431,28 +431,32 @@ default_cfgs = generate_default_cfgs({
 })
 
 
-@register_model(task="classification", paper=PAPER, model_cls=BiFormer, notes="13.14M params, 2.2 GFLOPs (paper), ImageNet top-1 81.4")
+@register_model(task="classification", paper=PAPER, model_cls=BiFormer,
+                reported=ReportedFigures(params_m=13.1, compute=2.2, metric="top-1", value=81.4, dataset="ImageNet-1k"))
 def biformer_tiny(pretrained: bool = False, **kwargs: Any) -> BiFormer:
     """BiFormer-T: depths 2,2,8,2; widths 64..512; MLP ratio 3."""
     args = dict(depths=(2, 2, 8, 2), embed_dims=(64, 128, 256, 512), mlp_ratio=3.0)
     return _create("biformer_tiny", pretrained, **dict(args, **kwargs))
 
 
-@register_model(task="classification", paper=PAPER, model_cls=BiFormer, notes="25.54M params, 4.5 GFLOPs (paper), ImageNet top-1 83.8")
+@register_model(task="classification", paper=PAPER, model_cls=BiFormer,
+                reported=ReportedFigures(params_m=25.5, compute=4.5, metric="top-1", value=83.8, dataset="ImageNet-1k"))
 def biformer_small(pretrained: bool = False, **kwargs: Any) -> BiFormer:
     """BiFormer-S: depths 4,4,18,4; widths 64..512; MLP ratio 3."""
     args = dict(depths=(4, 4, 18, 4), embed_dims=(64, 128, 256, 512), mlp_ratio=3.0)
     return _create("biformer_small", pretrained, **dict(args, **kwargs))
 
 
-@register_model(task="classification", paper=PAPER, model_cls=BiFormer, notes="56.80M params, 9.8 GFLOPs (paper), ImageNet top-1 84.3")
+@register_model(task="classification", paper=PAPER, model_cls=BiFormer,
+                reported=ReportedFigures(params_m=56.8, compute=9.8, metric="top-1", value=84.3, dataset="ImageNet-1k"))
 def biformer_base(pretrained: bool = False, **kwargs: Any) -> BiFormer:
     """BiFormer-B: depths 4,4,18,4; widths 96..768; MLP ratio 3."""
     args = dict(depths=(4, 4, 18, 4), embed_dims=(96, 192, 384, 768), mlp_ratio=3.0)
     return _create("biformer_base", pretrained, **dict(args, **kwargs))
 
 
-@register_model(task="classification", paper=PAPER, model_cls=BiFormer, notes="Swin-T layout ablation: 28.4M params, 4.6 GFLOPs (paper), top-1 82.7")
+@register_model(task="classification", paper=PAPER, model_cls=BiFormer, notes="Swin-T layout ablation",
+                reported=ReportedFigures(params_m=28.4, compute=4.6, metric="top-1", value=82.7, dataset="ImageNet-1k"))
 def biformer_stl(pretrained: bool = False, **kwargs: Any) -> BiFormer:
     """BiFormer-STL, the paper's ablation in Swin-T's layout: 4x4 patchify stem, BN + 2x2-conv downsampling,
     no conditional position encoding, depths 2,2,6,2, widths 96..768, MLP ratio 4."""

@@ -36,7 +36,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from visionattn.layers.classifier import ClassifierMixin, apply_factory_dtype, check_image_input, factory_device
-from visionattn.registry import register_model
+from visionattn.registry import ReportedFigures, register_model
 
 __all__ = ["ConViT", "GatedPositionalSelfAttention", "MultiHeadSelfAttention", "relative_offsets"]
 
@@ -511,37 +511,43 @@ default_cfgs = generate_default_cfgs({
 })
 
 
-@register_model(task="classification", paper=PAPER, model_cls=ConViT, notes="4 heads x 48, 5.7M params, ImageNet top-1 73.1")
+@register_model(task="classification", paper=PAPER, model_cls=ConViT, notes="4 heads x 48",
+                reported=ReportedFigures(params_m=5.7, compute=1.0, metric="top-1", value=73.1, dataset="ImageNet-1k"))
 def convit_tiny(pretrained: bool = False, **kwargs: Any) -> ConViT:
     """ConViT-Ti: 12 blocks (10 GPSA), 4 heads, width 192."""
     return _create_convit("convit_tiny", pretrained, **dict(dict(embed_dim=192, num_heads=4), **kwargs))
 
 
-@register_model(task="classification", paper=PAPER, model_cls=ConViT, notes="9 heads x 48, 27.8M params, ImageNet top-1 81.3")
+@register_model(task="classification", paper=PAPER, model_cls=ConViT, notes="9 heads x 48",
+                reported=ReportedFigures(params_m=27.8, compute=5.4, metric="top-1", value=81.3, dataset="ImageNet-1k"))
 def convit_small(pretrained: bool = False, **kwargs: Any) -> ConViT:
     """ConViT-S: 12 blocks (10 GPSA), 9 heads, width 432."""
     return _create_convit("convit_small", pretrained, **dict(dict(embed_dim=432, num_heads=9), **kwargs))
 
 
-@register_model(task="classification", paper=PAPER, model_cls=ConViT, notes="16 heads x 48, 86.5M params, ImageNet top-1 82.4")
+@register_model(task="classification", paper=PAPER, model_cls=ConViT, notes="16 heads x 48",
+                reported=ReportedFigures(params_m=86.5, compute=17, metric="top-1", value=82.4, dataset="ImageNet-1k"))
 def convit_base(pretrained: bool = False, **kwargs: Any) -> ConViT:
     """ConViT-B: 12 blocks (10 GPSA), 16 heads, width 768."""
     return _create_convit("convit_base", pretrained, **dict(dict(embed_dim=768, num_heads=16), **kwargs))
 
 
-@register_model(task="classification", paper=PAPER, model_cls=ConViT, notes="4 heads x 64, ~10M params, paper top-1 76.7")
+@register_model(task="classification", paper=PAPER, model_cls=ConViT, notes="4 heads x 64",
+                reported=ReportedFigures(params_m=10, compute=2, metric="top-1", value=76.7, dataset="ImageNet-1k"))
 def convit_tiny_plus(pretrained: bool = False, **kwargs: Any) -> ConViT:
     """ConViT-Ti+: 4 heads of 64 dims (width 256). No public weights."""
     return _create_convit("convit_tiny_plus", pretrained, **dict(dict(embed_dim=256, num_heads=4), **kwargs))
 
 
-@register_model(task="classification", paper=PAPER, model_cls=ConViT, notes="9 heads x 64, ~49M params, paper top-1 82.2")
+@register_model(task="classification", paper=PAPER, model_cls=ConViT, notes="9 heads x 64",
+                reported=ReportedFigures(params_m=48, compute=10, metric="top-1", value=82.2, dataset="ImageNet-1k"))
 def convit_small_plus(pretrained: bool = False, **kwargs: Any) -> ConViT:
     """ConViT-S+: 9 heads of 64 dims (width 576). No public weights."""
     return _create_convit("convit_small_plus", pretrained, **dict(dict(embed_dim=576, num_heads=9), **kwargs))
 
 
-@register_model(task="classification", paper=PAPER, model_cls=ConViT, notes="16 heads x 64, ~153M params, paper top-1 82.5")
+@register_model(task="classification", paper=PAPER, model_cls=ConViT, notes="16 heads x 64",
+                reported=ReportedFigures(params_m=152, compute=30, metric="top-1", value=82.5, dataset="ImageNet-1k"))
 def convit_base_plus(pretrained: bool = False, **kwargs: Any) -> ConViT:
     """ConViT-B+: 16 heads of 64 dims (width 1024). No public weights."""
     return _create_convit("convit_base_plus", pretrained, **dict(dict(embed_dim=1024, num_heads=16), **kwargs))

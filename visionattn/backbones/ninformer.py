@@ -25,7 +25,7 @@ from torch import nn
 from visionattn.layers.classifier import apply_factory_dtype, factory_device
 from visionattn.layers.isotropic import IsotropicPatchClassifier
 from visionattn.layers.mlp import FeedForward
-from visionattn.registry import register_model
+from visionattn.registry import ReportedFigures, register_model
 
 __all__ = ["NiNformer", "MixerGatingUnit"]
 
@@ -114,14 +114,15 @@ default_cfgs = generate_default_cfgs({
 
 
 @register_model(task="classification", paper=PAPER, model_cls=NiNformer, input_size=(3, 32, 32),
-                notes="released CIFAR config: 32x32, patch 4, width 256, MLP 512, 4 blocks; 2.65M params")
+                notes="released CIFAR config: 32x32, patch 4, width 256, MLP 512, 4 blocks",
+                reported=ReportedFigures(source="official code", params_m=2.65))
 def ninformer_cifar(pretrained: bool = False, **kwargs: Any) -> NiNformer:
-    """The released CIFAR-10 configuration (2.65M parameters at 10 classes)."""
+    """The released CIFAR-10 configuration (10 classes)."""
     return _create("ninformer_cifar", pretrained, **kwargs)
 
 
 @register_model(task="classification", paper=PAPER, model_cls=NiNformer,
-                notes="ours: 224x224, patch 16, width 384, MLP 1536, 12 blocks, dropout 0; 38.1M params, 17.5 GFLOPs")
+                notes="ours: 224x224, patch 16, width 384, MLP 1536, 12 blocks, dropout 0")
 def ninformer_s16_224(pretrained: bool = False, **kwargs: Any) -> NiNformer:
     """224x224 variant (ours): patch 16, width 384, MLP 1536, 12 blocks, no dropout."""
     args = dict(img_size=224, patch_size=16, embed_dim=384, mlp_dim=1536, depth=12, drop_rate=0.0, num_classes=1000)
@@ -129,7 +130,7 @@ def ninformer_s16_224(pretrained: bool = False, **kwargs: Any) -> NiNformer:
 
 
 @register_model(task="classification", paper=PAPER, model_cls=NiNformer,
-                notes="ours: 224x224, patch 16, width 768, MLP 3072, 12 blocks, dropout 0; 136.3M params, 69.6 GFLOPs")
+                notes="ours: 224x224, patch 16, width 768, MLP 3072, 12 blocks, dropout 0")
 def ninformer_b16_224(pretrained: bool = False, **kwargs: Any) -> NiNformer:
     """224x224 variant (ours): patch 16, width 768, MLP 3072, 12 blocks, no dropout."""
     args = dict(img_size=224, patch_size=16, embed_dim=768, mlp_dim=3072, depth=12, drop_rate=0.0, num_classes=1000)

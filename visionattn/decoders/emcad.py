@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from visionattn.layers.shuffle import channel_shuffle
-from visionattn.registry import register_model
+from visionattn.registry import ReportedFigures, register_model
 
 __all__ = ["EMCADDecoder", "EMCADNet", "MutationLoss", "mutation_loss"]
 
@@ -368,7 +368,9 @@ class MutationLoss(nn.Module):
 
 
 @register_model(task="segmentation", paper=PAPER, model_cls=EMCADNet, timm=False,
-                notes="PVTv2-B0 encoder: decoder 0.507M params; full model 3.92M, 0.84G MACs at 256 (paper)")
+                notes="PVTv2-B0 encoder",
+                reported=(ReportedFigures(params_m=3.92, compute=0.84, setting="256x256, 9 classes"),
+                          ReportedFigures(params_m=0.507, setting="decoder alone")))
 def emcad_pvt_v2_b0(pretrained: bool = False, **kwargs: Any) -> EMCADNet:
     """EMCAD on PVTv2-B0 (the paper's small model)."""
     if pretrained:
@@ -377,7 +379,9 @@ def emcad_pvt_v2_b0(pretrained: bool = False, **kwargs: Any) -> EMCADNet:
 
 
 @register_model(task="segmentation", paper=PAPER, model_cls=EMCADNet, timm=False,
-                notes="PVTv2-B2 encoder: decoder 1.91M params; full model 26.76M, 5.60G MACs at 256 (paper)")
+                notes="PVTv2-B2 encoder",
+                reported=(ReportedFigures(params_m=26.76, compute=5.60, setting="256x256, 9 classes"),
+                          ReportedFigures(params_m=1.91, setting="decoder alone")))
 def emcad_pvt_v2_b2(pretrained: bool = False, **kwargs: Any) -> EMCADNet:
     """EMCAD on PVTv2-B2 (the paper's main model)."""
     if pretrained:

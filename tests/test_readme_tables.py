@@ -1,0 +1,132 @@
+"""The README's model table is generated from the registry (``python -m visionattn.tasks.readme_tables --write``):
+it must be current, list every registered model, and its counts must be the models' own. Numbers the table
+provides are not typed anywhere else by hand; where prose keeps one for its argument, it is checked here."""
+import difflib
+import importlib
+import re
+from pathlib import Path
+
+import pytest
+
+import visionattn
+from visionattn import registry
+from visionattn.tasks import readme_tables
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+@pytest.fixture(scope="module")
+def rows():
+    return {row["name"]: row for row in readme_tables.model_rows()}
+
+
+def readme_block() -> str:
+    return readme_tables.read_block(README.read_text(encoding="utf-8"))
+
+
+def test_every_registered_model_is_in_the_readme_table():
+    listed = readme_tables.table_names(readme_block())
+    registered = visionattn.list_models()
+    missing = [name for name in registered if name not in listed]
+    unknown = [name for name in listed if name not in registered]
+    assert not missing, (f"registered models missing from README.md's model table: {', '.join(missing)}; "
+                         f"run `{readme_tables.COMMAND}`")
+    assert not unknown, f"README.md's model table lists models that are not registered: {', '.join(unknown)}"
+    assert len(listed) == len(set(listed)), "README.md's model table lists a model twice"
+
+
+def test_readme_table_is_the_generated_one(rows):
+    expected = readme_tables.render_table(list(rows.values()))
+    current = readme_block()
+    if current != expected:
+        diff = "".join(difflib.unified_diff(current.splitlines(True), expected.splitlines(True),
+                                            "README.md", "generated"))
+        pytest.fail(f"README.md's model table is out of date; run `{readme_tables.COMMAND}`\n{diff}")
+
+
+@pytest.mark.parametrize("name", ["activator_cifar", "ninformer_cifar", "gated_swinrmt_swat_cifar"])
+def test_counts_on_meta_equal_model_info_on_real_tensors(rows, name):
+    info = visionattn.model_info(name)  # built on the CPU, run on real tensors
+    assert rows[name]["params"] == info["params"]
+    assert rows[name]["flops"] == info["flops"]
+    assert rows[name]["input_size"] == tuple(info["input_size"])
+
+
+def test_block_replacement_round_trips():
+    text = "intro\n" + readme_tables.START + "\nold\n" + readme_tables.END + "\nafter\n"
+    new = readme_tables.replace_block(text, "| a |\n")
+    assert new == "intro\n" + readme_tables.START + "\n| a |\n" + readme_tables.END + "\nafter\n"
+    assert readme_tables.read_block(new) == "| a |\n"
+    with pytest.raises(ValueError, match="exactly once"):
+        readme_tables.read_block("no markers here")
+
+
+def test_cli_check_and_print(capsys, tmp_path, monkeypatch):
+    table = "| model |\n|---|\n| x |\n"
+    monkeypatch.setattr(readme_tables, "model_rows", lambda: [])
+    monkeypatch.setattr(readme_tables, "render_table", lambda rows: table)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"a\n{readme_tables.START}\nstale\n{readme_tables.END}\n")
+    assert readme_tables.main(["--check", "--readme", str(readme)]) == 1
+    assert "out of date" in capsys.readouterr().err
+    assert readme_tables.main(["--write", "--readme", str(readme)]) == 0
+    assert readme.read_text() == f"a\n{readme_tables.START}\n{table}{readme_tables.END}\n"
+    assert readme_tables.main(["--check", "--readme", str(readme)]) == 0
+
+
+# A count typed into free text: "5.7M params", "2.65M parameters", "14.0 GFLOPs", "8.21 GMACs", "0.84G MACs".
+COUNT_IN_WORDS = re.compile(r"\d[\d,.]*\s*[MKG]?\s*(params|parameters|GFLOPs|GMACs|MACs|FLOPs)\b", re.IGNORECASE)
+
+
+@pytest.mark.parametrize("name", visionattn.list_models())
+def test_registrations_type_no_counts(name):
+    """Counts come from the model; published figures go in ``reported``, not in notes or the constructor's
+    docstring."""
+    entry = registry.get_entry(name)
+    for where, text in (("notes", entry.notes), ("docstring", entry.fn.__doc__ or "")):
+        found = COUNT_IN_WORDS.search(text)
+        assert found is None, f"{name}: its {where} types a count ({found.group(0)!r}); use ReportedFigures or drop it"
+
+
+def _words(text: str) -> str:
+    return " ".join(text.split())
+
+
+# Counts that prose keeps because its argument needs them (module docstrings, README paragraphs): each must be
+# the counted value. (where, model, expected text from the model's row)
+PROSE_COUNTS = [
+    ("visionattn.decoders.herseg", "herseg", lambda r: f"Sizes: {r['params']:,} parameters with ``out_channels=1``"),
+    ("visionattn.decoders.herseg", "herseg", lambda r: f"{r['gmacs']:.2f} GMACs, i.e. {r['flops'] / 1e9:.2f} GFLOPs"),
+    ("visionattn.detectors.dfir_detr", "dfir_detr",
+     lambda r: f"``dfir_detr`` has {r['params'] / 1e6:.2f}M parameters (80 classes"),
+    ("visionattn.detectors.dfir_detr", "dfir_detr", lambda r: f"and {r['flops'] / 1e9:.1f} GFLOPs at 640"),
+    ("visionattn.backbones.activator", "activator_cifar", lambda r: f"{r['params'] / 1e6:.3f}M parameters with FFN"),
+    ("visionattn.backbones.activator", "activator_glu_cifar", lambda r: f"{r['params'] / 1e6:.3f}M GLU-only"),
+    ("visionattn.backbones.ninformer", "ninformer_cifar",
+     lambda r: f"has {r['params'] / 1e6:.2f}M parameters at 10 classes"),
+    ("README.md", "herseg",
+     lambda r: (f"`visionattn info herseg`: {r['params']:,} parameters and {r['gmacs']:.2f} GMACs "
+                f"({r['flops'] / 1e9:.2f} GFLOPs")),
+    ("README.md", "herseg", lambda r: f'"herseg", in_channels=3, out_channels=1) # {r["params"] / 1e6:.2f}M params'),
+    ("README.md", "ninformer_cifar", lambda r: f"| NiNformer ({r['params'] / 1e6:.2f}M) |"),  # the recipes' table
+    ("README.md", "activator_cifar", lambda r: f"| Activator ({r['params'] / 1e6:.2f}M) |"),
+]
+
+
+@pytest.mark.parametrize("where,name,expected", PROSE_COUNTS,
+                         ids=[f"{where}:{name}:{i}" for i, (where, name, _) in enumerate(PROSE_COUNTS)])
+def test_counts_kept_in_prose_are_the_counted_ones(rows, where, name, expected):
+    text = README.read_text(encoding="utf-8") if where == "README.md" else importlib.import_module(where).__doc__
+    wanted = expected(rows[name])
+    assert _words(wanted) in _words(text), f"{where} should say {wanted!r} (counted from {name})"
+
+
+def test_released_code_parameter_counts_are_ours(rows):
+    """Where the released code gives a parameter count for the configuration we register, we match it."""
+    checked = 0
+    for name, row in rows.items():
+        for figure in row["reported"]:
+            if "code" in figure.source and not figure.setting and isinstance(figure.params_m, float):
+                assert row["params"] / 1e6 == pytest.approx(figure.params_m, rel=1e-3), (name, figure)
+                checked += 1
+    assert checked >= 3

@@ -20,6 +20,10 @@ Formats:
   needs every side larger than the network's ``size_divisible`` (its deepest feature map larger than one
   voxel); the example and the check sizes respect that.
 
+- ``monai-bundle``: a trained 3-D run as a MONAI bundle folder (configs/metadata.json, inference.json,
+  train.json, models/model.safetensors, docs/README.md) that ``python -m monai.bundle run`` infers and trains
+  with; see :mod:`visionattn.tasks.monai_bundle` (``-o`` is then a folder).
+
 Before the file is kept, the artefact is loaded back from its temporary file and run at several sizes
 (``--sizes``; default: the run's ``roi_size`` or twice the network's ``size_divisible``, then two odd sizes,
 the first with a batch of 2), each compared with the PyTorch network: the largest absolute difference is
@@ -299,8 +303,14 @@ def run_export(spec: str, fmt: str, output: str, *, overwrite: bool = False, siz
                rtol: float = 1e-4) -> int:
     """The ``export`` command; returns the exit code (0 written and verified, 1 verification failed: nothing
     written). Problems with the arguments raise :class:`ExportError` (exit 2)."""
+    if fmt == "monai-bundle":  # a folder of MONAI configs and weights (visionattn.tasks.monai_bundle)
+        from visionattn.tasks.monai_bundle import export_bundle
+
+        if sizes or kwargs:
+            raise ExportError("--format monai-bundle exports a trained run; --sizes and --kwarg do not apply")
+        return export_bundle(spec, output, overwrite=overwrite, atol=atol, rtol=rtol)
     if fmt not in FORMATS:
-        raise ExportError(f"--format must be one of {list(FORMATS)}, got {fmt!r}")
+        raise ExportError(f"--format must be one of {list(FORMATS) + ['monai-bundle']}, got {fmt!r}")
     out = Path(output)
     if out.is_dir():
         raise ExportError(f"-o {out}: a folder; give the file to write, e.g. {out / 'model.onnx'}")

@@ -137,7 +137,7 @@ def test_registry_entry_and_flops_anchor():
     assert entry.default_input_size == (3, 1024, 1024)
     net = visionattn.create_model("herseg", out_channels=4, img_size=128)
     assert isinstance(net, HERSeg) and net.img_size == (128, 128)
-    with pytest.raises(ValueError, match="no HER-Seg weights"):
+    with pytest.raises(ValueError, match="herseg has no pretrained weights to download"):
         visionattn.create_model("herseg", pretrained=True)
     # FLOPs grow with the token count; at 1024 the model measures 8.21 GMACs (v1 code: 8.23, paper: 9.39 G)
     gmacs_256 = visionattn.registry.count_flops(net.eval(), (3, 256, 256)) / 2e9

@@ -80,6 +80,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         ("input size", "x".join(map(str, info["input_size"]))),
         ("paper", info["paper"]),
         ("notes", info["notes"] or "-"),
+        ("reported", "; ".join(info["reported"]) or "-"),
     ]
     for k, v in rows:
         print(f"{k:11s} {v}")
@@ -194,7 +195,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
                            overlap=args.overlap, mode=args.mode, tta=args.tta, save_probabilities=args.save_probabilities,
                            overwrite=args.overwrite, progress=not args.no_progress, overlay=args.overlay,
                            labels_dir=args.labels, max_voxels=args.max_voxels, engine=args.engine,
-                           onnx_path=args.onnx)
+                           onnx_path=args.onnx, threads=args.threads)
     except SegmentError as e:
         print(f"visionattn segment: error: {e}", file=sys.stderr)
         return 2
@@ -342,7 +343,11 @@ def build_parser() -> argparse.ArgumentParser:
                                           "(default for the demo: ./visionattn-segment-demo)")
     p.add_argument("--model", help="a bundled model name (see --list-models), a trainer run folder, or its weights file "
                                    "(default: hippocampus_agunet)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]; windows are stitched on the CPU either way")
+    p.add_argument("--device", default="auto",
+                   help="auto (default: CUDA when torch finds a GPU, else the CPU), cpu, cuda or cuda:N; windows are "
+                        "stitched on the CPU either way")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads torch uses (torch.set_num_threads; default: torch's choice)")
     p.add_argument("--roi-size", type=int, nargs="+", help="sliding-window size (default: the model's)")
     p.add_argument("--overlap", type=float, help="window overlap fraction (default: the model's, 0.5)")
     p.add_argument("--mode", choices=["gaussian", "constant"], help="window blending (default: the model's)")
@@ -370,9 +375,12 @@ def build_parser() -> argparse.ArgumentParser:
                                       "onnx|torchscript|exported-program -o FILE`, checked against PyTorch")
     p.add_argument("model", metavar="MODEL_OR_RUN", help="a trained run (folder, weights file or bundled name) or a "
                                                          "registered segmentation model (random weights)")
-    p.add_argument("--format", required=True, choices=["onnx", "torchscript", "exported-program"])
-    p.add_argument("-o", "--output", required=True, help="the file to write (.onnx, .pt, .pt2)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--format", required=True, choices=["onnx", "torchscript", "exported-program", "monai-bundle"],
+                   help="monai-bundle: a trained 3-D run as a MONAI bundle folder (configs, safetensors weights) "
+                        "for `python -m monai.bundle run`")
+    p.add_argument("-o", "--output", required=True, help="the file to write (.onnx, .pt, .pt2), or the folder of a "
+                                                         "monai-bundle")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file (or bundle folder)")
     p.add_argument("--sizes", nargs="+", metavar="SIZE",
                    help="spatial sizes to check the export at, e.g. 40x56x40 41x57x43 (the first is also the "
                         "export example); default: the run's roi_size or 2x the network's size_divisible, then "

@@ -13,7 +13,7 @@ import inspect
 import re
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Union
 
 import torch
 from torch import nn
@@ -22,6 +22,75 @@ from visionattn.errors import InvalidInputError, ModelArgumentError, UnknownMode
 
 TIMM_PREFIX = "va_"
 TASKS = ("classification", "segmentation", "detection")
+
+
+COMPUTE_UNITS = ("GMACs", "GFLOPs", "G")
+
+
+@dataclass(frozen=True)
+class ReportedFigures:
+    """Figures someone else published for a model (its paper, or the released code), with their source.
+
+    Our own parameter and FLOP counts are never written here: they are counted from the built model
+    (:func:`model_info`; the README's model table is generated from them). What goes here is what we
+    compare against, typed so that tables are generated from it rather than copied from free text.
+
+    Args:
+        source: where the figures come from: ``"paper"``, ``"paper v4"``, ``"official code"``, ...
+        params_m: parameters in millions, or a ``(low, high)`` range when the source gives one.
+        compute: operations per forward pass, in ``compute_unit``.
+        compute_unit: ``"GMACs"`` (multiply-adds, what most vision papers call FLOPs), ``"GFLOPs"`` (two per
+            multiply-add) or ``"G"`` (the source does not say which).
+        metric, value, dataset: a result, e.g. ``metric="top-1", value=81.4, dataset="ImageNet-1k"``.
+        setting: the conditions, in words, when they differ from the registered model's defaults (input
+            size, number of classes, which variant).
+    """
+
+    source: str = "paper"
+    params_m: Union[float, tuple[float, float], None] = None
+    compute: float | None = None
+    compute_unit: str = "GMACs"
+    metric: str | None = None
+    value: float | None = None
+    dataset: str | None = None
+    setting: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.source:
+            raise ValueError("ReportedFigures: source must name where the figures come from")
+        if self.compute_unit not in COMPUTE_UNITS:
+            raise ValueError(f"ReportedFigures: compute_unit must be one of {COMPUTE_UNITS}, got {self.compute_unit!r}")
+        if (self.metric is None) != (self.value is None):
+            raise ValueError("ReportedFigures: give metric and value together")
+        if self.params_m is None and self.compute is None and self.value is None:
+            raise ValueError("ReportedFigures: give at least one of params_m, compute, value")
+
+    def params_text(self) -> str | None:
+        """``"5.7M"``, ``"77-79M"`` or None."""
+        if self.params_m is None:
+            return None
+        if isinstance(self.params_m, tuple):
+            low, high = self.params_m
+            return f"{low:g}-{high:g}M"
+        return f"{self.params_m:g}M"
+
+    def compute_text(self) -> str | None:
+        """``"2.2 GMACs"``, ``"9.39 G"`` or None."""
+        return None if self.compute is None else f"{self.compute:g} {self.compute_unit}"
+
+    def result_text(self) -> str | None:
+        """``"81.4 top-1, ImageNet-1k"`` or None."""
+        if self.value is None:
+            return None
+        return f"{self.value:g} {self.metric}" + (f", {self.dataset}" if self.dataset else "")
+
+    def describe(self) -> str:
+        """One line: ``"paper: 5.7M params, 1 GMACs, 73.1 top-1, ImageNet-1k"``."""
+        parts = [t for t in (self.params_text(), self.compute_text(), self.result_text()) if t]
+        if self.params_m is not None:
+            parts[0] += " params"
+        where = f" ({self.setting})" if self.setting else ""
+        return f"{self.source}{where}: " + ", ".join(parts)
 
 
 @dataclass(frozen=True)
@@ -36,6 +105,7 @@ class ModelEntry:
     default_input_size: tuple[int, ...]
     timm_name: str | None
     notes: str = ""
+    reported: tuple[ReportedFigures, ...] = ()
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
@@ -74,6 +144,7 @@ def register_model(
     input_size: tuple[int, ...] = (3, 224, 224),
     timm: bool | None = None,
     notes: str = "",
+    reported: ReportedFigures | tuple[ReportedFigures, ...] = (),
 ) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
     """Decorator registering a model constructor ``fn(pretrained=False, **kwargs) -> nn.Module``.
 
@@ -84,9 +155,17 @@ def register_model(
             bad keyword arguments clearly.
         input_size: default input ``(C, H, W)`` or ``(C, D, H, W)`` used for FLOPs and examples.
         timm: register in timm as ``va_<name>``. Defaults to True for 2-D classifiers.
+        notes: a short description in words. Parameter and FLOP counts do not belong here (they are
+            counted from the model), nor do published figures (``reported``).
+        reported: the figures the paper or the released code gives for this model, one
+            :class:`ReportedFigures` per source.
     """
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    if isinstance(reported, ReportedFigures):
+        reported = (reported,)
+    if not all(isinstance(r, ReportedFigures) for r in reported):
+        raise TypeError("reported must be a ReportedFigures or a tuple of them")
 
     def decorate(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         name = fn.__name__
@@ -96,7 +175,7 @@ def register_model(
         timm_name = _register_in_timm(fn) if to_timm else None
         _REGISTRY[name] = ModelEntry(
             name=name, fn=fn, task=task, paper=paper, model_cls=model_cls,
-            default_input_size=tuple(input_size), timm_name=timm_name, notes=notes,
+            default_input_size=tuple(input_size), timm_name=timm_name, notes=notes, reported=tuple(reported),
         )
         return fn
 
@@ -117,6 +196,13 @@ def _register_in_timm(fn: Callable[..., nn.Module]) -> str:
         )
 
     def timm_entrypoint(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+        entry = _REGISTRY[fn.__name__]
+        kwargs = translate_vocabulary(entry, kwargs)
+        if pretrained:
+            from timm.models._builder import resolve_pretrained_cfg
+
+            cfg = resolve_pretrained_cfg(timm_name, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay"))
+            check_pretrained_reachable(entry.name, cfg.to_dict())
         return fn(pretrained=pretrained, **kwargs)
 
     timm_entrypoint.__name__ = timm_entrypoint.__qualname__ = timm_name
@@ -169,9 +255,86 @@ def _natural_key(s: str) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
 
 
+# The two vocabularies: timm's (classifiers, detectors) and MONAI's (segmentation networks). Each model takes
+# its own; create_model (and timm.create_model for va_* models) also accepts the other's name for the same thing.
+VOCABULARY_PAIRS = (("in_chans", "in_channels"), ("num_classes", "out_channels"))
+
+
+def _accepted_arguments(entry: ModelEntry) -> set[str] | None:
+    """Keyword arguments of the model class (``None``: unknown, or it takes ``**kwargs``)."""
+    if entry.model_cls is None:
+        return None
+    params = inspect.signature(entry.model_cls.__init__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return None
+    return {p for p in params if p != "self"}
+
+
+def translate_vocabulary(entry: ModelEntry, kwargs: dict) -> dict:
+    """``kwargs`` with timm's names turned into MONAI's or back, whichever the model takes
+    (``in_chans`` <-> ``in_channels``, ``num_classes`` <-> ``out_channels``). Both names given with
+    different values is an error."""
+    accepted = _accepted_arguments(entry)
+    if accepted is None:
+        return kwargs
+    kwargs = dict(kwargs)
+    for a, b in VOCABULARY_PAIRS:
+        for given, own in ((a, b), (b, a)):
+            if given in kwargs and given not in accepted and own in accepted:
+                value = kwargs.pop(given)
+                if own in kwargs and kwargs[own] != value:
+                    raise ModelArgumentError(f"{entry.name}: {given}={value!r} and {own}={kwargs[own]!r} name the "
+                                             f"same argument with different values; give one ({own})")
+                kwargs[own] = value
+    return kwargs
+
+
+def _class_count_argument(entry: ModelEntry) -> str | None:
+    accepted = _accepted_arguments(entry) or set()
+    return next((name for name in ("num_classes", "out_channels") if name in accepted), None)
+
+
+HUB_HOST = ("huggingface.co", 443)
+
+
+def check_pretrained_reachable(name: str, cfg: dict, timeout: float = 3.0) -> None:
+    """Fail at once, saying what to do, when ``pretrained=True`` would have to download weights that are
+    neither a local file nor in the Hugging Face cache, and the hub cannot be reached (timm would otherwise
+    retry for about a minute before failing). ``cfg``: the resolved pretrained config (overlay applied)."""
+    if cfg.get("file") or cfg.get("state_dict") is not None:
+        return  # a local file (timm checks that it exists) or weights in memory
+    hub_id, url = cfg.get("hf_hub_id"), cfg.get("url")
+    fix = ("pass a local file: create_model(..., checkpoint_path='weights.safetensors') or "
+           "pretrained_cfg_overlay=dict(file='weights.pth')")
+    if not hub_id and not url:
+        raise InvalidInputError(f"{name} has no pretrained weights to download; {fix}")
+    if hub_id:
+        from huggingface_hub import try_to_load_from_cache
+
+        for filename in (cfg.get("hf_hub_filename"), "model.safetensors", "open_clip_pytorch_model.bin",
+                         "pytorch_model.bin"):
+            if filename and isinstance(try_to_load_from_cache(hub_id.split("@")[0], filename), str):
+                return  # cached: timm finds it without the network
+    import os
+    import socket
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        reason = "HF_HUB_OFFLINE is set"
+    else:
+        try:
+            socket.create_connection(HUB_HOST, timeout=timeout).close()
+            return
+        except OSError as e:
+            reason = f"{HUB_HOST[0]} cannot be reached ({e})"
+    where = f"the Hugging Face hub ({hub_id})" if hub_id else url
+    raise InvalidInputError(f"pretrained weights for {name} come from {where}, which is not in the local cache, "
+                            f"and {reason}; {fix}")
+
+
 def _check_kwargs(entry: ModelEntry, kwargs: dict) -> None:
     """Reject keyword arguments the model class does not accept, naming the accepted ones."""
-    if entry.model_cls is None:
+    accepted = _accepted_arguments(entry)
+    if accepted is None:
         return
     # keywords consumed by timm's builder rather than the model class
     builder_keys = {
@@ -179,10 +342,6 @@ def _check_kwargs(entry: ModelEntry, kwargs: dict) -> None:
         "pretrained_cfg_overlay", "pretrained_strict", "cache_dir", "scriptable", "exportable", "no_jit",
         "flatten_sequential",
     }
-    params = inspect.signature(entry.model_cls.__init__).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return
-    accepted = {p for p in params if p != "self"}
     bad = sorted(k for k in kwargs if k not in accepted and k not in builder_keys)
     if bad:
         raise ModelArgumentError(
@@ -211,6 +370,7 @@ def create_model(
     """
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     entry = get_entry(name)
+    kwargs = translate_vocabulary(entry, kwargs)
     _check_kwargs(entry, kwargs)
     _, tag = _canonical_name(name)
     if entry.timm_name is not None:
@@ -221,10 +381,28 @@ def create_model(
     else:
         if tag:
             raise InvalidInputError(f"{entry.name} has no pretrained tags; got {name!r}")
-        model = entry.fn(pretrained=pretrained, **kwargs)
+        if pretrained:
+            raise InvalidInputError(f"{entry.name} has no pretrained weights to download; pass a local file: "
+                                    "create_model(..., checkpoint_path='weights.safetensors')")
+        model = entry.fn(pretrained=False, **kwargs)
     if checkpoint_path is not None:
-        load_checkpoint(model, checkpoint_path)
+        head = class_dependent_keys(entry, kwargs) if _class_count_argument(entry) else set()
+        load_checkpoint(model, checkpoint_path, resettable=head)
     return model
+
+
+def class_dependent_keys(entry: ModelEntry, kwargs: dict) -> set[str]:
+    """State-dict keys whose shape depends on the class count: the classifier head(s), found by building the
+    model twice on the meta device (no memory, no time) with two class counts and comparing shapes. timm
+    names its heads in ``pretrained_cfg['classifier']``; this also finds deep-supervision heads and a
+    detector's per-layer class heads and denoising embeddings."""
+    arg = _class_count_argument(entry)
+    shapes = []
+    for count in (2, 3):
+        with torch.device("meta"):
+            model = entry.fn(pretrained=False, **{**kwargs, arg: count})
+        shapes.append({k: tuple(v.shape) for k, v in model.state_dict().items()})
+    return {k for k in shapes[0] if shapes[0][k] != shapes[1].get(k)}
 
 
 def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
@@ -261,8 +439,13 @@ def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
     return {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
 
 
-def load_checkpoint(model: nn.Module, path: str, strict: bool = True) -> None:
+def load_checkpoint(model: nn.Module, path: str, strict: bool = True, resettable: set[str] = frozenset()) -> None:
     """Load weights from a local file into ``model``, through the family's checkpoint filter if any.
+
+    ``resettable``: keys that may differ in shape from the file's (the classifier head, when fine-tuning with
+    another class count, see :func:`class_dependent_keys`); those keep the model's fresh initialisation, as
+    timm resets a pretrained head for another ``num_classes``, and a log line says so. A shape mismatch
+    anywhere else is an error naming the keys and shapes.
 
     The checksum a visionattn trainer checkpoint or ``.safetensors`` file carries is verified (files from
     other tools have none and load as before). An unreadable or truncated file, pickled code (refused by
@@ -279,7 +462,23 @@ def load_checkpoint(model: nn.Module, path: str, strict: bool = True) -> None:
     filter_fn = getattr(type(model), "checkpoint_filter_fn", None)
     if filter_fn is not None:
         state_dict = filter_fn(state_dict, model)
+    own = model.state_dict()
+    mismatched = {k: (tuple(v.shape), tuple(own[k].shape)) for k, v in state_dict.items()
+                  if k in own and tuple(v.shape) != tuple(own[k].shape)}
+    if mismatched:
+        not_head = {k: v for k, v in mismatched.items() if k not in resettable}
+        if not_head:
+            shown = ", ".join(f"{k}: file {a} vs model {b}" for k, (a, b) in list(not_head.items())[:6])
+            raise InvalidInputError(f"checkpoint {path} does not match {type(model).__name__}: shapes differ ({shown}"
+                                    f"{', ...' if len(not_head) > 6 else ''})")
+        import logging
+
+        logging.getLogger("visionattn").warning(
+            "checkpoint %s has another class count than the model: its classifier head (%d tensors, e.g. %s) is "
+            "not loaded and keeps its fresh initialisation", path, len(mismatched), next(iter(mismatched)))
+        state_dict = {k: v for k, v in state_dict.items() if k not in mismatched}
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    missing = [k for k in missing if k not in mismatched]
     if strict and (missing or unexpected):
         raise InvalidInputError(
             f"checkpoint {path} does not match {type(model).__name__}: "
@@ -316,7 +515,8 @@ def count_flops(model: nn.Module, input_size: tuple[int, ...]) -> int:
 
 
 def model_info(name: str, **kwargs: Any) -> dict[str, Any]:
-    """Task, parameter count, FLOPs at the default input size, default input size and paper reference."""
+    """Task, parameter count, FLOPs at the default input size, default input size, paper reference and the
+    figures the paper (or released code) reports (``reported``, one line per source)."""
     entry = get_entry(name)
     model = create_model(name, **kwargs)
     input_size = _model_input_size(model, entry)
@@ -334,6 +534,7 @@ def model_info(name: str, **kwargs: Any) -> dict[str, Any]:
         "input_size": input_size,
         "paper": entry.paper,
         "notes": entry.notes,
+        "reported": [r.describe() for r in entry.reported],
     }
 
 

@@ -66,7 +66,7 @@ from torch import nn
 from visionattn.kernels.backends import check_backend
 from visionattn.kernels.linear_attention import linear_attention
 from visionattn.layers.classifier import init_vit_weights
-from visionattn.registry import register_model
+from visionattn.registry import ReportedFigures, register_model
 
 __all__ = ["CEEncoder", "DLABlock", "DualGatedLinearAttention", "HERSeg", "MEDecoder", "MBConv", "MetaPooling",
            "RoPE2d", "linear_attention_plain"]
@@ -241,7 +241,7 @@ class CEEncoder(nn.Module):
             raise ValueError(f"depths {tuple(depths)} and num_heads {tuple(num_heads)} must have the same length")
         self.patch_embed = nn.Conv2d(in_channels, embed_dim, PATCH_SIZE, stride=PATCH_SIZE)
         self.mbconvs = nn.Sequential(*(MBConv(embed_dim, mlp_ratio) for _ in range(mbconv_depth)))
-        rates = torch.linspace(0, drop_path_rate, mbconv_depth + sum(depths)).tolist()[mbconv_depth:]
+        rates = torch.linspace(0, drop_path_rate, mbconv_depth + sum(depths), device="cpu").tolist()[mbconv_depth:]
         stage_heads = [h for depth, h in zip(depths, num_heads) for _ in range(depth)]
         self.blocks = nn.ModuleList(DLABlock(embed_dim, h, mlp_ratio, rate, attention_backend)
                                     for h, rate in zip(stage_heads, rates))
@@ -467,9 +467,11 @@ class HERSeg(nn.Module):
 
 
 @register_model(task="segmentation", paper=PAPER, model_cls=HERSeg, timm=False, input_size=(3, 1024, 1024),
-                notes="CE-Encoder (dim 96) + ME-Decoder; ours: 3.24M params (1 class), 8.21 GMACs at 1024; v1 code: "
-                      "3.53M (3 hypernetworks), 8.23 GMACs; paper: 9.39 GFLOPs, 0.59 GB training memory per "
-                      "1024x1024 image")
+                notes="CE-Encoder (dim 96) + ME-Decoder",
+                reported=(ReportedFigures(compute=9.39, compute_unit="G", metric="GB training memory per image",
+                                          value=0.59),
+                          ReportedFigures(source="v1 code", params_m=3.53, compute=8.23,
+                                          setting="3 hypernetworks")))
 def herseg(pretrained: bool = False, **kwargs: Any) -> HERSeg:
     """HER-Seg as the v1 code configures it (``--dim 96``), at 1024 x 1024."""
     if pretrained:

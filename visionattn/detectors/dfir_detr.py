@@ -39,7 +39,7 @@ from torch import nn
 from visionattn.detectors.detr import ConvNormAct, DecoderConfig, DETRDetector, HybridEncoder, RepVGGBlock
 from visionattn.kernels import topk_attention
 from visionattn.layers.shuffle import channel_shuffle
-from visionattn.registry import register_model
+from visionattn.registry import ReportedFigures, register_model
 
 __all__ = [
     "C2f", "DAFB", "DFIRBackbone", "DFIRDETR", "DKSA", "DualPathShuffleConv", "FIRC3", "AmplitudeNormUpsample",
@@ -164,16 +164,16 @@ class DFIRBackbone(nn.Module):
 
     A 3x3 stride-2 stem, then four stages of ``3x3 stride-2 conv -> C2f``; the stages listed in
     ``attention_stages`` (0-based; P4 and P5 by default) use DAFB blocks (DCFA), the others YOLOv8
-    bottlenecks. ``[B, 3, H, W]`` -> the last three stages, ``[B, widths[l], H / s, W / s]`` at strides 8/16/32.
+    bottlenecks. ``[B, in_chans, H, W]`` -> the last three stages, ``[B, widths[l], H / s, W / s]`` at strides 8/16/32.
     """
 
     def __init__(self, widths: Sequence[int] = (32, 64, 128, 256, 512), depths: Sequence[int] = (1, 2, 3, 1),
                  attention_stages: Sequence[int] = (2, 3), head_dim: int = 32, mlp_ratio: float = 4.0,
-                 ratios: Sequence[float] = SPARSITY_RATIOS):
+                 ratios: Sequence[float] = SPARSITY_RATIOS, in_chans: int = 3):
         super().__init__()
         if len(widths) != len(depths) + 1:
             raise ValueError(f"DFIRBackbone: need one more width (the stem) than depths, got {widths} and {depths}")
-        self.stem = ConvNormAct(3, widths[0], 3, stride=2)
+        self.stem = ConvNormAct(in_chans, widths[0], 3, stride=2)
         self.stages = nn.ModuleList()
         for i, depth in enumerate(depths):
             if i in attention_stages:
@@ -332,7 +332,7 @@ class DFIRDETR(DETRDetector):
         hidden_dim, num_heads, ffn_dim: encoder/decoder width, as RT-DETR-R18 (256, 8, 1024).
         fusion_blocks, fusion_expansion, spectral_iterations: FIRC3 size.
         num_queries, num_decoder_layers, num_points, num_denoising, label_noise_ratio, box_noise_scale,
-        max_detections: as :class:`visionattn.detectors.rtdetr.RTDETR`.
+        max_detections, in_chans: as :class:`visionattn.detectors.rtdetr.RTDETR`.
     Input/output: :class:`~visionattn.detectors.detr.DETRDetector`.
     """
 
@@ -359,8 +359,9 @@ class DFIRDETR(DETRDetector):
         label_noise_ratio: float = 0.5,
         box_noise_scale: float = 1.0,
         max_detections: int = 300,
+        in_chans: int = 3,
     ):
-        backbone = DFIRBackbone(widths, depths, attention_stages, head_dim, mlp_ratio, ratios)
+        backbone = DFIRBackbone(widths, depths, attention_stages, head_dim, mlp_ratio, ratios, in_chans=in_chans)
 
         def fusion(c_in: int, c_out: int) -> nn.Module:
             return FIRC3(c_in, c_out, fusion_blocks, fusion_expansion, spectral_iterations)
@@ -370,12 +371,13 @@ class DFIRDETR(DETRDetector):
         decoder = DecoderConfig(hidden_dim=hidden_dim, num_heads=num_heads, ffn_dim=ffn_dim, num_queries=num_queries,
                                 num_layers=num_decoder_layers, num_points=num_points, num_denoising=num_denoising,
                                 label_noise_ratio=label_noise_ratio, box_noise_scale=box_noise_scale)
-        super().__init__(backbone, encoder, num_classes, decoder, input_size, max_detections)
+        super().__init__(backbone, encoder, num_classes, decoder, input_size, max_detections, in_chans=in_chans)
 
 
 @register_model(task="detection", paper=PAPER, model_cls=DFIRDETR, timm=False, input_size=(3, 640, 640),
-                notes="reconstruction beyond the DCFA equations (labelled [guess]); paper: 11.7M params, "
-                      "41.2 GFLOPs at 640, NEU-DET mAP50 92.9")
+                notes="reconstruction beyond the DCFA equations (labelled [guess])",
+                reported=ReportedFigures(params_m=11.7, compute=41.2, compute_unit="GFLOPs", metric="mAP@0.5",
+                                         value=92.9, dataset="NEU-DET"))
 def dfir_detr(pretrained: bool = False, **kwargs: Any) -> DFIRDETR:
     """DFIR-DETR sized to the paper (COCO's 80 classes unless ``num_classes`` is given)."""
     if pretrained:

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from visionattn.detectors.detr import ConvNormAct, DecoderConfig, DETRDetector, HybridEncoder, RepVGGBlock, TimmBackbone
-from visionattn.registry import register_model
+from visionattn.registry import ReportedFigures, register_model
 
 __all__ = ["CSPRepLayer", "RTDETR", "downsample_conv", "upsample_nearest"]
 
@@ -92,6 +92,7 @@ class RTDETR(DETRDetector):
         num_queries, num_decoder_layers, num_points: decoder size (300, 3, 4 for R18).
         num_denoising, label_noise_ratio, box_noise_scale: contrastive denoising in training.
         max_detections: detections returned per image in eval.
+        in_chans: image channels (3; timm adapts the backbone's stem to another count).
     Input/output: :class:`~visionattn.detectors.detr.DETRDetector`.
     """
 
@@ -113,8 +114,9 @@ class RTDETR(DETRDetector):
         label_noise_ratio: float = 0.5,
         box_noise_scale: float = 1.0,
         max_detections: int = 300,
+        in_chans: int = 3,
     ):
-        body = TimmBackbone(backbone, pretrained=pretrained_backbone)
+        body = TimmBackbone(backbone, pretrained=pretrained_backbone, in_chans=in_chans)
 
         def fusion(c_in: int, c_out: int) -> nn.Module:
             return CSPRepLayer(c_in, c_out, num_blocks=num_fusion_blocks, expansion=expansion)
@@ -124,12 +126,13 @@ class RTDETR(DETRDetector):
         decoder = DecoderConfig(hidden_dim=hidden_dim, num_heads=num_heads, ffn_dim=ffn_dim, num_queries=num_queries,
                                 num_layers=num_decoder_layers, num_points=num_points, num_denoising=num_denoising,
                                 label_noise_ratio=label_noise_ratio, box_noise_scale=box_noise_scale)
-        super().__init__(body, encoder, num_classes, decoder, input_size, max_detections)
+        super().__init__(body, encoder, num_classes, decoder, input_size, max_detections, in_chans=in_chans)
 
 
 @register_model(task="detection", paper=PAPER, model_cls=RTDETR, timm=False, input_size=(3, 640, 640),
-                notes="ResNet-18-vd (timm resnet18d), hidden 256, 3 decoder layers, 300 queries; "
-                      "paper: 20M params, 60 GFLOPs at 640, COCO AP 46.5")
+                notes="ResNet-18-vd (timm resnet18d), hidden 256, 3 decoder layers, 300 queries",
+                reported=ReportedFigures(params_m=20, compute=60, compute_unit="GFLOPs", metric="AP", value=46.5,
+                                         dataset="COCO"))
 def rtdetr_r18(pretrained: bool = False, **kwargs: Any) -> RTDETR:
     """RT-DETR-R18 (COCO's 80 classes unless ``num_classes`` is given)."""
     if pretrained:

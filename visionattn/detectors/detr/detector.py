@@ -24,17 +24,19 @@ class DETRDetector(nn.Module):
     :class:`~visionattn.detectors.detr.decoder.RTDETRDecoder`, and returns losses or detections.
 
     Args:
-        backbone: ``[B, 3, S, S]`` -> list of per-level maps; must have ``out_channels`` (one per level).
+        backbone: ``[B, C, S, S]`` -> list of per-level maps; must have ``out_channels`` (one per level).
         encoder: that list -> a list of ``[B, decoder.hidden_dim, H_l, W_l]`` maps, same levels.
         num_classes: object classes (labels ``0..num_classes-1``, no background class).
         decoder: the decoder's sizes and denoising (:class:`DecoderConfig`); built here with
             :class:`~visionattn.detectors.detr.criterion.RTDETRCriterion` as the losses.
         input_size: the square side ``S`` images are resized to (a multiple of 32).
         max_detections: detections returned per image in eval.
+        in_chans: image channels ``C`` (3: RGB, normalised with ImageNet's mean and std; any other count is
+            normalised with the mean of those, per channel, as timm adapts a stem to ``in_chans``).
 
     ``forward(images, targets=None)``:
-        images: list of ``[3, H_i, W_i]`` float images in 0..1 (sizes may differ) or a ``[B, 3, H, W]`` batch;
-            each is resized to ``input_size`` x ``input_size`` and normalised with ImageNet's mean and std.
+        images: list of ``[C, H_i, W_i]`` float images in 0..1 (sizes may differ) or a ``[B, C, H, W]`` batch;
+            each is resized to ``input_size`` x ``input_size`` and normalised (see ``in_chans``).
         targets (training): per image ``boxes [n_i, 4]`` (xyxy pixels of that image) and ``labels [n_i]``
             (int64 in ``[0, num_classes)``); images without boxes are allowed.
     Returns:
@@ -45,7 +47,8 @@ class DETRDetector(nn.Module):
     """
 
     def __init__(self, backbone: nn.Module, encoder: nn.Module, num_classes: int,
-                 decoder: DecoderConfig = DecoderConfig(), input_size: int = 640, max_detections: int = 300):
+                 decoder: DecoderConfig = DecoderConfig(), input_size: int = 640, max_detections: int = 300,
+                 in_chans: int = 3):
         super().__init__()
         if input_size % 32:
             raise ValueError(f"input_size must be a multiple of 32 (the deepest stride), got {input_size}")
@@ -56,16 +59,20 @@ class DETRDetector(nn.Module):
         self.input_size = input_size
         self.img_size = (input_size, input_size)  # read by visionattn.model_info for its FLOPs input
         self.max_detections = max_detections
-        self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.in_chans = in_chans
+        mean, std = (IMAGENET_MEAN, IMAGENET_STD) if in_chans == 3 else \
+            ((sum(IMAGENET_MEAN) / 3,) * in_chans, (sum(IMAGENET_STD) / 3,) * in_chans)
+        self.register_buffer("pixel_mean", torch.tensor(mean).view(1, in_chans, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(std).view(1, in_chans, 1, 1), persistent=False)
 
     def preprocess(self, images: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Resized, normalised batch ``[B, 3, S, S]`` and the original sizes ``[B, 2]`` as ``(H, W)``."""
+        """Resized, normalised batch ``[B, C, S, S]`` and the original sizes ``[B, 2]`` as ``(H, W)``."""
         size = (self.input_size, self.input_size)
         batch, sizes = [], []
         for image in images:
-            if image.dim() != 3 or image.shape[0] != 3:
-                raise ValueError(f"expected images of shape [3, H, W], got {tuple(image.shape)}")
+            if image.dim() != 3 or image.shape[0] != self.in_chans:
+                raise ValueError(f"expected images of shape [{self.in_chans}, H, W] (in_chans={self.in_chans}), "
+                                 f"got {tuple(image.shape)}")
             sizes.append(image.shape[-2:])
             if tuple(image.shape[-2:]) != size:
                 image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]

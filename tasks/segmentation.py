@@ -119,7 +119,8 @@ def fixed_case_split(cases: Sequence[dict], val_fraction: float, seed: int = 0) 
 # transforms
 
 
-def preprocessing(data: dict, keys: Sequence[str] = ("image", "label"), load: bool = True) -> list:
+def preprocessing(data: dict, keys: Sequence[str] = ("image", "label"), load: bool = True,
+                  zoom_label: bool = True) -> list:
     """The deterministic MONAI dictionary transforms from a recipe's ``data`` section.
 
     ``keys`` are ``("image",)`` at inference and ``("image", "label")`` in training. Images come out as
@@ -154,6 +155,15 @@ def preprocessing(data: dict, keys: Sequence[str] = ("image", "label"), load: bo
     if spatial_dims == 3 and data.get("spacing"):
         modes = ["bilinear" if k == "image" else "nearest" for k in keys]
         ops.append(T.Spacingd(keys=keys, pixdim=data["spacing"], mode=modes))
+    zoom = data_zoom(data)
+    if zoom is not None:
+        # data.zoom enlarges the grid the network sees (e.g. 2 for thin structures and a stride-4 prediction),
+        # after any resampling to data.spacing: images (bi/trilinear), and labels (nearest) unless
+        # ``zoom_label=False``, which validation uses to score on the original grid; MONAI's Zoomd is
+        # inverted by ``segment``'s Invertd
+        zoomed = [k for k in keys if k == "image" or zoom_label]
+        modes = [("bilinear" if spatial_dims == 2 else "trilinear") if k == "image" else "nearest" for k in zoomed]
+        ops.append(T.Zoomd(keys=zoomed, zoom=zoom, mode=modes, keep_size=False))
     ops.append(T.EnsureTyped(keys="image", dtype=torch.float32, track_meta=True))
     intensity = data.get("intensity", "zscore")
     if intensity not in INTENSITY_MODES:
@@ -168,6 +178,18 @@ def preprocessing(data: dict, keys: Sequence[str] = ("image", "label"), load: bo
             ops.append(T.MapLabelValued(keys="label", orig_labels=list(values), target_labels=list(range(len(values)))))
         ops.append(T.EnsureTyped(keys="label", dtype=torch.uint8, track_meta=False))
     return ops
+
+
+def data_zoom(data: dict) -> list[float] | None:
+    """``data.zoom`` (one factor, or one per spatial axis) as a list, or ``None`` where it is absent or 1."""
+    value = data.get("zoom")
+    if value is None:
+        return None
+    spatial_dims = int(data.get("spatial_dims", 3))
+    factors = [float(v) for v in value] if isinstance(value, (list, tuple)) else [float(value)] * spatial_dims
+    if len(factors) != spatial_dims or not all(f > 0 for f in factors):
+        raise ConfigError(f"data.zoom must be a positive number or {spatial_dims} of them, got {value!r}")
+    return None if all(f == 1 for f in factors) else factors
 
 
 def _checked_2d_file(path: str, max_pixels: int) -> str:
@@ -222,7 +244,9 @@ class SegmentationCases(Dataset):
         from monai.transforms import Compose
 
         self.cases, self.data_cfg = list(cases), data
-        pre = Compose(preprocessing(data))
+        # validation keeps its labels on the original grid (data.zoom): Dice is scored there
+        pre = Compose(preprocessing(data, zoom_label=augment))
+        zoom = data_zoom(data)
         self.items = []
         for c in self.cases:
             try:
@@ -230,7 +254,9 @@ class SegmentationCases(Dataset):
             except Exception as e:
                 raise DataError(f"case {c['case']}: cannot load {c['image']} / {c['label']}: {root_cause(e)}") from e
             image, label = item["image"], item["label"]
-            if image.shape[1:] != label.shape[1:]:
+            expected = tuple(label.shape[1:]) if zoom is None or augment else \
+                tuple(int(math.floor(float(n) * z)) for n, z in zip(label.shape[1:], zoom))  # as MONAI sizes it
+            if tuple(image.shape[1:]) != expected:
                 raise DataError(f"case {c['case']}: image {tuple(image.shape[1:])} and label "
                                 f"{tuple(label.shape[1:])} differ in size ({c['image']}, {c['label']})")
             top = int(label.max())
@@ -410,6 +436,8 @@ class SegmentationTask:
             probs = sliding_window_predict(model, image[None], roi, float(inference.get("overlap", 0.5)),
                                            inference.get("mode", "gaussian"), int(inference.get("sw_batch_size", batch_size)),
                                            device, "cpu", autocast=autocast)
+            if probs.shape[2:] != label.shape[1:]:  # data.zoom: back to the label's (original) grid
+                probs = torch.nn.functional.interpolate(probs.float(), size=list(label.shape[1:]), mode="area")
             pred = probs.argmax(1, keepdim=True)
             scores = metric(pred, label[None].long())[0]
             for c, s in enumerate(scores.tolist()):

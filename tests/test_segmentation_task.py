@@ -105,6 +105,44 @@ def test_2d_masks_keep_the_image_orientation(shared_data):
     np.testing.assert_allclose(red, (want_red - want_red.mean()) / want_red.std(), atol=1e-4)
 
 
+def test_zoom_enlarges_the_grid_and_validation_scores_on_the_original_grid(shared_data):
+    from monai.transforms import Compose
+    from PIL import Image
+
+    from visionattn.tasks.config import ConfigError
+    from visionattn.tasks.segmentation import data_zoom, preprocessing
+
+    drive = shared_data / "drive" / "training"
+    data = dict(kind="image_mask", spatial_dims=2, in_channels=3, labels=["background", "vessel"],
+                label_values=[0, 255], intensity="zscore", roi_size=[64, 64], zoom=2)
+    case = find_image_mask_pairs(drive / "images", drive / "1st_manual")[:1]
+    mask = np.array(Image.open(case[0]["label"])) > 0
+    h, w = mask.shape
+    # training: image and mask both zoomed, the mask by nearest neighbour (each pixel a 2x2 block)
+    item = Compose(preprocessing(data))({"image": str(case[0]["image"]), "label": str(case[0]["label"])})
+    assert item["image"].shape == (3, 2 * h, 2 * w) and item["label"].shape == (1, 2 * h, 2 * w)
+    for dy in (0, 1):
+        for dx in (0, 1):
+            np.testing.assert_array_equal(np.asarray(item["label"][0, dy::2, dx::2]), mask)
+    # validation: the image zoomed, the mask left on its grid, and Dice scored there: a network calling
+    # every pixel vessel scores 2|mask| / (|mask| + h*w)
+    image, label = SegmentationCases(case, data, augment=False)[0]
+    assert image.shape == (3, 2 * h, 2 * w) and label.shape == (1, h, w)
+    net = torch.nn.Conv2d(3, 2, 1).eval()
+    with torch.no_grad():
+        net.weight.zero_()
+        net.bias.copy_(torch.tensor([0.0, 1.0]))
+    task = SegmentationTask()
+    task.inference = {"overlap": 0.25, "mode": "gaussian", "sw_batch_size": 4}
+    got = task.evaluate(net, SegmentationCases(case, data, augment=False), 0, 1, "cpu", nullcontext, 4)
+    assert got["dice_vessel"] == pytest.approx(2 * mask.sum() / (mask.sum() + h * w), abs=1e-6)
+    assert data_zoom(dict(data, zoom=1)) is None and data_zoom(dict(data, zoom=[2, 3])) == [2.0, 3.0]
+    with pytest.raises(ConfigError, match="data.zoom"):
+        data_zoom(dict(data, zoom=[2]))
+    with pytest.raises(ConfigError, match="data.zoom"):
+        data_zoom(dict(data, zoom=0))
+
+
 def test_augmented_crops_are_seeded_per_sample(shared_data):
     data = dict(HIPPO, augment={"flip_axes": [0], "intensity": 0.1, "foreground_crop": True})
     cases = find_msd_cases(shared_data / "msd_hippocampus")[:2]

@@ -92,3 +92,62 @@ def test_bench_models_reports_each_model_before_measuring_the_next(monkeypatch):
     assert [n for n, _ in reported] == [1, 2]
     assert all(line.startswith("activator_glu_cifar: batch 1") and "ours_img_s" in line for _, line in reported)
     assert len(rows) == 2 and "ours_img_s" in table
+
+
+TINY_RECIPE = """
+seed: 0
+output_dir: {out}
+model:
+  name: ninformer_cifar
+  kwargs: {{img_size: 16, patch_size: 4, embed_dim: 32, mlp_dim: 64, depth: 2}}
+data:
+  kind: image_folder
+  root: {data}
+  val_per_class: 2
+  img_size: 16
+train:
+  epochs: 2
+  batch_size: 4
+  lr: 0.003
+  ema_decay: 0.9
+  clip_grad: 1.0
+"""
+
+
+def test_bench_train_times_the_trainer_beside_a_bare_loop(capsys, tmp_path, monkeypatch):
+    """Both sides really train (the trainer's step counter and the weights move), the table has the ratio,
+    and the recipe's output_dir is never touched (the bench trains in a temporary folder)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from visionattn.tasks import bench_train as bt
+
+    for name, base in (("dark", 60), ("bright", 190)):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for i in range(8):
+            Image.fromarray(np.full((16, 16, 3), base, np.uint8)).save(tmp_path / "data" / name / f"{i}.png")
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(TINY_RECIPE.format(out=tmp_path / "must_not_exist", data=tmp_path / "data"))
+
+    seen = {}
+    real_measure = bt._measure
+
+    def spy(trainer, *args):
+        before = [p.detach().clone() for p in trainer.model.parameters()]
+        row = real_measure(trainer, *args)
+        seen["steps"] = trainer.step
+        seen["moved"] = any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+        return row
+
+    monkeypatch.setattr(bt, "_measure", spy)
+    json_path = tmp_path / "rows.json"
+    assert main(["bench", "train", str(recipe), "--steps", "2", "--threads", "1", "--json", str(json_path)]) == 0
+    out = capsys.readouterr().out
+    assert "round 1/3: trainer" in out and "trainer / bare" in out and "overhead" in out
+    assert seen["steps"] == 1 + 3 * 2 and seen["moved"]  # warm-up + rounds x steps through the trainer
+    (row,) = json.loads(json_path.read_text())
+    assert row["model"] == "ninformer_cifar" and row["batch_size"] == 4
+    assert row["trainer_ms"] > 0 and row["bare_ms"] > 0
+    assert abs(row["overhead"] - (row["trainer_ms"] / row["bare_ms"] - 1)) < 1e-9
+    assert not (tmp_path / "must_not_exist").exists()

@@ -130,10 +130,18 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
         table, rows = bench_segment_memory(args.names[0] if args.names else "hippocampus_agunet",
                                            shape=args.shape, overlap=args.overlap, threads=args.threads)
+    elif args.what == "train":
+        from visionattn.tasks.bench_train import DEFAULT_RECIPES, bench_train, format_table
+
+        rows = []
+        for recipe in args.names or DEFAULT_RECIPES:
+            _print_now(f"{recipe}:")
+            rows.append(bench_train(recipe, steps=args.steps, threads=args.threads, report=_print_now))
+        table = format_table(rows)
     else:
         print(f"unknown benchmark {args.what!r}", file=sys.stderr)
         return 2
-    if args.what in ("models", "kernels"):
+    if args.what in ("models", "kernels", "train"):
         print(flush=True)  # the rows came as they were measured; the table follows
     print(table)
     if args.json:
@@ -292,14 +300,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "bench", help="benchmarks: `bench models NAME... [--compare timm]`, `bench kernels [--device cpu|cuda]`, "
                       "`bench herseg-memory`, `bench segment [MODEL]`, `bench segment-memory [MODEL] [--shape X Y Z]`, "
-                      "`bench detectors [--img-size 640]`"
+                      "`bench detectors [--img-size 640]`, `bench train [RECIPE...] [--steps N]`"
     )
     p.add_argument("what", choices=["models", "kernels", "herseg-memory", "segment", "segment-tta", "segment-memory",
-                                      "detectors"])
+                                      "detectors", "train"])
     p.add_argument("names", nargs="*")
-    p.add_argument("--compare", choices=["timm", "gather"],
+    p.add_argument("--compare", choices=["timm", "gather", "peer"],
                    help="models: time timm's model of the same name (same weights), or for BiFormer the official "
-                        "full-gather routed attention (time and peak memory)")
+                        "full-gather routed attention (time and peak memory), or (peer) the timm model of the same "
+                        "design (Gated-SwinRMT: Swin-T) in inference and a training step, images/s and per GMAC")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--img-size", type=int, default=None)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -309,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip", help="kernels: comma-separated alternatives to leave out: naive, dense, flex")
     p.add_argument("--shape", type=int, nargs=3, default=[512, 512, 300], help="segment-memory: volume size")
     p.add_argument("--overlap", type=float, default=0.0, help="segment-memory: window overlap")
+    p.add_argument("--steps", type=int, default=10, help="train: optimizer steps per round and side")
     p.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     p.set_defaults(func=_cmd_bench)
     p = sub.add_parser("train", help="train from a YAML recipe: `train CONFIG [key=value ...] [--resume]`")

@@ -20,7 +20,6 @@ from __future__ import annotations
 import statistics
 import tempfile
 import time
-from contextlib import nullcontext
 from typing import Callable, Sequence
 
 import torch

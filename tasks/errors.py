@@ -3,8 +3,12 @@ from __future__ import annotations
 
 from visionattn.errors import InvalidInputError, UserError
 
-__all__ = ["DataError", "UserError"]
+__all__ = ["DataError", "ExportError", "UserError"]
 
 
 class DataError(InvalidInputError):
     """A data set or input file that cannot be used as given; the message names the file or folder."""
+
+
+class ExportError(InvalidInputError):
+    """Something about the model, the options or the output path of an export; the message says what to change."""

@@ -44,7 +44,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from visionattn.errors import InvalidInputError
+from visionattn.tasks.errors import ExportError
 from visionattn.tasks.files import atomic_path
 
 FORMATS = ("onnx", "torchscript", "exported-program")
@@ -52,10 +52,6 @@ ONNX_EXPORTERS = ("torchscript", "dynamo")
 ONNX_OPSET = 18
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
 _AXIS_NAMES = {1: ("x",), 2: ("height", "width"), 3: ("x", "y", "z")}
-
-
-class ExportError(InvalidInputError):
-    """Something about the model, the options or the output path; the message says what to change."""
 
 
 @dataclass

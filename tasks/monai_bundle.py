@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from visionattn.tasks.export import ExportError
+from visionattn.tasks.errors import ExportError
 
 BUNDLE_VERSION = "0.1.0"
 WEIGHTS_NAME = "model.safetensors"

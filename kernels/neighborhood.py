@@ -8,7 +8,9 @@ return_lse=False, backend='auto')``. Only the tensors and ``kernel_size`` are po
 Backends (the vocabulary of :mod:`visionattn.kernels.backends`, shared by every kernel):
 
 - ``"reference"``: brute force over a dense mask (:mod:`.reference`), small inputs only; the test oracle.
-- ``"torch"``: tiled PyTorch (:mod:`.tiled`), forward and backward, any device.
+- ``"torch"``: tiled PyTorch (:mod:`.tiled`), forward and backward, any device; blocked calls (``stride ==
+  kernel_size``, dilation 1, not causal: non-overlapping windows) take :mod:`.windowed` instead, dense
+  window batches differentiated by autograd.
 - ``"triton"``: fused Triton kernels (:mod:`.triton_na`), forward and backward.
 - ``"auto"``: ``"triton"`` for CUDA tensors when Triton is usable, else ``"torch"``.
 
@@ -24,6 +26,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from visionattn.kernels import windowed
 from visionattn.kernels.backends import BACKENDS, triton_available
 from visionattn.kernels.reference import reference_forward
 from visionattn.kernels.semantics import NAParams, na_params, offset_grids
@@ -142,6 +145,10 @@ def _attention(params: NAParams, query, key, value, rpb, attn_bias_fn, score_dec
         score_decay = score_decay.detach().to(query.dtype)  # a fixed prior: no gradient flows to it
     if params.backend == "reference":
         out, lse = reference_forward(query, key, value, rpb, score_decay, params)
+    elif params.backend == "torch" and windowed.windowed_applies(params):
+        # blocked windows (stride == kernel_size): dense window batches, no halo (:mod:`.windowed`)
+        out, lse = windowed.windowed_forward(query, key, value, rpb, score_decay, params,
+                                             return_lse=params.return_lse)
     else:
         q, k, v = query.contiguous(), key.contiguous(), value.contiguous()
         rpb = rpb.contiguous() if rpb is not None else None

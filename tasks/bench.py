@@ -155,6 +155,9 @@ def bench_models(
             theirs = visionattn.create_model(entry.name, kv_chunk=0, **kwargs).eval()
             theirs.load_state_dict(ours.state_dict())
             fns["gather"] = lambda m=theirs: m(x)
+        if compare == "peer":
+            _bench_against_peer(entry, ours, x, size, batch_size, min_time, results, report)
+            continue
         if compare == "timm":
             if not timm.is_model(entry.name):
                 raise ValueError(f"timm has no model named {entry.name!r} to compare with")
@@ -188,6 +191,56 @@ def bench_models(
     headers = list(results[0].keys()) if results else []
     table = format_table(headers, [[r.get(h, "") for h in headers] for r in results])
     return table, results
+
+
+# timm models that a visionattn model is measured against with ``--compare peer`` (random weights on both
+# sides: throughput only): Gated-SwinRMT is a shifted-window design, so its peer is Swin-T
+PEERS = {
+    "gated_swinrmt_swat_tiny": "swin_tiny_patch4_window7_224",
+    "gated_swinrmt_retention_tiny": "swin_tiny_patch4_window7_224",
+}
+
+
+def _train_step(model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor) -> None:
+    """One training step without the optimizer: forward in train mode, cross-entropy, backward."""
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), labels).backward()
+
+
+def _bench_against_peer(entry, ours, x, size, batch_size, min_time, results, report) -> None:
+    """``--compare peer``: images/s of ``ours`` and of its timm peer (:data:`PEERS`) in inference and in a
+    training step (forward + cross-entropy + backward), interleaved, and the same per GMAC (images/s times the
+    forward GMACs of one image, counted by ``torch.utils.flop_counter``): a per-GMAC ratio of 1 means both
+    models turn multiply-adds into images equally fast."""
+    import timm
+
+    from visionattn.registry import count_flops
+
+    if entry.name not in PEERS:
+        raise ValueError(f"{entry.name} has no timm peer; --compare peer knows {', '.join(sorted(PEERS))}")
+    peer_name = PEERS[entry.name]
+    peer = timm.create_model(peer_name, img_size=size, num_classes=getattr(ours, "num_classes", 1000))
+    input_size = (x.shape[1], *size)
+    ours_gmacs = count_flops(ours, input_size) / 2e9
+    peer_gmacs = count_flops(peer, input_size) / 2e9
+    row = {"model": entry.name, "peer": peer_name, "batch": batch_size, "input": "x".join(map(str, size)),
+           "threads": torch.get_num_threads(), "gmacs": ours_gmacs, "peer_gmacs": peer_gmacs}
+    ours.eval(), peer.eval()
+    with torch.inference_mode():
+        secs = interleaved_times({"ours": lambda: ours(x), "peer": lambda: peer(x)}, min_time=min_time)
+    labels = torch.randint(0, max(getattr(ours, "num_classes", 1), 1), (x.shape[0],))
+    ours.train(), peer.train()
+    train_secs = interleaved_times({"ours": lambda: _train_step(ours, x, labels),
+                                    "peer": lambda: _train_step(peer, x, labels)}, min_time=min_time)
+    ours.eval(), peer.eval()
+    for tag, s in (("infer", secs), ("train", train_secs)):
+        row[f"{tag}_img_s"] = batch_size / s["ours"]
+        row[f"{tag}_peer_img_s"] = batch_size / s["peer"]
+        row[f"{tag}_ratio"] = s["peer"] / s["ours"]
+        row[f"{tag}_per_gmac_ratio"] = row[f"{tag}_ratio"] * ours_gmacs / peer_gmacs
+    results.append(row)
+    if report is not None:
+        report(f"{row['model']}: " + "  ".join(f"{k} {_cell(v)}" for k, v in row.items() if k != "model"))
 
 
 # ---------------------------------------------------------------------------------------------------

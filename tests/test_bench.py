@@ -151,3 +151,25 @@ def test_bench_train_times_the_trainer_beside_a_bare_loop(capsys, tmp_path, monk
     assert row["trainer_ms"] > 0 and row["bare_ms"] > 0
     assert abs(row["overhead"] - (row["trainer_ms"] / row["bare_ms"] - 1)) < 1e-9
     assert not (tmp_path / "must_not_exist").exists()
+
+
+def test_bench_models_compare_peer(capsys, tmp_path):
+    """Gated-SwinRMT beside its timm peer (Swin-T): images/s and per-GMAC ratios, inference and training."""
+    out_json = tmp_path / "p.json"
+    rc = main(["bench", "models", "gated_swinrmt_retention_tiny", "--compare", "peer", "--img-size", "64",
+               "--batch-size", "1", "--min-time", "0.05", "--threads", "1", "--json", str(out_json)])
+    assert rc == 0
+    assert "infer_per_gmac_ratio" in capsys.readouterr().out
+    (row,) = json.loads(out_json.read_text())
+    assert row["peer"] == "swin_tiny_patch4_window7_224" and 0 < row["gmacs"] < row["peer_gmacs"]
+    for tag in ("infer", "train"):
+        assert row[f"{tag}_img_s"] > 0 and row[f"{tag}_peer_img_s"] > 0
+        ratio = row[f"{tag}_img_s"] / row[f"{tag}_peer_img_s"]
+        assert abs(row[f"{tag}_per_gmac_ratio"] - ratio * row["gmacs"] / row["peer_gmacs"]) < 1e-6 * ratio
+
+
+def test_bench_models_compare_peer_needs_a_peer():
+    import pytest
+
+    with pytest.raises(ValueError, match="no timm peer"):
+        main(["bench", "models", "convit_tiny", "--compare", "peer", "--img-size", "64", "--batch-size", "1"])

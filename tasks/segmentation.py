@@ -100,18 +100,35 @@ def find_image_mask_pairs(images_dir: str | Path, masks_dir: str | Path) -> list
     return [{"case": k, "image": images[k], "label": masks[k]} for k in sorted(images)]
 
 
-def fixed_case_split(cases: Sequence[dict], val_fraction: float, seed: int = 0) -> tuple[list[dict], list[dict]]:
+def fixed_case_split(cases: Sequence[dict], val_fraction: float, seed: int = 0, folds: int | None = None,
+                     fold: int | None = None) -> tuple[list[dict], list[dict]]:
     """A split that depends only on the case names and ``seed``: the cases sorted by name, shuffled by a
-    generator seeded with ``seed``, the first ``round(val_fraction * n)`` (at least 1) for validation."""
-    if not 0 < val_fraction < 1:
-        raise ConfigError(f"data.val_fraction must be between 0 and 1, got {val_fraction}")
+    generator seeded with ``seed``, the first ``round(val_fraction * n)`` (at least 1) for validation.
+
+    Cross-validation (``folds`` = F, ``fold`` = f in ``0..F-1``, replacing ``val_fraction``): the shuffled
+    cases are cut into F consecutive parts of sizes differing by at most one and part f validates, so the F
+    folds validate every case exactly once (nnU-Net's 5-fold scheme). With n divisible by F, fold 0 is the
+    ``val_fraction = 1/F`` split."""
     ordered = sorted(cases, key=lambda c: c["case"])
     order = torch.randperm(len(ordered), generator=torch.Generator().manual_seed(seed)).tolist()
-    n_val = max(1, round(val_fraction * len(ordered)))
-    if n_val >= len(ordered):
-        raise ConfigError(f"val_fraction={val_fraction} leaves no training cases out of {len(ordered)}")
-    val = sorted((ordered[i] for i in order[:n_val]), key=lambda c: c["case"])
-    train = sorted((ordered[i] for i in order[n_val:]), key=lambda c: c["case"])
+    if folds is not None or fold is not None:
+        if not isinstance(folds, int) or isinstance(folds, bool) or not 2 <= folds <= len(ordered):
+            raise ConfigError(f"data.folds must be an integer from 2 to the number of cases ({len(ordered)}), "
+                              f"got {folds!r}")
+        if not isinstance(fold, int) or isinstance(fold, bool) or not 0 <= fold < folds:
+            raise ConfigError(f"data.fold must be an integer from 0 to {folds - 1} (with data.folds={folds}), "
+                              f"got {fold!r}")
+        bounds = [round(i * len(ordered) / folds) for i in range(folds + 1)]
+        held = set(order[bounds[fold]:bounds[fold + 1]])
+    else:
+        if not 0 < val_fraction < 1:
+            raise ConfigError(f"data.val_fraction must be between 0 and 1, got {val_fraction}")
+        n_val = max(1, round(val_fraction * len(ordered)))
+        if n_val >= len(ordered):
+            raise ConfigError(f"val_fraction={val_fraction} leaves no training cases out of {len(ordered)}")
+        held = set(order[:n_val])
+    val = [c for i, c in enumerate(ordered) if i in held]
+    train = [c for i, c in enumerate(ordered) if i not in held]
     return train, val
 
 
@@ -372,7 +389,8 @@ class SegmentationTask:
             raise ConfigError(f"data.kind must be 'msd' or 'image_mask' for segmentation, got {kind!r}")
         if len(data["roi_size"]) != int(data.get("spatial_dims", 3)):
             raise ConfigError(f"data.roi_size {data['roi_size']} does not have data.spatial_dims={data.get('spatial_dims', 3)} entries")
-        train_cases, val_cases = fixed_case_split(cases, float(data.get("val_fraction", 0.2)), int(data.get("split_seed", 0)))
+        train_cases, val_cases = fixed_case_split(cases, float(data.get("val_fraction", 0.2)), int(data.get("split_seed", 0)),
+                                                  folds=data.get("folds"), fold=data.get("fold"))
         if data.get("max_train_cases"):
             train_cases = train_cases[: int(data["max_train_cases"])]
         train = SeededTransform(SegmentationCases(train_cases, data, augment=True), seed)

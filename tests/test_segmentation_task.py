@@ -13,6 +13,7 @@ import torch
 
 import visionattn
 from visionattn.cli import main
+from visionattn.tasks.config import ConfigError
 from visionattn.tasks.data import DataError
 from visionattn.tasks.segmentation import (
     SegmentationCases,
@@ -87,6 +88,25 @@ def test_fixed_split_is_deterministic_and_disjoint(shared_data):
     assert len(train) == 176 and len(val) == 44
     assert not {c["case"] for c in train} & {c["case"] for c in val}
     assert [c["case"] for c in fixed_case_split(cases, 0.2, seed=1)[1]] != [c["case"] for c in val]
+
+
+def test_five_folds_validate_every_case_once_and_fold_0_is_the_fixed_split(shared_data):
+    cases = find_msd_cases(shared_data / "msd_hippocampus")
+    fixed_val = [c["case"] for c in fixed_case_split(cases, 0.2, seed=0)[1]]
+    seen = []
+    for fold in range(5):
+        train, val = fixed_case_split(cases, 0.2, seed=0, folds=5, fold=fold)
+        assert len(val) == 44 and len(train) == 176
+        assert not {c["case"] for c in train} & {c["case"] for c in val}
+        seen += [c["case"] for c in val]
+    assert sorted(seen) == sorted(c["case"] for c in cases)  # each case validated exactly once
+    assert [c["case"] for c in fixed_case_split(cases, 0.2, seed=0, folds=5, fold=0)[1]] == fixed_val
+    uneven = [{"case": f"c{i:02d}"} for i in range(7)]
+    assert sorted(len(fixed_case_split(uneven, 0.2, folds=3, fold=f)[1]) for f in range(3)) == [2, 2, 3]
+    for folds, fold, message in ((5, 5, "data.fold must be an integer from 0 to 4"), (1, 0, "data.folds must be"),
+                                 (5, None, "data.fold must be"), (None, 0, "data.folds must be")):
+        with pytest.raises(ConfigError, match=message):
+            fixed_case_split(cases, 0.2, folds=folds, fold=fold)
 
 
 def test_2d_masks_keep_the_image_orientation(shared_data):

@@ -194,10 +194,30 @@ def bench_models(
 
 
 # timm models that a visionattn model is measured against with ``--compare peer`` (random weights on both
-# sides: throughput only): Gated-SwinRMT is a shifted-window design, so its peer is Swin-T
+# sides: throughput only), the nearest design in timm at a similar size: Gated-SwinRMT (shifted windows) beside
+# Swin; BiFormer (hierarchical, sparse attention) beside PVTv2-B1 / Swin; NiNformer and Activator (isotropic
+# patch-16 models that gate instead of attending) beside MLP-Mixer; ConViT beside timm's own ConViT. Every
+# classifier with a 224x224 default has one (a test checks); the CIFAR-sized ones have none.
 PEERS = {
     "gated_swinrmt_swat_tiny": "swin_tiny_patch4_window7_224",
     "gated_swinrmt_retention_tiny": "swin_tiny_patch4_window7_224",
+    "gated_swinrmt_swat_small": "swin_small_patch4_window7_224",
+    "gated_swinrmt_retention_small": "swin_small_patch4_window7_224",
+    "gated_swinrmt_swat": "swin_base_patch4_window7_224",
+    "gated_swinrmt_retention": "swin_base_patch4_window7_224",
+    "biformer_tiny": "pvt_v2_b1",
+    "biformer_small": "swin_tiny_patch4_window7_224",
+    "biformer_stl": "swin_tiny_patch4_window7_224",
+    "biformer_base": "swin_small_patch4_window7_224",
+    "ninformer_s16_224": "mixer_s16_224",
+    "ninformer_b16_224": "mixer_b16_224",
+    "activator_s16_224": "mixer_s16_224",
+    "convit_tiny": "convit_tiny",
+    "convit_tiny_plus": "convit_tiny",
+    "convit_small": "convit_small",
+    "convit_small_plus": "convit_small",
+    "convit_base": "convit_base",
+    "convit_base_plus": "convit_base",
 }
 
 
@@ -238,6 +258,9 @@ def _bench_against_peer(entry, ours, x, size, batch_size, min_time, results, rep
         row[f"{tag}_peer_img_s"] = batch_size / s["peer"]
         row[f"{tag}_ratio"] = s["peer"] / s["ours"]
         row[f"{tag}_per_gmac_ratio"] = row[f"{tag}_ratio"] * ours_gmacs / peer_gmacs
+    # achieved forward GFLOP/s (2 FLOPs per multiply-add) in inference
+    row["infer_gflop_s"] = 2 * row["infer_img_s"] * ours_gmacs
+    row["infer_peer_gflop_s"] = 2 * row["infer_peer_img_s"] * peer_gmacs
     results.append(row)
     if report is not None:
         report(f"{row['model']}: " + "  ".join(f"{k} {_cell(v)}" for k, v in row.items() if k != "model"))

@@ -166,10 +166,24 @@ def test_bench_models_compare_peer(capsys, tmp_path):
         assert row[f"{tag}_img_s"] > 0 and row[f"{tag}_peer_img_s"] > 0
         ratio = row[f"{tag}_img_s"] / row[f"{tag}_peer_img_s"]
         assert abs(row[f"{tag}_per_gmac_ratio"] - ratio * row["gmacs"] / row["peer_gmacs"]) < 1e-6 * ratio
+    assert abs(row["infer_gflop_s"] - 2 * row["infer_img_s"] * row["gmacs"]) < 1e-6 * row["infer_gflop_s"]
 
 
 def test_bench_models_compare_peer_needs_a_peer():
     import pytest
 
     with pytest.raises(ValueError, match="no timm peer"):
-        main(["bench", "models", "convit_tiny", "--compare", "peer", "--img-size", "64", "--batch-size", "1"])
+        main(["bench", "models", "ninformer_cifar", "--compare", "peer", "--img-size", "32", "--batch-size", "1"])
+
+
+def test_every_224_classifier_has_a_timm_peer():
+    import timm
+
+    import visionattn
+    from visionattn.registry import get_entry
+    from visionattn.tasks.bench import PEERS
+
+    full_size = [n for n in visionattn.list_models(task="classification") if get_entry(n).default_input_size[1:] == (224, 224)]
+    assert len(full_size) >= 15
+    assert sorted(set(full_size) - set(PEERS)) == []
+    assert all(timm.is_model(peer) for peer in PEERS.values())

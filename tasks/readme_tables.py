@@ -1,4 +1,4 @@
-"""The README's model table, generated from the registry.
+"""The README's generated tables: the model table from the registry, performance tables from benchmark results.
 
 Every registered model gets one row: its task, family (the class the constructor builds), timm name, default
 input size, the parameters and multiply-adds counted from the built model, and the figures its paper or
@@ -16,11 +16,18 @@ that reads a tensor's value (``.item()``, ``bool(t)``; DFIR-DETR's tie check in 
 zero on ``meta``; such reads only pick between paths of equal matmul cost in our models (DFIR-DETR's
 count is equal to the one on real data). A model that cannot be built or run on ``meta`` falls back to the
 CPU, with real tensors.
+
+Performance tables are rendered from the JSON a benchmark writes (``visionattn bench kernels --json
+docs/bench/kernels-cpu.json``), checked into ``docs/bench/``; the README block between
+``<!-- bench-table:NAME:start -->`` and ``<!-- bench-table:NAME:end -->`` is that rendering, so a figure in the
+README is always one the benchmark printed, and the command that measured it is written under the table.
+Re-measure with the command, then ``--write``.
 """
 from __future__ import annotations
 
 import argparse
 import difflib
+import json
 import sys
 import time
 from pathlib import Path
@@ -37,6 +44,13 @@ START = "<!-- models-table:start -->"
 END = "<!-- models-table:end -->"
 COMMAND = "python -m visionattn.tasks.readme_tables --write"
 README = Path(__file__).resolve().parent.parent / "README.md"
+BENCH_DIR = README.parent / "docs" / "bench"
+# benchmark tables: name -> (the JSON under docs/bench/, the command that wrote it)
+BENCH_TABLES = {
+    "kernels-cpu": ("kernels-cpu.json", "visionattn bench kernels --threads 1 --json docs/bench/kernels-cpu.json"),
+}
+KERNEL_PROBLEM_TITLES = {"1d-4096-k31": "1-D L=4096, K=31", "2d-56-k7": "2-D 56x56, K=7", "2d-56-k3": "2-D 56x56, K=3",
+                         "2d-128-k13": "2-D 128x128, K=13", "3d-32-k5": "3-D 32^3, K=5"}
 
 HEADER = ("model", "task", "family", "timm name", "input", "params", "GMACs",
           "params (reported)", "compute (reported)", "result (reported)")
@@ -135,29 +149,80 @@ def render_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _block_span(text: str) -> tuple[int, int]:
+def _block_span(text: str, start: str = START, stop: str = END) -> tuple[int, int]:
     """Offsets of the text between the two markers (the markers' own lines excluded)."""
-    if text.count(START) != 1 or text.count(END) != 1:
-        raise ValueError(f"README.md must hold {START} and {END} exactly once each")
-    begin = text.index(START) + len(START)
-    end = text.index(END)
+    if text.count(start) != 1 or text.count(stop) != 1:
+        raise ValueError(f"README.md must hold {start} and {stop} exactly once each")
+    begin = text.index(start) + len(start)
+    end = text.index(stop)
     if end < begin:
-        raise ValueError(f"{END} comes before {START} in README.md")
+        raise ValueError(f"{stop} comes before {start} in README.md")
     if text[begin:begin + 1] == "\n":
         begin += 1
     return begin, end
 
 
-def read_block(text: str) -> str:
+def read_block(text: str, start: str = START, stop: str = END) -> str:
     """What README text holds between the markers."""
-    begin, end = _block_span(text)
+    begin, end = _block_span(text, start, stop)
     return text[begin:end]
 
 
-def replace_block(text: str, table: str) -> str:
+def replace_block(text: str, table: str, start: str = START, stop: str = END) -> str:
     """README text with ``table`` between the markers."""
-    begin, end = _block_span(text)
+    begin, end = _block_span(text, start, stop)
     return text[:begin] + table + text[end:]
+
+
+def bench_markers(name: str) -> tuple[str, str]:
+    return f"<!-- bench-table:{name}:start -->", f"<!-- bench-table:{name}:end -->"
+
+
+def _ratio(x: float | None) -> str:
+    return "-" if x is None else (f"{x:.1f}x" if x < 10 else f"{x:.0f}x")
+
+
+def _ms(x: float) -> str:
+    return f"{x:.3g} ms" if x < 100 else f"{x:.0f} ms"
+
+
+def render_kernels_table(rows: Sequence[dict[str, Any]], command: str) -> str:
+    """The neighborhood-attention rows of ``visionattn bench kernels --json`` as a Markdown table: our forward and
+    forward+backward times, each alternative's time over ours, backward over forward, and our forward's
+    share of the matmul rate measured in the same rounds; then the command."""
+    by_problem: dict[str, dict[str, dict]] = {}
+    for row in rows:
+        by_problem.setdefault(row["problem"], {})[row["impl"]] = row
+    header = ["problem", "ours fwd", "vs naive gather", "vs masked dense SDPA", "vs compiled flex_attention (faster token order)",
+              "ours fwd+bwd", "vs naive gather (autograd)", "ours bwd / fwd", "ours fwd, of matmul rate"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for problem, impls in by_problem.items():
+        if problem not in KERNEL_PROBLEM_TITLES:
+            continue
+        ours = impls.get("visionattn-torch") or impls.get("visionattn-triton")
+        naive, dense = impls.get("naive-gather"), impls.get("masked-dense-sdpa")
+        # flex_attention in row-major and in tiled token order: the faster one
+        flex = min((r for name, r in impls.items() if name.startswith("flex")), key=lambda r: r["fwd_ratio"],
+                   default=None)
+        lines.append("| " + " | ".join([
+            KERNEL_PROBLEM_TITLES[problem], _ms(ours["fwd_ms"]),
+            _ratio(naive and naive["fwd_ratio"]), _ratio(dense and dense["fwd_ratio"]), _ratio(flex and flex["fwd_ratio"]),
+            _ms(ours["fwdbwd_ms"]), _ratio(naive and naive.get("fwdbwd_ratio")), f"{ours['bwd_over_fwd']:.2f}",
+            f"{100 * ours['fwd_ceiling_fraction']:.1f}%"]) + " |")
+    lines.append("")
+    lines.append(f"Measured by `{command}`; ratio = alternative's time / ours (above 1: ours is faster).")
+    return "\n".join(lines) + "\n"
+
+
+def bench_tables() -> dict[str, str]:
+    """Each benchmark table, rendered from its JSON under ``docs/bench/``."""
+    tables = {}
+    for name, (filename, command) in BENCH_TABLES.items():
+        path = BENCH_DIR / filename
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing; measure it with `{command}`")
+        tables[name] = render_kernels_table(json.loads(path.read_text(encoding="utf-8")), command)
+    return tables
 
 
 def table_names(block: str) -> list[str]:
@@ -181,14 +246,28 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     rows = model_rows()
     table = render_table(rows)
+    benches = bench_tables()
     seconds = time.perf_counter() - started
     on_cpu = [r["name"] for r in rows if r["counted_on"] == "cpu"]
     where = f"; counted on the CPU: {', '.join(on_cpu)}" if on_cpu else ""
     if not (args.write or args.check):
         sys.stdout.write(table)
+        for bench in benches.values():
+            sys.stdout.write("\n" + bench)
         print(f"{len(rows)} models counted in {seconds:.1f} s{where}", file=sys.stderr)
         return 0
     text = args.readme.read_text(encoding="utf-8")
+    for name, bench in benches.items():
+        current_bench = read_block(text, *bench_markers(name))
+        if current_bench != bench:
+            if args.check:
+                sys.stdout.writelines(difflib.unified_diff(current_bench.splitlines(True), bench.splitlines(True),
+                                                           "README.md (current)", "README.md (generated)"))
+                print(f"{args.readme}: the {name} table is out of date; run `{COMMAND}`", file=sys.stderr)
+                return 1
+            text = replace_block(text, bench, *bench_markers(name))
+            args.readme.write_text(text, encoding="utf-8")
+            print(f"{args.readme}: {name} table rewritten from docs/bench/{BENCH_TABLES[name][0]}")
     current = read_block(text)
     if args.check:
         if current == table:

@@ -17,6 +17,10 @@ Commands run with ``bash -c`` in a temporary folder laid out as the README assum
 is: ``configs`` links to the repository's recipes and ``../shared`` to the shared data sets, so recipes'
 ``../shared/data`` paths resolve and every output (``runs/``, ``visionattn-segment-demo/``, ...) lands in the
 temporary folder. Subprocesses get ``TQDM_DISABLE=1`` and ``OMP_NUM_THREADS=1``.
+
+The whole module is marked ``slow``: the README's test command runs the unit and integration tests, and
+``.ci/run`` runs these (``python -m pytest -q -m slow tests/test_readme_snippets.py``) beside the other slow
+tests.
 """
 from __future__ import annotations
 
@@ -40,6 +44,9 @@ README = REPO / "README.md"
 SHARED = REPO.parent / "shared"
 BUNDLED = REPO / "visionattn" / "bundled"
 BIN = Path(sys.executable).parent  # the venv's scripts: visionattn, torchrun
+
+pytestmark = pytest.mark.slow  # see the module docstring
+
 
 # ---------------------------------------------------------------------------------------------------
 # parsing README.md

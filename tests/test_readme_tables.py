@@ -65,6 +65,7 @@ def test_cli_check_and_print(capsys, tmp_path, monkeypatch):
     table = "| model |\n|---|\n| x |\n"
     monkeypatch.setattr(readme_tables, "model_rows", lambda: [])
     monkeypatch.setattr(readme_tables, "render_table", lambda rows: table)
+    monkeypatch.setattr(readme_tables, "bench_tables", lambda: {})  # the model table only
     readme = tmp_path / "README.md"
     readme.write_text(f"a\n{readme_tables.START}\nstale\n{readme_tables.END}\n")
     assert readme_tables.main(["--check", "--readme", str(readme)]) == 1
@@ -130,3 +131,37 @@ def test_released_code_parameter_counts_are_ours(rows):
                 assert row["params"] / 1e6 == pytest.approx(figure.params_m, rel=1e-3), (name, figure)
                 checked += 1
     assert checked >= 3
+
+
+def test_benchmark_tables_are_the_rendered_benchmark_json():
+    """Each README performance table is what the benchmark's own JSON renders to, and the JSON covers the
+    benchmark's standard problems with every alternative the table has a column for."""
+    import json
+
+    from visionattn.tasks.bench import DEFAULT_KERNEL_PROBLEMS
+
+    text = README.read_text(encoding="utf-8")
+    for name, table in readme_tables.bench_tables().items():
+        current = readme_tables.read_block(text, *readme_tables.bench_markers(name))
+        assert current == table, (
+            f"README.md's {name} table is not the rendering of docs/bench/{readme_tables.BENCH_TABLES[name][0]}; "
+            f"run `{readme_tables.COMMAND}`:\n" + "".join(difflib.unified_diff(
+                current.splitlines(True), table.splitlines(True), "README.md", "generated")))
+    rows = json.loads((readme_tables.BENCH_DIR / "kernels-cpu.json").read_text())
+    measured = {(r["problem"], r["impl"]) for r in rows}
+    for problem in DEFAULT_KERNEL_PROBLEMS:
+        assert (problem, "visionattn-torch") in measured and (problem, "naive-gather") in measured, problem
+    assert all(0 < r["fwd_ms"] for r in rows)
+
+
+def test_kernels_table_rendering_reads_the_fields_it_names():
+    row = dict(fwd_ms=2.0, fwdbwd_ms=8.0, bwd_over_fwd=3.0, fwd_ceiling_fraction=0.125, fwd_ratio=1.0,
+               fwdbwd_ratio=1.0)
+    rows = [dict(row, problem="2d-56-k7", impl="visionattn-torch"),
+            dict(row, problem="2d-56-k7", impl="naive-gather", fwd_ratio=30.0, fwdbwd_ratio=20.0),
+            dict(row, problem="2d-56-k7", impl="flex-attention-compiled", fwd_ratio=9.0),
+            dict(row, problem="2d-56-k7", impl="flex-attention-tiled", fwd_ratio=4.0)]
+    table = readme_tables.render_kernels_table(rows, "CMD")
+    line = table.splitlines()[2]
+    assert line == "| 2-D 56x56, K=7 | 2 ms | 30x | - | 4.0x | 8 ms | 20x | 3.00 | 12.5% |"
+    assert table.rstrip().endswith("Measured by `CMD`; ratio = alternative's time / ours (above 1: ours is faster).")

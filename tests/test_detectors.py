@@ -349,6 +349,7 @@ OVERFIT = {
 }
 
 
+@pytest.mark.slow  # a training run of minutes per detector
 @pytest.mark.parametrize("name", DETECTORS)
 def test_overfits_four_neu_det_images(name, shared_data):
     """A small config learns 4 NEU-DET images (4 classes, 6 boxes) to mAP@0.5 >= 0.9 on those images."""

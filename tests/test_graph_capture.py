@@ -24,7 +24,8 @@ MODELS = [
     ("va_activator_glu_cifar", dict(drop_rate=0.0), 32),
 ]
 IDS = [m[0] for m in MODELS]
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+# slow: every model scripted and traced (timm's own suite, also slow, repeats these for the va_* models)
+pytestmark = [pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning"), pytest.mark.slow]
 
 
 def _create(name, kwargs, **more):

@@ -9,6 +9,9 @@ from safetensors.torch import save_file
 
 import visionattn
 
+# slow: every timm contract over every model (build on meta, device/dtype, features, pretrained files, ...)
+pytestmark = pytest.mark.slow
+
 CLASSIFIERS = [n for n in visionattn.list_models(task="classification") if visionattn.get_entry(n).timm_name]
 SIZE = 64  # small inputs keep the suite fast; every family accepts img_size
 SMALL = dict(img_size=SIZE)

@@ -5,6 +5,7 @@ This module sits below every task and command in ``visionattn.tasks`` and import
 """
 from __future__ import annotations
 
+import atexit
 import os
 import random
 from pathlib import Path
@@ -23,11 +24,33 @@ from visionattn.tasks.files import atomic_path
 
 
 def dist_setup(device: str) -> tuple[int, int]:
-    """Initialise torch.distributed from torchrun's environment (gloo on CPU, NCCL on CUDA)."""
+    """Initialise torch.distributed from torchrun's environment (gloo on CPU, NCCL on CUDA). A process group
+    made here is destroyed when the interpreter exits (``atexit``), before its threads would be torn down
+    at exit, which can abort a process that has finished its work ("terminate called without an active
+    exception")."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+        atexit.register(_destroy_process_group)
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _destroy_process_group() -> None:
+    """All processes leave together (a barrier first: a process tearing the group down while a peer still
+    holds a connection can abort that peer); a peer that never arrives (it failed) is given up on after
+    30 s (gloo's monitored barrier), so an error does not turn into a hang."""
+    if not dist.is_initialized():
+        return
+    from datetime import timedelta
+
+    try:
+        if dist.get_backend() == "gloo":
+            dist.monitored_barrier(timeout=timedelta(seconds=30))
+        else:
+            dist.barrier()
+    except Exception:  # a peer failed or left: nothing to wait for
+        pass
+    dist.destroy_process_group()
 
 
 def all_reduce_sum(values: list[float], device) -> list[float]:

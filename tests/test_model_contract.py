@@ -9,13 +9,12 @@ from safetensors.torch import save_file
 
 import visionattn
 
-# slow: every timm contract over every model (build on meta, device/dtype, features, pretrained files, ...)
-pytestmark = pytest.mark.slow
-
 CLASSIFIERS = [n for n in visionattn.list_models(task="classification") if visionattn.get_entry(n).timm_name]
 SIZE = 64  # small inputs keep the suite fast; every family accepts img_size
 SMALL = dict(img_size=SIZE)
-# one cheap model per family: the first one each family module registers
+# one cheap model per family: the first one each family module registers. Every model of every family goes
+# through timm's own tests/test_models.py (.ci/timm-tests, tests/test_timm_suite.py); these are our own
+# contracts beside it (meta builds, device/dtype, features, pretrained files), once per family.
 SMALLEST = list({visionattn.get_entry(n).fn.__module__: n
                   for n in reversed(visionattn.registry._REGISTRY) if n in CLASSIFIERS}.values())
 
@@ -28,7 +27,7 @@ def _x(batch=2, chans=3):
     return torch.randn(batch, chans, SIZE, SIZE)
 
 
-@pytest.mark.parametrize("name", CLASSIFIERS)
+@pytest.mark.parametrize("name", SMALLEST)
 def test_forward_and_grad_checkpointing(name):
     model = _create(name).eval()
     x = _x(1)
@@ -45,7 +44,7 @@ def test_forward_and_grad_checkpointing(name):
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", CLASSIFIERS)
+@pytest.mark.parametrize("name", SMALLEST)
 def test_backward_reaches_every_parameter(name):
     model = _create(name, num_classes=42, drop_path_rate=0.1).train()
     out = model(_x(2))
@@ -57,7 +56,7 @@ def test_backward_reaches_every_parameter(name):
     assert sum(p.grad.numel() for p in model.parameters()) == sum(p.numel() for p in model.parameters())
 
 
-@pytest.mark.parametrize("name", CLASSIFIERS)
+@pytest.mark.parametrize("name", SMALLEST)
 def test_in_chans_num_classes_global_pool(name):
     model = _create(name, in_chans=1, num_classes=7).eval()
     with torch.no_grad():
@@ -70,7 +69,7 @@ def test_in_chans_num_classes_global_pool(name):
         _create(name, global_pool="max")
 
 
-@pytest.mark.parametrize("name", CLASSIFIERS)
+@pytest.mark.parametrize("name", SMALLEST)
 def test_features_head_and_classifier_reset(name):
     model = _create(name).eval()
     cfg = model.pretrained_cfg
@@ -103,7 +102,7 @@ def test_features_head_and_classifier_reset(name):
         assert enc(x).shape == (2, enc.head_hidden_size)
 
 
-@pytest.mark.parametrize("name", CLASSIFIERS)
+@pytest.mark.parametrize("name", SMALLEST)
 def test_features_only_and_intermediates(name, tmp_path):
     model = _create(name).eval()
     x = _x(2)
@@ -151,7 +150,7 @@ def test_torch_compile_fullgraph(name):
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", CLASSIFIERS)
+@pytest.mark.parametrize("name", SMALLEST)
 def test_pretrained_from_local_file(name, tmp_path):
     src = _create(name).eval()
     sd = {k: v.contiguous() for k, v in src.state_dict().items()}

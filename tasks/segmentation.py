@@ -215,12 +215,28 @@ def _checked_2d_file(path: str, max_pixels: int) -> str:
     return path
 
 
+AUGMENT_KEYS = ("flip_axes", "intensity", "rotate90", "foreground_crop", "pos", "neg", "rotate", "scale",
+                "spatial_prob", "gamma", "gamma_prob")
+
+
 def augmentation(data: dict) -> list:
-    """Per-sample random transforms: pad to ``roi_size``, random crop, flips, intensity jitter."""
+    """Per-sample random transforms: pad to ``roi_size``, random crop, rotation and scaling, flips, gamma,
+    intensity jitter.
+
+    ``data.augment`` keys: ``flip_axes`` (axes mirrored with p 0.5), ``rotate`` (degrees, about every axis),
+    ``scale`` (relative, e.g. 0.15 for 0.85-1.15) applied together with probability ``spatial_prob`` (nnU-Net's
+    0.2) on the crop (image bilinear, label nearest, zeros outside), ``gamma`` (e.g. [0.7, 1.5], with
+    probability ``gamma_prob``), ``intensity`` (scale and shift jitter), ``rotate90``, ``foreground_crop``.
+    """
     from monai import transforms as T
 
     roi = list(data["roi_size"])
-    aug = dict(dict(flip_axes=list(range(len(roi))), intensity=0.1, rotate90=False), **(data.get("augment") or {}))
+    given = data.get("augment") or {}
+    unknown = sorted(set(given) - set(AUGMENT_KEYS))
+    if unknown:
+        raise ConfigError(f"data.augment: unknown key(s) {unknown}; known: {list(AUGMENT_KEYS)}")
+    aug = dict(dict(flip_axes=list(range(len(roi))), intensity=0.1, rotate90=False, rotate=0.0, scale=0.0,
+                    spatial_prob=0.2, gamma=None, gamma_prob=0.3), **given)
     keys = ["image", "label"]
     ops: list = [
         T.SpatialPadd(keys=keys, spatial_size=roi),
@@ -228,8 +244,21 @@ def augmentation(data: dict) -> list:
                                  neg=float(aug.get("neg", 1.0)), num_samples=1)
         if aug.get("foreground_crop", True) else T.RandSpatialCropd(keys=keys, roi_size=roi, random_size=False),
     ]
+    rotate, scale = float(aug["rotate"]), float(aug["scale"])
+    if rotate or scale:
+        if not (0 <= rotate <= 180 and 0 <= scale < 1):
+            raise ConfigError(f"data.augment: rotate must be 0-180 degrees and scale 0-1, got {rotate}, {scale}")
+        angle = math.radians(rotate)
+        ops.append(T.RandAffined(keys=keys, prob=float(aug["spatial_prob"]), mode=("bilinear", "nearest"),
+                                 rotate_range=[angle] * (1 if len(roi) == 2 else 3), scale_range=[scale] * len(roi),
+                                 padding_mode="zeros"))
     for axis in aug["flip_axes"]:
         ops.append(T.RandFlipd(keys=keys, prob=0.5, spatial_axis=axis))
+    if aug["gamma"]:
+        low, high = (float(g) for g in aug["gamma"])
+        if not 0 < low <= high:
+            raise ConfigError(f"data.augment.gamma must be [low, high] with 0 < low <= high, got {aug['gamma']}")
+        ops.append(T.RandAdjustContrastd(keys="image", prob=float(aug["gamma_prob"]), gamma=(low, high)))
     if aug["rotate90"]:
         ops.append(T.RandRotate90d(keys=keys, prob=0.5, spatial_axes=(0, 1)))
     if aug["intensity"]:

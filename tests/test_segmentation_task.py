@@ -176,6 +176,44 @@ def test_augmented_crops_are_seeded_per_sample(shared_data):
     assert not torch.equal(ds[1][0], a[0])
 
 
+def test_rotation_scaling_and_gamma_move_image_and_label_together():
+    """``data.augment`` rotate/scale (nnU-Net's spatial augmentation) resample the image and its label with one
+    transform: a bright box in the image still covers the label's box after it; gamma changes intensities only;
+    unknown keys are refused."""
+    from monai.transforms import Compose
+
+    from visionattn.tasks.segmentation import augmentation
+
+    label = torch.zeros(1, 24, 32, 24, dtype=torch.uint8)
+    label[0, 6:18, 8:20, 6:14] = 1
+    label[0, 10:14, 20:28, 8:16] = 2
+    image = label.float() * 10
+    data = dict(HIPPO, roi_size=[24, 32, 24])
+    spatial = Compose(augmentation(dict(data, augment=dict(flip_axes=[], intensity=0, foreground_crop=False,
+                                                           rotate=30, scale=0.2, spatial_prob=1.0))))
+    changed = 0
+    for seed in range(4):
+        spatial.set_random_state(seed=seed)
+        out = spatial({"image": image.clone(), "label": label.clone()})
+        img, lab = out["image"].as_tensor(), out["label"].as_tensor()
+        assert set(lab.unique().tolist()) <= {0, 1, 2}
+        changed += int(not torch.equal(lab, label))
+        bright, fg = img[0] > 5, lab[0] > 0
+        iou = (bright & fg).sum() / (bright | fg).sum()
+        assert iou > 0.8, (seed, float(iou))
+    assert changed == 4
+    gamma = Compose(augmentation(dict(data, augment=dict(flip_axes=[], intensity=0, foreground_crop=False,
+                                                         gamma=[0.5, 0.6], gamma_prob=1.0))))
+    gamma.set_random_state(seed=0)
+    noisy = image + torch.linspace(0, 1, image.numel()).reshape(image.shape)
+    out = gamma({"image": noisy.clone(), "label": label.clone()})
+    assert torch.equal(out["label"].as_tensor(), label) and not torch.allclose(out["image"].as_tensor(), noisy)
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['rotation'\]"):
+        augmentation(dict(data, augment={"rotation": 10}))
+    with pytest.raises(ConfigError, match="rotate must be"):
+        augmentation(dict(data, augment={"rotate": 10, "scale": 1.5}))
+
+
 def test_deep_supervision_outputs_go_through_monai_deep_supervision_loss():
     from monai.losses import DeepSupervisionLoss, DiceCELoss
 

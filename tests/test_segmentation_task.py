@@ -255,6 +255,58 @@ def test_validation_dice_matches_monai_pipeline(shared_data):
     assert got["dice"] == pytest.approx(float(want.mean()), abs=1e-5)
 
 
+def _brute_force_nsd(pred: np.ndarray, truth: np.ndarray, tolerance: float, spacing) -> float:
+    """Surface Dice from its definition: boundary voxels (the mask minus its 6-connected erosion) of each mask
+    within ``tolerance`` (Euclidean, in ``spacing`` units) of the other mask's boundary, over both boundaries."""
+    from scipy import ndimage
+
+    def boundary(m):
+        return m & ~ndimage.binary_erosion(m)
+
+    bp, bt = boundary(pred), boundary(truth)
+    if not bp.any() and not bt.any():
+        return float("nan")
+    if not bp.any() or not bt.any():
+        return 0.0
+    to_t = ndimage.distance_transform_edt(~bt, sampling=spacing)
+    to_p = ndimage.distance_transform_edt(~bp, sampling=spacing)
+    return float(((to_t[bp] <= tolerance).sum() + (to_p[bt] <= tolerance).sum()) / (bp.sum() + bt.sum()))
+
+
+@pytest.mark.parametrize("tolerance", [1.0, 2.0])
+def test_validation_surface_dice_matches_its_definition(tolerance):
+    """NSD in the validation metrics against a brute-force surface Dice, for a prediction that is the label
+    shifted by one voxel along one axis and two along another (anisotropic spacing)."""
+    class ReadsLabelFromImage(torch.nn.Module):  # the image holds a label map: logits are its one-hot
+        def forward(self, x):
+            return torch.nn.functional.one_hot(x[:, 0].round().long(), 3).movedim(-1, 1).float() * 10
+
+    truth = torch.zeros(1, 20, 24, 18, dtype=torch.uint8)
+    truth[0, 4:12, 5:15, 4:12] = 1
+    truth[0, 12:16, 8:20, 6:14] = 2
+    pred = torch.roll(truth, shifts=(1, 2), dims=(1, 2))
+
+    class Cases(torch.utils.data.Dataset):
+        data_cfg = dict(HIPPO, roi_size=[16, 16, 16], spacing=[1.0, 0.7, 1.5])
+
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, i):
+            return pred.float(), truth
+
+    task = SegmentationTask()
+    task.inference = {"overlap": 0.5, "mode": "constant", "sw_batch_size": 2, "nsd_tolerance": tolerance}
+    got = task.evaluate(ReadsLabelFromImage(), Cases(), 0, 1, "cpu", nullcontext, 2)
+    spacing = (1.0, 0.7, 1.5)
+    want = [_brute_force_nsd((pred[0] == c).numpy(), (truth[0] == c).numpy(), tolerance, spacing) for c in (1, 2)]
+    assert all(0 < w <= 1 for w in want) and (tolerance > 1 or max(want) < 1)
+    assert got["nsd_anterior"] == pytest.approx(want[0], abs=1e-6)
+    assert got["nsd_posterior"] == pytest.approx(want[1], abs=1e-6)
+    assert got["nsd"] == pytest.approx(sum(want) / 2, abs=1e-6)
+    assert got["dice"] < 1
+
+
 def test_mirroring_tta_is_exact_for_a_mirror_symmetric_network():
     net = torch.nn.Conv3d(1, 3, 1).eval()
     x = torch.randn(1, 1, 20, 24, 18)

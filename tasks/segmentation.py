@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -498,7 +499,10 @@ class SegmentationTask:
             pred = probs.argmax(1, keepdim=True)
             scores = metric(pred, label[None].long())[0]
             one_hot = [torch.nn.functional.one_hot(t[:, 0].long(), n_classes).movedim(-1, 1) for t in (pred, label[None])]
-            nsd = surface(*one_hot, spacing=[float(v) for v in spacing])[0]
+            with warnings.catch_warnings():  # an empty label in a case is expected (its NSD is nan, skipped)
+                warnings.filterwarnings("ignore", message=".*is all 0, this may result in nan/inf distance")
+                warnings.filterwarnings("ignore", message=".*always_return_as_numpy", category=FutureWarning)
+                nsd = surface(*one_hot, spacing=[float(v) for v in spacing])[0]
             for c, (s, n) in enumerate(zip(scores.tolist(), nsd.tolist())):
                 if not math.isnan(s):
                     sums[c] += s

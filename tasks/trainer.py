@@ -529,6 +529,7 @@ class Trainer:
         metrics = self.evaluate()
         if metrics:
             self.log("val", metrics)
+            self.log("time", {"train_seconds": self.train_seconds})  # for metric-versus-training-time curves
             key, sign = self.task.primary_metric, (1 if self.task.greater_is_better else -1)
             if self.best is None or sign * metrics[key] > sign * self.best[key]:
                 self.best = dict(metrics, step=self.step, epoch=self.epoch)

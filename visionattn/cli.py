@@ -182,6 +182,14 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_crossval(args: argparse.Namespace) -> int:
+    from visionattn.tasks.crossval import run_crossval
+
+    if args.plot:
+        return run_crossval(None, [], args.folds, None, plot=args.plot, plot_dirs=[args.config, *args.overrides])
+    return run_crossval(args.config, args.overrides, args.folds, args.output, report_only=args.report_only)
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
     from visionattn.tasks.predict import predict_classification
 
@@ -334,6 +342,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*")
     p.add_argument("--checkpoint", help=".safetensors weights or a trainer last.pt (with a recipe: required)")
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("crossval", help="k-fold cross-validation of a segmentation recipe: `crossval RECIPE "
+                                        "[key=value ...] --folds 5 -o DIR` (resumable), or `crossval --plot PNG DIR ...`")
+    p.add_argument("config", metavar="RECIPE", help="a segmentation recipe (.yaml); with --plot: a crossval folder")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides of the recipe; with --plot: more folders")
+    p.add_argument("--folds", type=int, default=5, help="number of folds (data.folds), default 5")
+    p.add_argument("-o", "--output", help="folder of the folds (DIR/foldK) and the report (DIR/crossval.json)")
+    p.add_argument("--report-only", action="store_true", help="train nothing; evaluate the finished folds")
+    p.add_argument("--plot", metavar="PNG", help="draw validation Dice against training minutes of the given "
+                                                 "crossval folders into PNG")
+    p.set_defaults(func=_cmd_crossval)
 
     p = sub.add_parser("predict", help="classify images: `predict RUN_FOLDER -i IMAGES -o OUT.csv` (or "
                                        "`predict RECIPE --checkpoint WEIGHTS ...`)")

@@ -1,0 +1,198 @@
+"""``visionattn crossval``: k-fold cross-validation of a segmentation recipe, nnU-Net style.
+
+``visionattn crossval RECIPE [key=value ...] --folds 5 -o DIR`` trains fold K of the recipe's case list
+(``data.folds``/``data.fold``: every case is validated by exactly one fold) into ``DIR/foldK``, one fold after
+the other. A fold whose ``summary.json`` exists is finished and kept; one with a ``last.pt`` is resumed
+(resume is exact), so the command can be stopped and run again. Then each fold's final weights
+(``model.safetensors``) are evaluated on that fold's validation cases (Dice and surface Dice per label) and the
+report is written atomically to ``DIR/crossval.json``, with a table on stdout::
+
+    fold  cases  steps  train min    dice  dice_anterior  ...
+    0        44   2211       24.0  0.8861         0.8912  ...
+    mean    220                    0.8850 +- 0.0031  ...
+
+``--report-only`` trains nothing (folds still missing are listed). ``--plot PNG DIR [DIR ...]`` draws the
+validation Dice against training minutes of the folds of one or more crossval folders side by side (the
+comparison of networks at the same budget), from each fold's ``metrics.csv``.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+from visionattn.tasks.config import ConfigError, load_config
+
+REPORT = "crossval.json"
+
+
+class CrossValError(Exception):
+    """A cross-validation that cannot run as asked (message says what and how to fix it)."""
+
+
+def fold_recipe(recipe: str, overrides: list[str], folds: int, fold: int, out: Path) -> dict:
+    """The recipe of fold ``fold``: the user's recipe and overrides, then the fold settings and its folder."""
+    return load_config(recipe, [*overrides, f"data.folds={folds}", f"data.fold={fold}", f"output_dir={out}"])
+
+
+def fold_state(out: Path) -> str:
+    """``done`` (``summary.json`` written), ``partial`` (a checkpoint to resume) or ``new``."""
+    if (out / "summary.json").is_file() and (out / "model.safetensors").is_file():
+        return "done"
+    if (out / "last.pt").is_file():
+        return "partial"
+    return "new"
+
+
+def train_folds(recipe: str, overrides: list[str], folds: int, out_dir: Path, only: list[int] | None = None,
+                say=print) -> None:
+    """Train (or resume) every unfinished fold in turn."""
+    from visionattn.tasks.trainer import Trainer
+
+    for k in only if only is not None else range(folds):
+        out = out_dir / f"fold{k}"
+        state = fold_state(out)
+        if state == "done":
+            say(f"crossval: fold {k}: finished earlier ({out}), kept")
+            continue
+        cfg = fold_recipe(recipe, overrides, folds, k, out)
+        if cfg.get("task") != "segmentation":
+            raise CrossValError(f"crossval runs segmentation recipes; {recipe} has task {cfg.get('task')!r}")
+        say(f"crossval: fold {k}: {'resuming' if state == 'partial' else 'training'} in {out}")
+        Trainer(cfg, resume=state == "partial", config_path=recipe).fit()
+
+
+def evaluate_fold(out: Path) -> dict:
+    """The fold's final weights on its validation cases: ``{metrics..., cases, steps, train_minutes}``."""
+    from visionattn.tasks.run import Run, load_model_for_eval
+    from visionattn.tasks.trainer import Trainer
+
+    run = Run.load(out / "model.safetensors")
+    cfg = run.config
+    cfg.setdefault("train", {})["epochs"] = 0
+    trainer = Trainer(cfg, write_outputs=False)
+    model = load_model_for_eval(cfg, str(run.weights), trainer.meta).to(trainer.device)
+    metrics = trainer.evaluate(model)
+    summary = json.loads((out / "summary.json").read_text())
+    return dict(metrics, cases=len(trainer.meta["val_cases"]), steps=int(summary.get("steps", 0)),
+                train_minutes=float(summary.get("train_seconds", 0.0)) / 60)
+
+
+def summarise(per_fold: dict[int, dict]) -> dict:
+    """Mean and standard deviation over folds of every metric, and the case-weighted mean (every case once)."""
+    names = [k for k in next(iter(per_fold.values())) if k not in ("cases", "steps", "train_minutes")]
+    mean, std, case_mean = {}, {}, {}
+    total = sum(f["cases"] for f in per_fold.values())
+    for name in names:
+        values = [f[name] for f in per_fold.values() if not math.isnan(f[name])]
+        mean[name] = statistics.fmean(values) if values else float("nan")
+        std[name] = statistics.stdev(values) if len(values) > 1 else 0.0
+        case_mean[name] = sum(f[name] * f["cases"] for f in per_fold.values()) / total
+    return {"folds": {str(k): v for k, v in sorted(per_fold.items())}, "mean": mean, "std": std,
+            "case_weighted_mean": case_mean, "cases": total,
+            "train_minutes": sum(f["train_minutes"] for f in per_fold.values())}
+
+
+def format_table(report: dict) -> str:
+    folds = report["folds"]
+    names = list(report["mean"])
+    head = f"{'fold':<6}{'cases':>6}{'steps':>7}{'train min':>10}" + "".join(f"{n:>16}" for n in names)
+    lines = [head]
+    for k, f in folds.items():
+        lines.append(f"{k:<6}{f['cases']:>6}{f['steps']:>7}{f['train_minutes']:>10.1f}"
+                     + "".join(f"{f[n]:>16.4f}" for n in names))
+    lines.append(f"{'mean':<6}{report['cases']:>6}{'':>7}{report['train_minutes']:>10.1f}"
+                 + "".join(f"{report['mean'][n]:>9.4f}+-{report['std'][n]:.3f}"[:16].rjust(16) for n in names))
+    return "\n".join(lines)
+
+
+def plot_dice_versus_time(png: Path, cv_dirs: list[Path], metric: str = "dice") -> Path:
+    """Validation ``metric`` against training minutes, one colour per crossval folder (its name), one line per
+    fold; written atomically to ``png``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from visionattn.tasks.files import atomic_path
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    drawn = 0
+    for i, cv in enumerate(cv_dirs):
+        for j, fold in enumerate(sorted(p for p in cv.glob("fold*") if (p / "metrics.csv").is_file())):
+            rows = list(csv.DictReader((fold / "metrics.csv").open(newline="")))
+            seconds = {int(r["step"]): float(r["value"]) for r in rows if r["split"] == "time"}
+            points = sorted((seconds[int(r["step"])] / 60, float(r["value"])) for r in rows
+                            if r["split"] == "val" and r["name"] == metric and int(r["step"]) in seconds)
+            if points:
+                xs, ys = zip(*points)
+                ax.plot(xs, ys, color=colours[i % len(colours)], alpha=0.8, lw=1.2,
+                        label=cv.name if j == 0 else None)
+                drawn += 1
+    if not drawn:
+        plt.close(fig)
+        raise CrossValError(f"no fold in {', '.join(map(str, cv_dirs))} has validation {metric!r} with training "
+                            "times in its metrics.csv (runs from before this version log no times)")
+    ax.set_xlabel("training time (minutes, CPU clock)")
+    ax.set_ylabel(f"validation {metric}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return png
+
+
+def run_crossval(recipe: str | None, overrides: list[str], folds: int, out_dir: str | None, report_only: bool = False,
+                 plot: str | None = None, plot_dirs: list[str] | None = None) -> int:
+    """The command; returns its exit status."""
+    from visionattn.tasks.files import write_json_atomic
+
+    if plot:
+        dirs = [Path(d) for d in plot_dirs or []]
+        missing = [str(d) for d in dirs if not d.is_dir()]
+        if not dirs or missing:
+            print(f"visionattn crossval: --plot needs crossval folders; missing: {missing or 'none given'}",
+                  file=sys.stderr)
+            return 2
+        try:
+            print(f"wrote {plot_dice_versus_time(Path(plot), dirs)}")
+        except CrossValError as e:
+            print(f"visionattn crossval: {e}", file=sys.stderr)
+            return 2
+        return 0
+    if recipe is None or out_dir is None:
+        print("visionattn crossval: give a RECIPE and -o DIR (or --plot PNG DIR ...)", file=sys.stderr)
+        return 2
+    if folds < 2:
+        print(f"visionattn crossval: --folds must be 2 or more, got {folds}", file=sys.stderr)
+        return 2
+    out = Path(out_dir)
+    try:
+        cfg = fold_recipe(recipe, overrides, folds, 0, out / "fold0")  # the recipe and overrides are valid
+        if cfg.get("task") != "segmentation":
+            raise CrossValError(f"crossval runs segmentation recipes; {recipe} has task {cfg.get('task')!r}")
+        if not report_only:
+            train_folds(recipe, overrides, folds, out)
+    except (ConfigError, CrossValError) as e:
+        print(f"visionattn crossval: {e}", file=sys.stderr)
+        return 2
+    missing = [k for k in range(folds) if fold_state(out / f"fold{k}") != "done"]
+    if missing:
+        print(f"visionattn crossval: fold(s) {missing} not finished in {out}: run without --report-only to train "
+              "them", file=sys.stderr)
+        return 1
+    per_fold = {}
+    for k in range(folds):
+        print(f"crossval: evaluating fold {k} ({out / f'fold{k}'})", flush=True)
+        per_fold[k] = evaluate_fold(out / f"fold{k}")
+    report = dict(summarise(per_fold), recipe=str(recipe), overrides=list(overrides))
+    write_json_atomic(report, out / REPORT)
+    print(format_table(report))
+    print(f"wrote {out / REPORT}")
+    return 0

@@ -1,0 +1,88 @@
+"""`visionattn crossval`: every case validated by exactly one fold, finished folds kept, unfinished ones resumed,
+the report's figures equal to evaluating each fold's weights, and the Dice-versus-time plot."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from visionattn.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def small_msd(shared_data, tmp_path_factory) -> Path:
+    src = shared_data / "msd_hippocampus"
+    dest = tmp_path_factory.mktemp("msd")
+    for sub in ("imagesTr", "labelsTr"):
+        (dest / sub).mkdir()
+    for f in sorted((src / "imagesTr").iterdir())[:6]:
+        shutil.copy(f, dest / "imagesTr" / f.name)
+        shutil.copy(src / "labelsTr" / f.name, dest / "labelsTr" / f.name)
+    return dest
+
+
+def tiny(data_root: Path) -> list[str]:
+    return [f"data.root={data_root}", "model.kwargs.filters=[4,8,16]", "train.max_steps=2", "train.max_minutes=null",
+            "train.schedule_by_time=false", "train.batch_size=2", "train.eval_every=1", "train.threads=1"]
+
+
+def test_three_folds_train_resume_report_and_plot(small_msd, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    recipe = "configs/segmentation/hippocampus_agunet_cv.yaml"
+    out = tmp_path / "cv"
+    overrides = tiny(small_msd)
+    # fold 1 only, then the report refuses (folds 0 and 2 missing) and names the way on
+    from visionattn.tasks.crossval import train_folds
+
+    train_folds(recipe, overrides, 3, out, only=[1])
+    capsys.readouterr()
+    assert main(["crossval", recipe, *overrides, "--folds", "3", "-o", str(out), "--report-only"]) == 1
+    assert "fold(s) [0, 2] not finished" in capsys.readouterr().err
+    # fold 2 left half-done: a checkpoint, no summary; the command resumes it and keeps fold 1 as it is
+    train_folds(recipe, overrides, 3, out, only=[2])
+    (out / "fold2" / "summary.json").unlink()
+    fold1_weights = (out / "fold1" / "model.safetensors").read_bytes()
+    assert main(["crossval", recipe, *overrides, "--folds", "3", "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "fold 1: finished earlier" in printed and "fold 2: resuming" in printed and "fold 0: training" in printed
+    assert (out / "fold1" / "model.safetensors").read_bytes() == fold1_weights
+    report = json.loads((out / "crossval.json").read_text())
+    assert report["cases"] == 6 and sorted(report["folds"]) == ["0", "1", "2"]
+    # each case validated exactly once across the folds
+    from visionattn.tasks.config import load_config
+    from visionattn.tasks.segmentation import find_msd_cases, fixed_case_split
+
+    cfg = load_config(recipe, overrides)
+    cases = find_msd_cases(cfg["data"]["root"])
+    seen = [c["case"] for k in range(3) for c in fixed_case_split(cases, 0.2, 0, folds=3, fold=k)[1]]
+    assert sorted(seen) == sorted(c["case"] for c in cases)
+    # the report's fold figures are those of `visionattn evaluate` on the fold's weights
+    for k in range(3):
+        capsys.readouterr()
+        assert main(["evaluate", str(out / f"fold{k}" / "model.safetensors")]) == 0
+        metrics = json.loads(capsys.readouterr().out)
+        for name in ("dice", "dice_anterior", "dice_posterior", "nsd", "nsd_anterior", "nsd_posterior"):
+            assert report["folds"][str(k)][name] == pytest.approx(metrics[name], nan_ok=True), (k, name)
+    means = [report["folds"][str(k)]["dice"] for k in range(3)]
+    assert report["mean"]["dice"] == pytest.approx(sum(means) / 3)
+    weighted = sum(report["folds"][str(k)]["dice"] * report["folds"][str(k)]["cases"] for k in range(3)) / 6
+    assert report["case_weighted_mean"]["dice"] == pytest.approx(weighted)
+    # Dice against training time, two crossval folders side by side
+    other = tmp_path / "other"
+    shutil.copytree(out, other)
+    png = tmp_path / "plot.png"
+    assert main(["crossval", "--plot", str(png), str(out), str(other)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["crossval", "--plot", str(png), str(tmp_path / "absent")]) == 2
+
+
+def test_crossval_refuses_what_it_cannot_run(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    assert main(["crossval", "configs/segmentation/hippocampus_agunet_cv.yaml", "--folds", "1", "-o",
+                 str(tmp_path)]) == 2
+    assert "--folds must be 2 or more" in capsys.readouterr().err
+    assert main(["crossval", "configs/classification/cifar10_convit.yaml", "--folds", "2", "-o",
+                 str(tmp_path / "c")]) == 2
+    assert "segmentation" in capsys.readouterr().err

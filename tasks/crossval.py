@@ -142,6 +142,7 @@ def plot_dice_versus_time(png: Path, cv_dirs: list[Path], metric: str = "dice") 
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(png) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)

@@ -358,6 +358,13 @@ COMMANDS: dict[str, Cmd] = {
     "--dataset_dir ../shared/data/msd_hippocampus --epochs 100": Cmd(
         "start", expect=(r"Epoch: 1/100, Iter: 1/\d+ -- train_loss: \d",), setup=("hippocampus_bundle",), data=True,
         slow=True, reason="100 epochs of MONAI's SupervisedTrainer; stopped after its first iteration"),
+    "visionattn crossval configs/segmentation/hippocampus_agunet_cv.yaml --folds 5 -o runs/hippocampus_cv": Cmd(
+        "start", expect=(TRAIN_STEP,), data=True, slow=True),
+    "visionattn crossval configs/segmentation/hippocampus_monai_unet_cv.yaml --folds 5 -o "
+    "runs/hippocampus_cv_monai_unet": Cmd("start", expect=(TRAIN_STEP,), data=True, slow=True),
+    "visionattn crossval --plot docs/hippocampus_dice_vs_time.png runs/hippocampus_cv runs/hippocampus_cv_monai_unet":
+        Cmd("run", expect=(r"wrote docs/hippocampus_dice_vs_time\.png",), setup=("crossval_folders",),
+            files=("docs/hippocampus_dice_vs_time.png",)),
     "visionattn bench detectors": Cmd(
         "run", expect=(r"rtdetr_r18", r"dfir_detr"), slow=True, timeout=900),
 }
@@ -426,6 +433,20 @@ def _bundled_run(as_name: str) -> Callable[[Path, RunBuilder], None]:
     return setup
 
 
+def _crossval_folders(ws: Path, build: RunBuilder) -> None:
+    """Two crossval folders of two folds each, with the metrics.csv rows a trainer writes at its evaluations
+    (validation Dice and the training time at that step)."""
+    for name, start in (("hippocampus_cv", 0.80), ("hippocampus_cv_monai_unet", 0.75)):
+        for k in range(2):
+            fold = ws / "runs" / name / f"fold{k}"
+            fold.mkdir(parents=True)
+            rows = ["step,epoch,split,name,value"]
+            for i, step in enumerate((110, 220, 330)):
+                rows += [f"{step},{5 * (i + 1)},val,dice,{start + 0.03 * i + 0.01 * k}",
+                         f"{step},{5 * (i + 1)},time,train_seconds,{60.0 * (i + 1)}"]
+            (fold / "metrics.csv").write_text("\n".join(rows) + "\n")
+
+
 SETUPS: dict[str, Callable[[Path, RunBuilder], None]] = {
     "cifar10_convit_run": _copy_run("cifar10_convit"),
     "neu_det_dfir_detr_run": _copy_run("neu_det_dfir_detr"),
@@ -437,6 +458,7 @@ SETUPS: dict[str, Callable[[Path, RunBuilder], None]] = {
     "case_0000": lambda ws, build: shutil.copy(BUNDLED / "samples" / "images" / "hippocampus_015.nii.gz",
                                                ws / "case_0000.nii.gz"),
     "hippocampus_agunet_run": _bundled_run("hippocampus_agunet"),
+    "crossval_folders": _crossval_folders,
     "my_run": _bundled_run("my_run"),
     # the README's own export line, which the bundle commands after it use
     "hippocampus_bundle": lambda ws, build: _must_run(

@@ -95,12 +95,7 @@ def load_network(spec: str, kwargs: dict | None = None) -> ExportNetwork:
     if Path(spec).exists() or spec in bundled_runs():
         if kwargs:
             raise ExportError("--kwarg applies to a model built by name; a trained run is built from its config.yaml")
-        try:
-            run = Run.load(spec)
-        except FileNotFoundError as e:
-            raise ExportError(str(e)) from None
-        if run.task != "segmentation":
-            raise ExportError(f"{spec}: a {run.task} run; `export` handles segmentation networks")
+        run = Run.load_for(spec, "segmentation", "`export` handles segmentation networks", ExportError)
         data = run.config.get("data") or {}
         dims = int(data.get("spatial_dims", 3))
         module = run.build_model({"classes": run.classes, "spatial_dims": dims})

@@ -515,12 +515,7 @@ def export_bundle(spec: str, output: str, *, overwrite: bool = False, atol: floa
     if not (Path(spec).exists() or spec in bundled_runs()):
         raise ExportError(f"monai-bundle: {spec!r} is not a trained run (a run folder, a weights file or a bundled "
                           f"name: {', '.join(bundled_runs()) or 'none'})")
-    try:
-        run = Run.load(spec)
-    except FileNotFoundError as e:
-        raise ExportError(str(e)) from None
-    if run.task != "segmentation":
-        raise ExportError(f"{spec}: a {run.task} run; a MONAI bundle is written for segmentation runs")
+    run = Run.load_for(spec, "segmentation", "a MONAI bundle is written for segmentation runs", ExportError)
     config = run.config
     data = config.get("data") or {}
     if int(data.get("spatial_dims", 3)) != 3:

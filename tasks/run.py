@@ -68,6 +68,18 @@ class Run:
                                     "training run wrote")
         return cls(load_run_config(config_path), weights, str(spec))
 
+    @classmethod
+    def load_for(cls, spec: str | Path, task: str, purpose: str, error: type[Exception]) -> "Run":
+        """:meth:`load`, for a command that handles ``task`` runs only: a missing run or a run of another task
+        raises ``error`` (the command's own error type), the latter saying ``purpose``."""
+        try:
+            run = cls.load(spec)
+        except FileNotFoundError as e:
+            raise error(str(e)) from None
+        if run.task != task:
+            raise error(f"{spec}: a {run.task} run; {purpose}")
+        return run
+
     @property
     def folder(self) -> Path:
         return self.weights.parent

@@ -114,21 +114,15 @@ train:
 """
 
 
-def test_bench_train_times_the_trainer_beside_a_bare_loop(capsys, tmp_path, monkeypatch):
+def test_bench_train_times_the_trainer_beside_a_bare_loop(capsys, tmp_path, monkeypatch, make_image_folder):
     """Both sides really train (the trainer's step counter and the weights move), the table has the ratio,
     and the recipe's output_dir is never touched (the bench trains in a temporary folder)."""
-    import numpy as np
     import torch
-    from PIL import Image
 
     from visionattn.tasks import bench_train as bt
 
-    for name, base in (("dark", 60), ("bright", 190)):
-        (tmp_path / "data" / name).mkdir(parents=True)
-        for i in range(8):
-            Image.fromarray(np.full((16, 16, 3), base, np.uint8)).save(tmp_path / "data" / name / f"{i}.png")
     recipe = tmp_path / "tiny.yaml"
-    recipe.write_text(TINY_RECIPE.format(out=tmp_path / "must_not_exist", data=tmp_path / "data"))
+    recipe.write_text(TINY_RECIPE.format(out=tmp_path / "must_not_exist", data=make_image_folder(8, noise=0.0)))
 
     seen = {}
     real_measure = bt._measure

@@ -91,8 +91,9 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 
 def metric_rows(out: Path) -> list[tuple]:
+    """The metrics a run logged, without its timings (split ``time``: they differ between any two runs)."""
     with (out / "metrics.csv").open() as f:
-        return [(r["step"], r["split"], r["name"], r["value"]) for r in csv.DictReader(f)]
+        return [(r["step"], r["split"], r["name"], r["value"]) for r in csv.DictReader(f) if r["split"] != "time"]
 
 
 def one_line(err: str) -> str:

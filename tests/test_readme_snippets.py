@@ -19,8 +19,7 @@ is: ``configs`` links to the repository's recipes and ``../shared`` to the share
 temporary folder. Subprocesses get ``TQDM_DISABLE=1`` and ``OMP_NUM_THREADS=1``.
 
 The whole module is marked ``slow``: the README's test command runs the unit and integration tests, and
-``.ci/run`` runs these (``python -m pytest -q -m slow tests/test_readme_snippets.py``) beside the other slow
-tests.
+``.ci/run`` runs these with the other slow tests (``python -m pytest -q -m slow -n auto``).
 """
 from __future__ import annotations
 
@@ -264,7 +263,7 @@ COMMANDS: dict[str, Cmd] = {
     "python3 -m venv .venv && . .venv/bin/activate && pip install -e . && visionattn segment": Cmd(
         "setup", reason="the environment steps are checked in place (venv module, activate script, editable "
         "install of this checkout); `visionattn segment` is the next command of this table, run in full"),
-    'python3 -m venv .venv && . .venv/bin/activate && pip install -e ".[test]" && python -m pytest -q': Cmd(
+    'python3 -m venv .venv && . .venv/bin/activate && pip install -e ".[test]" && python -m pytest -q -n auto': Cmd(
         "setup", reason=".ci/run runs exactly this line in a fresh clone (and the slow tests after it); here: "
         "it is the line .ci/run reads, the [test] extra exists, the environment steps are checked in place"),
     # -- Inspect and benchmark
@@ -579,7 +578,7 @@ def _check_setup_line(command: str, line: int) -> None:
     if m.group(2):
         assert m.group(2) in extras, f"README.md:{line}: pyproject.toml has no [{m.group(2)}] extra"
     rest = " && ".join(parts[3:])
-    if rest == "python -m pytest -q":
+    if rest == "python -m pytest -q -n auto":
         # .ci/run reads the line after <!-- test-command --> and runs it in a fresh clone: it must be this one
         program = re.search(r"^cmd=\$\(awk '([^']+)' README\.md\)$", (REPO / ".ci" / "run").read_text(), re.MULTILINE)
         assert program, ".ci/run no longer reads its command with `cmd=$(awk '...' README.md)`: update this test"

@@ -12,7 +12,6 @@ import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 import visionattn.tasks.bench as bench
@@ -41,16 +40,8 @@ PROGRESS = re.compile(r"^step +(\d+)/(\d+) epoch (\d+)/(\d+) loss (\d+\.\d+) lr 
 
 
 @pytest.fixture(scope="module")
-def images(tmp_path_factory) -> Path:
-    from PIL import Image
-
-    root = tmp_path_factory.mktemp("imgs")
-    rng = np.random.default_rng(0)
-    for name, base in (("dark", 70), ("bright", 180)):
-        (root / name).mkdir()
-        for i in range(10):
-            Image.fromarray(np.clip(rng.normal(base, 45, (16, 16, 3)), 0, 255).astype(np.uint8)).save(root / name / f"{i}.png")
-    return root  # 16 training images: 4 steps an epoch
+def images(make_image_folder) -> Path:
+    return make_image_folder(10)  # 16 training images: 4 steps an epoch
 
 
 def recipe(tmp_path: Path, images: Path, epochs: int = 2, log_every: int = 3) -> Path:

@@ -49,3 +49,11 @@ def make_image_folder(tmp_path_factory):
         return root
 
     return make
+
+
+def pytest_collection_modifyitems(config, items):
+    """The parts of timm's suite (the longest slow tests) first, so that pytest-xdist starts them before the
+    short ones instead of leaving one worker with them at the end; the order is the same in every worker."""
+    first = [i for i in items if i.nodeid.startswith("tests/test_timm_suite.py::test_timm_model_suite_passes[")]
+    if first:
+        items[:] = first + [i for i in items if i not in first]

@@ -40,6 +40,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -120,18 +121,23 @@ def _threshold_keep_mask(scores: torch.Tensor, threshold: torch.Tensor, runner_u
 
 def _thresholds(scores: torch.Tensor, top_ks: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row of ``scores [..., Nk]`` and per ``K`` in ``top_ks``: the ``K``-th largest score ``[..., R]`` and
-    whether the cut there is ambiguous (the ``K + 1``-th equals it) ``[..., R]``. One partial sort serves every
-    ``K``: of the smallest ``Nk - min(K) + 1`` scores when every ``K`` keeps at least half the keys (DKSA's),
-    else of the largest ``max(K) + 1``."""
+    whether the cut there is ambiguous (the ``K + 1``-th equals it) ``[..., R]``. One selection serves every
+    ``K``. On CPU (float32/64) it is numpy's introselect with exactly the ranks needed (``Nk - K`` and
+    ``Nk - K - 1`` in ascending order): about half the time of ``torch.topk``, which sorts the whole partial
+    result. Elsewhere a partial sort: of the smallest ``Nk - min(K) + 1`` scores when every ``K`` keeps at
+    least half the keys (DKSA's), else of the largest ``max(K) + 1``."""
     num_keys = scores.shape[-1]
-    small, large = min(top_ks), max(top_ks)
-    if 2 * small >= num_keys:
-        ascending = torch.topk(scores, num_keys - small + 1, dim=-1, largest=False, sorted=True).values
+    if scores.device.type == "cpu" and scores.dtype in (torch.float32, torch.float64):
+        ranks = sorted({num_keys - k for k in top_ks} | {num_keys - k - 1 for k in top_ks if k < num_keys})
+        values = torch.from_numpy(np.partition(scores.detach().numpy(), ranks, axis=-1))
+        at = [num_keys - k for k in top_ks]  # ascending order: the K-th largest is at index Nk - K
+        nxt = [a - 1 for a in at]
+    elif 2 * min(top_ks) >= num_keys:
+        values = torch.topk(scores, num_keys - min(top_ks) + 1, dim=-1, largest=False, sorted=True).values
         at = [num_keys - k for k in top_ks]  # the K-th largest is the (Nk - K + 1)-th smallest
         nxt = [a - 1 for a in at]
-        values = ascending
     else:
-        values = torch.topk(scores, min(large + 1, num_keys), dim=-1, sorted=True).values
+        values = torch.topk(scores, min(max(top_ks) + 1, num_keys), dim=-1, sorted=True).values
         at = [k - 1 for k in top_ks]
         nxt = [k for k in top_ks]
     threshold = values[..., at]

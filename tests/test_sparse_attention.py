@@ -146,6 +146,23 @@ def test_threshold_mask_matches_stable_sort_mask_with_many_ties():
         assert torch.equal(mask, topk_keep_mask(scores, top_k))
 
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("top_ks", [(1,), (17,), (5, 9, 12), (9, 13, 16, 17)])
+def test_thresholds_are_the_kth_largest_with_tie_flags(dtype, top_ks):
+    """Both selection paths (numpy's partition for CPU float32/64, torch.topk otherwise) against a full
+    sort: the K-th largest score and whether the K+1-th equals it, with many ties."""
+    from visionattn.kernels.sparse_attention import _thresholds
+
+    scores = torch.randint(0, 6, (3, 40, 17), generator=torch.Generator().manual_seed(2)).to(dtype)
+    scores[0] += torch.randn(40, 17, generator=torch.Generator().manual_seed(3)).to(dtype)  # and no ties
+    threshold, ambiguous = _thresholds(scores, top_ks)
+    descending = scores.sort(-1, descending=True).values
+    for r, k in enumerate(top_ks):
+        assert torch.equal(threshold[..., r], descending[..., k - 1])
+        expected = descending[..., k] == descending[..., k - 1] if k < 17 else torch.zeros_like(ambiguous[..., r])
+        assert torch.equal(ambiguous[..., r], expected)
+
 # ------------------------------------------------------------------------------------ the Triton kernel
 # (CUDA on a GPU machine; TRITON_INTERPRET=1 on CPU tensors elsewhere)
 

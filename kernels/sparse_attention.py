@@ -9,10 +9,10 @@ has three implementations with the same semantics, chosen by ``backend`` (the vo
 :mod:`visionattn.kernels.backends`):
 
 - ``'torch'`` processes the queries in chunks. Per chunk it forms the ``[chunk, Nk]`` scores, finds each
-  row's ``K``-th largest score with one partial sort, drops the scores below it, takes the softmax over the
-  ``K`` kept scores (zero elsewhere) and multiplies ``V``. Several ``K`` may share one ranking (``top_k`` a
-  sequence): their weight maps are mixed per batch element (``mix``) before one product with ``V``, so a
-  mixture of ``R`` sparsity levels costs one attention, not ``R`` (DKSA's input-adaptive choice of ``K``).
+  row's ``K``-th largest score by a selection (numpy's introselect on CPU), drops the scores below it, takes
+  the softmax over the ``K`` kept scores (zero elsewhere) and multiplies ``V``. Several ``K`` may share one
+  ranking (``top_k`` a sequence): their weight maps are mixed per batch element (``mix``) before one
+  product with ``V``, so a mixture of ``R`` sparsity levels costs one attention, not ``R`` (DKSA's input-adaptive choice of ``K``).
   The top-``K`` sets of a row are nested, so a key's mixed weight is ``exp(s - max)`` times a coefficient
   that depends only on how many of the sets hold it: the kept sets, normalisers and weights take a few
   passes over the scores for any ``R`` (comparisons against the thresholds, one scatter-add and one
@@ -38,6 +38,8 @@ Layout is heads-last, as the other kernels: ``query [B, Nq, heads, D]``, ``key [
 from __future__ import annotations
 
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 import numpy as np
@@ -121,18 +123,13 @@ def _threshold_keep_mask(scores: torch.Tensor, threshold: torch.Tensor, runner_u
 
 def _thresholds(scores: torch.Tensor, top_ks: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row of ``scores [..., Nk]`` and per ``K`` in ``top_ks``: the ``K``-th largest score ``[..., R]`` and
-    whether the cut there is ambiguous (the ``K + 1``-th equals it) ``[..., R]``. One selection serves every
-    ``K``. On CPU (float32/64) it is numpy's introselect with exactly the ranks needed (``Nk - K`` and
-    ``Nk - K - 1`` in ascending order): about half the time of ``torch.topk``, which sorts the whole partial
-    result. Elsewhere a partial sort: of the smallest ``Nk - min(K) + 1`` scores when every ``K`` keeps at
-    least half the keys (DKSA's), else of the largest ``max(K) + 1``."""
+    whether the cut there is ambiguous (the ``K + 1``-th equals it) ``[..., R]``. On CPU (float32/64) by
+    :func:`_select_on_cpu`; elsewhere one partial sort serves every ``K``: of the smallest ``Nk - min(K) + 1``
+    scores when every ``K`` keeps at least half the keys (DKSA's), else of the largest ``max(K) + 1``."""
     num_keys = scores.shape[-1]
     if scores.device.type == "cpu" and scores.dtype in (torch.float32, torch.float64):
-        ranks = sorted({num_keys - k for k in top_ks} | {num_keys - k - 1 for k in top_ks if k < num_keys})
-        values = torch.from_numpy(np.partition(scores.detach().numpy(), ranks, axis=-1))
-        at = [num_keys - k for k in top_ks]  # ascending order: the K-th largest is at index Nk - K
-        nxt = [a - 1 for a in at]
-    elif 2 * min(top_ks) >= num_keys:
+        return _select_on_cpu(scores, top_ks)
+    if 2 * min(top_ks) >= num_keys:
         values = torch.topk(scores, num_keys - min(top_ks) + 1, dim=-1, largest=False, sorted=True).values
         at = [num_keys - k for k in top_ks]  # the K-th largest is the (Nk - K + 1)-th smallest
         nxt = [a - 1 for a in at]
@@ -146,6 +143,59 @@ def _thresholds(scores: torch.Tensor, top_ks: Sequence[int]) -> tuple[torch.Tens
         if k < num_keys:
             ambiguous[..., r] = values[..., j] == threshold[..., r]
     return threshold, ambiguous
+
+
+def _select_on_cpu(scores: torch.Tensor, top_ks: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_thresholds` by numpy's introselect (:func:`_select_rows`), about four times faster than
+    ``torch.topk``, which sorts what it selects. numpy is single-threaded: with several torch threads the rows
+    are split among as many worker threads (the selection releases the GIL)."""
+    num_keys = scores.shape[-1]
+    rows = scores.detach().reshape(-1, num_keys).numpy()
+    workers = min(torch.get_num_threads(), len(rows) // 64)
+    if workers > 1:
+        parts = _selection_pool(workers).map(lambda part: _select_rows(part, top_ks), np.array_split(rows, workers))
+        threshold, ambiguous = (np.concatenate(x) for x in zip(*parts))
+    else:
+        threshold, ambiguous = _select_rows(rows, top_ks)
+    shape = (*scores.shape[:-1], len(top_ks))
+    return torch.from_numpy(threshold).view(shape), torch.from_numpy(ambiguous).view(shape)
+
+
+def _select_rows(rows: np.ndarray, top_ks: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """``rows [n, Nk]`` -> the ``K``-th largest value ``[n, R]`` and the tie flag ``[n, R]``. In ascending
+    order the ``K``-th largest sits at index ``Nk - K``: one partition per distinct ``K``, largest index first,
+    each of the part left of the previous cut only; the runner-up is the maximum left of the cut. (One
+    ``np.partition`` call with all the indices is twice as slow.)"""
+    num_keys = rows.shape[-1]
+    kth, runner_up = {}, {}
+    work, end = None, num_keys
+    for at in sorted({num_keys - k for k in top_ks}, reverse=True):
+        if work is None:
+            work = np.partition(rows, at, axis=-1)
+        else:
+            work[:, :end].partition(at, axis=-1)  # in place; columns at and right of the earlier cuts stay
+        kth[at] = work[:, at].copy()
+        if at > 0:
+            runner_up[at] = work[:, :at].max(axis=-1)
+        end = at
+    at_of = [num_keys - k for k in top_ks]
+    threshold = np.stack([kth[a] for a in at_of], axis=-1)
+    ambiguous = np.stack([runner_up[a] == kth[a] if a > 0 else np.zeros(len(rows), dtype=bool) for a in at_of],
+                         axis=-1)
+    return threshold, ambiguous
+
+
+_POOL: tuple[int, int, ThreadPoolExecutor] | None = None  # (process id, workers, pool)
+
+
+def _selection_pool(workers: int) -> ThreadPoolExecutor:
+    """A thread pool of ``workers`` threads, rebuilt after a fork (a forked child has none of the threads)."""
+    global _POOL
+    if _POOL is None or _POOL[0] != os.getpid() or _POOL[1] != workers:
+        if _POOL is not None and _POOL[0] == os.getpid():
+            _POOL[2].shutdown(wait=False)
+        _POOL = (os.getpid(), workers, ThreadPoolExecutor(workers, thread_name_prefix="topk-select"))
+    return _POOL[2]
 
 
 def _buckets(scores: torch.Tensor, threshold: torch.Tensor, ambiguous: torch.Tensor,

@@ -148,15 +148,21 @@ def test_threshold_mask_matches_stable_sort_mask_with_many_ties():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-@pytest.mark.parametrize("top_ks", [(1,), (17,), (5, 9, 12), (9, 13, 16, 17)])
-def test_thresholds_are_the_kth_largest_with_tie_flags(dtype, top_ks):
-    """Both selection paths (numpy's partition for CPU float32/64, torch.topk otherwise) against a full
-    sort: the K-th largest score and whether the K+1-th equals it, with many ties."""
+@pytest.mark.parametrize("top_ks", [(1,), (17,), (5, 9, 12), (9, 13, 16, 17), (12, 5, 12)])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_thresholds_are_the_kth_largest_with_tie_flags(dtype, top_ks, threads):
+    """Both selection paths (numpy's partition for CPU float32/64, on 1 or 3 threads, and torch.topk
+    otherwise) against a full sort: the K-th largest score and whether the K+1-th equals it, with ties."""
     from visionattn.kernels.sparse_attention import _thresholds
 
-    scores = torch.randint(0, 6, (3, 40, 17), generator=torch.Generator().manual_seed(2)).to(dtype)
-    scores[0] += torch.randn(40, 17, generator=torch.Generator().manual_seed(3)).to(dtype)  # and no ties
-    threshold, ambiguous = _thresholds(scores, top_ks)
+    scores = torch.randint(0, 6, (3, 80, 17), generator=torch.Generator().manual_seed(2)).to(dtype)
+    scores[0] += torch.randn(80, 17, generator=torch.Generator().manual_seed(3)).to(dtype)  # and no ties
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        threshold, ambiguous = _thresholds(scores, top_ks)
+    finally:
+        torch.set_num_threads(previous)
     descending = scores.sort(-1, descending=True).values
     for r, k in enumerate(top_ks):
         assert torch.equal(threshold[..., r], descending[..., k - 1])

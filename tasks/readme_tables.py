@@ -45,9 +45,12 @@ END = "<!-- models-table:end -->"
 COMMAND = "python -m visionattn.tasks.readme_tables --write"
 README = Path(__file__).resolve().parent.parent / "README.md"
 BENCH_DIR = README.parent / "docs" / "bench"
-# benchmark tables: name -> (the JSON under docs/bench/, the command that wrote it)
+# benchmark tables: name -> (the JSON under docs/bench/, the command that wrote it); renderers below
 BENCH_TABLES = {
     "kernels-cpu": ("kernels-cpu.json", "visionattn bench kernels --threads 1 --json docs/bench/kernels-cpu.json"),
+    "linear-cpu": ("linear-cpu.json", "visionattn bench kernels --threads 1 --problems linear-4096,linear-16384 "
+                                      "--json docs/bench/linear-cpu.json"),
+    "detectors-cpu": ("detectors-cpu.json", "visionattn bench detectors --threads 1 --json docs/bench/detectors-cpu.json"),
 }
 KERNEL_PROBLEM_TITLES = {"1d-4096-k31": "1-D L=4096, K=31", "2d-56-k7": "2-D 56x56, K=7", "2d-56-k3": "2-D 56x56, K=3",
                          "2d-128-k13": "2-D 128x128, K=13", "3d-32-k5": "3-D 32^3, K=5"}
@@ -214,6 +217,41 @@ def render_kernels_table(rows: Sequence[dict[str, Any]], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_linear_table(rows: Sequence[dict[str, Any]], command: str) -> str:
+    """The linear-attention rows of ``visionattn bench kernels --json``: each implementation's forward,
+    backward and forward+backward time, and each as the ratio of its time to ours."""
+    header = ["problem", "implementation", "fwd", "bwd", "fwd+bwd", "fwd ratio", "bwd ratio", "fwd+bwd ratio"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        if not row["problem"].startswith("linear-"):
+            continue
+        lines.append("| " + " | ".join([
+            f"N = {row['problem'].split('-', 1)[1]}", row["impl"], _ms(row["fwd_ms"]), _ms(row["bwd_ms"]),
+            _ms(row["fwdbwd_ms"]), f"{row['fwd_ratio']:.2f}", f"{row['bwd_ratio']:.2f}",
+            f"{row['fwdbwd_ratio']:.2f}"]) + " |")
+    lines.append("")
+    lines.append(f"Measured by `{command}`; ratio = its time / ours (above 1: ours is faster).")
+    return "\n".join(lines) + "\n"
+
+
+def render_detectors_table(rows: Sequence[dict[str, Any]], command: str) -> str:
+    """``visionattn bench detectors --json``: parameters, GFLOPs and CPU latency, each beside its ratio to the
+    first model's (RT-DETR-R18)."""
+    header = ["model", "params", "GFLOPs", "CPU latency at 640", "params ratio", "GFLOPs ratio", "latency ratio"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        lines.append("| " + " | ".join([
+            row["model"], f"{row['params_m']:.1f}M", f"{row['gflops']:.1f}", _ms(row["latency_ms"]),
+            f"{row['params_ratio']:.2f}", f"{row['gflops_ratio']:.2f}", f"{row['latency_ratio']:.2f}"]) + " |")
+    lines.append("")
+    lines.append(f"Measured by `{command}`; ratio = the model's figure / the first row's.")
+    return "\n".join(lines) + "\n"
+
+
+RENDERERS = {"kernels-cpu": render_kernels_table, "linear-cpu": render_linear_table,
+             "detectors-cpu": render_detectors_table}
+
+
 def bench_tables() -> dict[str, str]:
     """Each benchmark table, rendered from its JSON under ``docs/bench/``."""
     tables = {}
@@ -221,7 +259,7 @@ def bench_tables() -> dict[str, str]:
         path = BENCH_DIR / filename
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing; measure it with `{command}`")
-        tables[name] = render_kernels_table(json.loads(path.read_text(encoding="utf-8")), command)
+        tables[name] = RENDERERS[name](json.loads(path.read_text(encoding="utf-8")), command)
     return tables
 
 

@@ -11,7 +11,9 @@ report is written atomically to ``DIR/crossval.json``, with a table on stdout::
     0        44   2211       24.0  0.8861         0.8912  ...
     mean    220                    0.8850 +- 0.0031  ...
 
-``--report-only`` trains nothing (folds still missing are listed). ``--plot PNG DIR [DIR ...]`` draws the
+``--report-only`` trains nothing (folds still missing are listed). ``--only 1,3`` trains and reports those
+folds only (its report: ``DIR/crossval_folds_1_3.json``): two commands with different folds can share one
+``DIR`` and run at the same time (one per core or machine), and a later ``--report-only`` reports all. ``--plot PNG DIR [DIR ...]`` draws the
 validation Dice against training minutes of the folds of one or more crossval folders side by side (the
 comparison of networks at the same budget), from each fold's ``metrics.csv``.
 """
@@ -149,8 +151,21 @@ def plot_dice_versus_time(png: Path, cv_dirs: list[Path], metric: str = "dice") 
     return png
 
 
+def parse_only(text: str | None, folds: int) -> list[int] | None:
+    """``--only 0,2`` -> ``[0, 2]`` (None: every fold)."""
+    if text is None:
+        return None
+    try:
+        chosen = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        raise CrossValError(f"--only takes fold numbers separated by commas, e.g. 0,2; got {text!r}") from None
+    if not chosen or any(not 0 <= k < folds for k in chosen):
+        raise CrossValError(f"--only: folds are numbered 0..{folds - 1} (--folds {folds}); got {text!r}")
+    return chosen
+
+
 def run_crossval(recipe: str | None, overrides: list[str], folds: int, out_dir: str | None, report_only: bool = False,
-                 plot: str | None = None, plot_dirs: list[str] | None = None) -> int:
+                 plot: str | None = None, plot_dirs: list[str] | None = None, only: str | None = None) -> int:
     """The command; returns its exit status."""
     from visionattn.tasks.files import write_json_atomic
 
@@ -175,25 +190,29 @@ def run_crossval(recipe: str | None, overrides: list[str], folds: int, out_dir: 
         return 2
     out = Path(out_dir)
     try:
+        chosen = parse_only(only, folds)
         cfg = fold_recipe(recipe, overrides, folds, 0, out / "fold0")  # the recipe and overrides are valid
         if cfg.get("task") != "segmentation":
             raise CrossValError(f"crossval runs segmentation recipes; {recipe} has task {cfg.get('task')!r}")
         if not report_only:
-            train_folds(recipe, overrides, folds, out)
+            train_folds(recipe, overrides, folds, out, only=chosen)
     except (ConfigError, CrossValError) as e:
         print(f"visionattn crossval: {e}", file=sys.stderr)
         return 2
-    missing = [k for k in range(folds) if fold_state(out / f"fold{k}") != "done"]
+    chosen = chosen if chosen is not None else list(range(folds))
+    missing = [k for k in chosen if fold_state(out / f"fold{k}") != "done"]
     if missing:
         print(f"visionattn crossval: fold(s) {missing} not finished in {out}: run without --report-only to train "
               "them", file=sys.stderr)
         return 1
     per_fold = {}
-    for k in range(folds):
+    for k in chosen:
         print(f"crossval: evaluating fold {k} ({out / f'fold{k}'})", flush=True)
         per_fold[k] = evaluate_fold(out / f"fold{k}")
-    report = dict(summarise(per_fold), recipe=str(recipe), overrides=list(overrides))
-    write_json_atomic(report, out / REPORT)
+    report = dict(summarise(per_fold), recipe=str(recipe), overrides=list(overrides), num_folds=folds)
+    # a report of some folds only is its own file: it never replaces the report of all of them
+    path = out / (REPORT if len(chosen) == folds else f"crossval_folds_{'_'.join(map(str, chosen))}.json")
+    write_json_atomic(report, path)
     print(format_table(report))
-    print(f"wrote {out / REPORT}")
+    print(f"wrote {path}")
     return 0

@@ -33,10 +33,13 @@ def test_three_folds_train_resume_report_and_plot(small_msd, tmp_path, monkeypat
     recipe = "configs/segmentation/hippocampus_agunet_cv.yaml"
     out = tmp_path / "cv"
     overrides = tiny(small_msd)
-    # fold 1 only, then the report refuses (folds 0 and 2 missing) and names the way on
+    # fold 1 only (--only): its own report, never crossval.json; then the full report refuses (folds 0 and 2
+    # missing) and names the way on
     from visionattn.tasks.crossval import train_folds
 
-    train_folds(recipe, overrides, 3, out, only=[1])
+    assert main(["crossval", recipe, *overrides, "--folds", "3", "-o", str(out), "--only", "1"]) == 0
+    partial = json.loads((out / "crossval_folds_1.json").read_text())
+    assert sorted(partial["folds"]) == ["1"] and partial["num_folds"] == 3 and not (out / "crossval.json").exists()
     capsys.readouterr()
     assert main(["crossval", recipe, *overrides, "--folds", "3", "-o", str(out), "--report-only"]) == 1
     assert "fold(s) [0, 2] not finished" in capsys.readouterr().err
@@ -86,3 +89,8 @@ def test_crossval_refuses_what_it_cannot_run(tmp_path, capsys, monkeypatch):
     assert main(["crossval", "configs/classification/cifar10_convit.yaml", "--folds", "2", "-o",
                  str(tmp_path / "c")]) == 2
     assert "segmentation" in capsys.readouterr().err
+    for only in ("3", "x", ","):
+        assert main(["crossval", "configs/segmentation/hippocampus_agunet_cv.yaml", "--folds", "3", "--only", only,
+                     "-o", str(tmp_path / "d")]) == 2
+        assert "--only" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()

@@ -187,7 +187,8 @@ def _cmd_crossval(args: argparse.Namespace) -> int:
 
     if args.plot:
         return run_crossval(None, [], args.folds, None, plot=args.plot, plot_dirs=[args.config, *args.overrides])
-    return run_crossval(args.config, args.overrides, args.folds, args.output, report_only=args.report_only)
+    return run_crossval(args.config, args.overrides, args.folds, args.output, report_only=args.report_only,
+                        only=args.only)
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
@@ -350,6 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--folds", type=int, default=5, help="number of folds (data.folds), default 5")
     p.add_argument("-o", "--output", help="folder of the folds (DIR/foldK) and the report (DIR/crossval.json)")
     p.add_argument("--report-only", action="store_true", help="train nothing; evaluate the finished folds")
+    p.add_argument("--only", metavar="K,K", help="train and report these folds only (e.g. 1,3); commands with "
+                                                "different folds may share -o DIR and run at the same time")
     p.add_argument("--plot", metavar="PNG", help="draw validation Dice against training minutes of the given "
                                                  "crossval folders into PNG")
     p.set_defaults(func=_cmd_crossval)

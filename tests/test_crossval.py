@@ -94,3 +94,15 @@ def test_crossval_refuses_what_it_cannot_run(tmp_path, capsys, monkeypatch):
                      "-o", str(tmp_path / "d")]) == 2
         assert "--only" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
+
+
+def test_the_segresnet_baseline_recipe_trains_on_the_cv_split(small_msd, tmp_path, monkeypatch):
+    """The stronger MONAI baseline of the comparison (SegResNet) runs under the same cross-validation recipe."""
+    monkeypatch.chdir(REPO)
+    out = tmp_path / "segresnet"
+    assert main(["train", "configs/segmentation/hippocampus_monai_segresnet_cv.yaml", f"data.root={small_msd}",
+                 "data.fold=2", f"output_dir={out}", "train.max_steps=1", "train.max_minutes=null",
+                 "train.schedule_by_time=false", "train.batch_size=2", "train.eval_every=1", "train.threads=1"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 1
+    assert "SegResNet" in (out / "config.yaml").read_text()

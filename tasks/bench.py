@@ -143,6 +143,15 @@ def bench_models(
     results = []
     for name in names:
         entry = visionattn.get_entry(name)
+        if entry.task == "segmentation":  # fully convolutional: the size is the input's, not a constructor's
+            if compare != "peer":
+                raise ValueError(f"{entry.name} is a segmentation network: compare it with --compare peer "
+                                 f"(MONAI's nearest network)")
+            spatial = entry.default_input_size[1:]
+            size = tuple(spatial) if img_size is None else (img_size,) * len(spatial)
+            x = torch.randn(batch_size, entry.default_input_size[0], *size)
+            _bench_segmentation_against_peer(entry, x, min_time, results, report)
+            continue
         kwargs = {} if img_size is None else {"img_size": img_size}
         ours = visionattn.create_model(entry.name, **kwargs).eval()
         size = tuple(getattr(ours, "img_size", None) or ((img_size, img_size) if img_size else entry.default_input_size[1:]))
@@ -259,6 +268,84 @@ def _bench_against_peer(entry, ours, x, size, batch_size, min_time, results, rep
         row[f"{tag}_ratio"] = s["peer"] / s["ours"]
         row[f"{tag}_per_gmac_ratio"] = row[f"{tag}_ratio"] * ours_gmacs / peer_gmacs
     # achieved forward GFLOP/s (2 FLOPs per multiply-add) in inference
+    row["infer_gflop_s"] = 2 * row["infer_img_s"] * ours_gmacs
+    row["infer_peer_gflop_s"] = 2 * row["infer_peer_img_s"] * peer_gmacs
+    results.append(row)
+    if report is not None:
+        report(f"{row['model']}: " + "  ".join(f"{k} {_cell(v)}" for k, v in row.items() if k != "model"))
+
+
+# MONAI networks that a visionattn segmentation network is measured against with ``--compare peer`` (timm
+# has no segmentation networks): the attention-gated U-Nets beside MONAI's AttentionUnet with the same channels
+# per level (the same design, written by the field's library); EMCAD and HER-Seg, light encoder-decoders,
+# beside MONAI's FlexibleUNet (a U-Net decoder on an EfficientNet-B0 or ResNet-34 encoder, no pretrained
+# weights) of about their size. Each name maps to the peer's label and its constructor
+# ``(spatial_dims, in_channels, out_channels) -> module``.
+def _monai_attention_unet(spatial_dims: int, in_channels: int, out_channels: int) -> torch.nn.Module:
+    from monai.networks.nets import AttentionUnet
+
+    return AttentionUnet(spatial_dims, in_channels, out_channels, channels=(16, 32, 128, 256, 256),
+                         strides=(2, 2, 2, 2))
+
+
+def _monai_flexible_unet(backbone: str) -> Callable[[int, int, int], torch.nn.Module]:
+    def build(spatial_dims: int, in_channels: int, out_channels: int) -> torch.nn.Module:
+        from monai.networks.nets import FlexibleUNet
+
+        return FlexibleUNet(in_channels, out_channels, backbone, pretrained=False, spatial_dims=spatial_dims)
+    return build
+
+
+SEGMENTATION_PEERS: dict[str, tuple[str, Callable[[int, int, int], torch.nn.Module]]] = {
+    **{f"{variant}_{d}d": ("monai.AttentionUnet(16,32,128,256,256)", _monai_attention_unet)
+       for variant in ("agunet", "daunet", "dagunet") for d in (2, 3)},
+    "emcad_pvt_v2_b0": ("monai.FlexibleUNet(efficientnet-b0)", _monai_flexible_unet("efficientnet-b0")),
+    "emcad_pvt_v2_b2": ("monai.FlexibleUNet(resnet34)", _monai_flexible_unet("resnet34")),
+    "herseg": ("monai.FlexibleUNet(efficientnet-b0)", _monai_flexible_unet("efficientnet-b0")),
+}
+
+
+def _segmentation_train_step(model: torch.nn.Module, x: torch.Tensor) -> None:
+    """One training step without the optimizer: forward in train mode, per-voxel cross-entropy on every output
+    (deep-supervision lists included), backward."""
+    model.zero_grad(set_to_none=True)
+    out = model(x)
+    outs = out if isinstance(out, (list, tuple)) else [out]
+    loss = sum(F.cross_entropy(o, torch.zeros((o.shape[0], *o.shape[2:]), dtype=torch.long)) for o in outs)
+    loss.backward()
+
+
+def _bench_segmentation_against_peer(entry, x, min_time, results, report) -> None:
+    """``--compare peer`` for a segmentation network: as :func:`_bench_against_peer`, beside its MONAI peer
+    (:data:`SEGMENTATION_PEERS`), built with the same input and output channels; images (volumes) per second."""
+    import visionattn
+    from visionattn.registry import count_flops
+
+    if entry.name not in SEGMENTATION_PEERS:
+        raise ValueError(f"{entry.name} has no peer; --compare peer knows {', '.join(sorted(SEGMENTATION_PEERS))}")
+    ours = visionattn.create_model(entry.name).eval()
+    with torch.inference_mode():
+        out_channels = ours(x[:1]).shape[1]
+    peer_label, build = SEGMENTATION_PEERS[entry.name]
+    peer = build(x.dim() - 2, x.shape[1], out_channels).eval()
+    input_size = tuple(x.shape[1:])
+    ours_gmacs, peer_gmacs = count_flops(ours, input_size) / 2e9, count_flops(peer, input_size) / 2e9
+    batch = x.shape[0]
+    row = {"model": entry.name, "peer": peer_label, "batch": batch, "input": "x".join(map(str, x.shape[2:])),
+           "threads": torch.get_num_threads(), "params_m": sum(p.numel() for p in ours.parameters()) / 1e6,
+           "peer_params_m": sum(p.numel() for p in peer.parameters()) / 1e6, "gmacs": ours_gmacs,
+           "peer_gmacs": peer_gmacs}
+    with torch.inference_mode():
+        secs = interleaved_times({"ours": lambda: ours(x), "peer": lambda: peer(x)}, min_time=min_time)
+    ours.train(), peer.train()
+    train_secs = interleaved_times({"ours": lambda: _segmentation_train_step(ours, x),
+                                    "peer": lambda: _segmentation_train_step(peer, x)}, min_time=min_time)
+    ours.eval(), peer.eval()
+    for tag, t in (("infer", secs), ("train", train_secs)):
+        row[f"{tag}_img_s"] = batch / t["ours"]
+        row[f"{tag}_peer_img_s"] = batch / t["peer"]
+        row[f"{tag}_ratio"] = t["peer"] / t["ours"]
+        row[f"{tag}_per_gmac_ratio"] = row[f"{tag}_ratio"] * ours_gmacs / peer_gmacs
     row["infer_gflop_s"] = 2 * row["infer_img_s"] * ours_gmacs
     row["infer_peer_gflop_s"] = 2 * row["infer_peer_img_s"] * peer_gmacs
     results.append(row)

@@ -181,3 +181,28 @@ def test_every_224_classifier_has_a_timm_peer():
     assert len(full_size) >= 15
     assert sorted(set(full_size) - set(PEERS)) == []
     assert all(timm.is_model(peer) for peer in PEERS.values())
+
+
+def test_bench_segmentation_network_beside_its_monai_peer(tmp_path):
+    """A 2-D attention-gated U-Net beside MONAI's AttentionUnet: images/s, per-GMAC ratios and GFLOP/s."""
+    out_json = tmp_path / "s.json"
+    rc = main(["bench", "models", "agunet_2d", "--compare", "peer", "--img-size", "32", "--batch-size", "1",
+               "--min-time", "0.02", "--threads", "1", "--json", str(out_json)])
+    assert rc == 0
+    (row,) = json.loads(out_json.read_text())
+    assert row["peer"].startswith("monai.AttentionUnet") and row["input"] == "32x32"
+    assert row["gmacs"] > 0 and row["peer_gmacs"] > 0
+    for tag in ("infer", "train"):
+        ratio = row[f"{tag}_img_s"] / row[f"{tag}_peer_img_s"]
+        assert abs(row[f"{tag}_per_gmac_ratio"] - ratio * row["gmacs"] / row["peer_gmacs"]) < 1e-6 * ratio
+
+
+def test_every_segmentation_network_has_a_monai_peer_and_needs_compare_peer():
+    import pytest
+
+    import visionattn
+    from visionattn.tasks.bench import SEGMENTATION_PEERS
+
+    assert sorted(visionattn.list_models(task="segmentation")) == sorted(SEGMENTATION_PEERS)
+    with pytest.raises(ValueError, match="--compare peer"):
+        main(["bench", "models", "agunet_2d", "--img-size", "32", "--batch-size", "1"])

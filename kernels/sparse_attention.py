@@ -215,10 +215,12 @@ def _per_set(per_bucket: torch.Tensor) -> torch.Tensor:
     return per_bucket.flip(-1).cumsum(-1)[..., :-1]
 
 
-def _exp(x: torch.Tensor) -> torch.Tensor:
-    """``exp(x)`` in place, as ``exp2(x log2(e))``: several times faster on CPU, and no slow path for results
-    below the normal range (most of a row's weights, far below its maximum)."""
-    return x.mul_(LOG2E).exp2_()
+def _log2_scores(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """The scores in base 2, ``(q k^T) * (scale * log2(e))`` ``[..., Nq, Nk]``: one pass over the product for
+    both factors, and ``exp2(s2 - max s2) = exp(s - max s)`` needs no pass to change base (``exp2`` is also
+    several times faster than ``exp`` on CPU, with no slow path below the normal range). The factor is applied
+    to the product, not to ``q``: equal scores stay exactly equal, so ties are those of ``q k^T``."""
+    return torch.matmul(q, k.transpose(-1, -2)).mul_(scale * LOG2E)
 
 
 def _suffix_sums(x: torch.Tensor) -> torch.Tensor:
@@ -261,11 +263,11 @@ class _TopKAttention(torch.autograd.Function):
         norm = q.new_empty(B, H, Nq, R)
         bounds = _chunk_bounds(B * H, Nq, k.shape[2], chunk_size)
         for start, end in bounds:
-            scores = torch.matmul(q[:, :, start:end], k.transpose(-1, -2)).mul_(scale)
+            scores = _log2_scores(q[:, :, start:end], k, scale)
             t, amb = _thresholds(scores, ks)
             b = _buckets(scores, t, amb, ks)
             m = scores.amax(-1, keepdim=True)
-            e = _exp(scores.sub_(m))  # exp(s - max); scores is consumed
+            e = scores.sub_(m).exp2_()  # exp(s - max); scores is consumed
             z = _per_set(e.new_zeros(*e.shape[:-1], R + 1).scatter_add_(-1, b, e))  # Z_i: e summed over set i
             coeff = _suffix_sums(mix_sorted / z)
             out[:, :, start:end] = torch.matmul(e.mul_(coeff.gather(-1, b)), v)
@@ -286,7 +288,7 @@ class _TopKAttention(torch.autograd.Function):
         dmix_sorted = mix.new_zeros(B, R)
         for start, end in ctx.bounds:
             q_chunk, dout_chunk = q[:, :, start:end], dout[:, :, start:end]
-            scores = torch.matmul(q_chunk, k.transpose(-1, -2)).mul_(ctx.scale)
+            scores = _log2_scores(q_chunk, k, ctx.scale)
             t, amb = threshold[:, :, start:end], ambiguous[:, :, start:end]
             b = _buckets(scores, t, amb, ks)
             counts = b.new_zeros(*b.shape[:-1], R + 1).scatter_add_(-1, b, torch.ones_like(b))
@@ -297,7 +299,7 @@ class _TopKAttention(torch.autograd.Function):
                 # reproducible): rank this chunk afresh, as the forward would have, and renormalise
                 t, amb = _thresholds(scores, ks)
                 b = _buckets(scores, t, amb, ks)
-            e = _exp(scores.sub_(row_max[:, :, start:end]))
+            e = scores.sub_(row_max[:, :, start:end]).exp2_()
             z = norm[:, :, start:end]
             if reranked:
                 z = _per_set(e.new_zeros(*e.shape[:-1], R + 1).scatter_add_(-1, b, e))

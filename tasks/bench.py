@@ -254,25 +254,32 @@ def _bench_against_peer(entry, ours, x, size, batch_size, min_time, results, rep
     peer_gmacs = count_flops(peer, input_size) / 2e9
     row = {"model": entry.name, "peer": peer_name, "batch": batch_size, "input": "x".join(map(str, size)),
            "threads": torch.get_num_threads(), "gmacs": ours_gmacs, "peer_gmacs": peer_gmacs}
-    ours.eval(), peer.eval()
-    with torch.inference_mode():
-        secs = interleaved_times({"ours": lambda: ours(x), "peer": lambda: peer(x)}, min_time=min_time)
     labels = torch.randint(0, max(getattr(ours, "num_classes", 1), 1), (x.shape[0],))
-    ours.train(), peer.train()
-    train_secs = interleaved_times({"ours": lambda: _train_step(ours, x, labels),
-                                    "peer": lambda: _train_step(peer, x, labels)}, min_time=min_time)
-    ours.eval(), peer.eval()
-    for tag, s in (("infer", secs), ("train", train_secs)):
-        row[f"{tag}_img_s"] = batch_size / s["ours"]
-        row[f"{tag}_peer_img_s"] = batch_size / s["peer"]
-        row[f"{tag}_ratio"] = s["peer"] / s["ours"]
-        row[f"{tag}_per_gmac_ratio"] = row[f"{tag}_ratio"] * ours_gmacs / peer_gmacs
-    # achieved forward GFLOP/s (2 FLOPs per multiply-add) in inference
-    row["infer_gflop_s"] = 2 * row["infer_img_s"] * ours_gmacs
-    row["infer_peer_gflop_s"] = 2 * row["infer_peer_img_s"] * peer_gmacs
+    _time_beside_peer(row, ours, peer, x, lambda m: _train_step(m, x, labels), min_time)
     results.append(row)
     if report is not None:
         report(f"{row['model']}: " + "  ".join(f"{k} {_cell(v)}" for k, v in row.items() if k != "model"))
+
+
+def _time_beside_peer(row: dict, ours, peer, x, train_step, min_time: float) -> None:
+    """Into ``row``: images/s of ``ours`` and ``peer`` on ``x`` in inference and in ``train_step(model)``,
+    interleaved, each ratio (peer's time / ours), the same per GMAC (``row['gmacs']``, ``row['peer_gmacs']``)
+    and the achieved forward GFLOP/s (2 FLOPs per multiply-add)."""
+    batch, ours_gmacs, peer_gmacs = x.shape[0], row["gmacs"], row["peer_gmacs"]
+    ours.eval(), peer.eval()
+    with torch.inference_mode():
+        secs = interleaved_times({"ours": lambda: ours(x), "peer": lambda: peer(x)}, min_time=min_time)
+    ours.train(), peer.train()
+    train_secs = interleaved_times({"ours": lambda: train_step(ours), "peer": lambda: train_step(peer)},
+                                   min_time=min_time)
+    ours.eval(), peer.eval()
+    for tag, t in (("infer", secs), ("train", train_secs)):
+        row[f"{tag}_img_s"] = batch / t["ours"]
+        row[f"{tag}_peer_img_s"] = batch / t["peer"]
+        row[f"{tag}_ratio"] = t["peer"] / t["ours"]
+        row[f"{tag}_per_gmac_ratio"] = row[f"{tag}_ratio"] * ours_gmacs / peer_gmacs
+    row["infer_gflop_s"] = 2 * row["infer_img_s"] * ours_gmacs
+    row["infer_peer_gflop_s"] = 2 * row["infer_peer_img_s"] * peer_gmacs
 
 
 # MONAI networks that a visionattn segmentation network is measured against with ``--compare peer`` (timm
@@ -335,19 +342,7 @@ def _bench_segmentation_against_peer(entry, x, min_time, results, report) -> Non
            "threads": torch.get_num_threads(), "params_m": sum(p.numel() for p in ours.parameters()) / 1e6,
            "peer_params_m": sum(p.numel() for p in peer.parameters()) / 1e6, "gmacs": ours_gmacs,
            "peer_gmacs": peer_gmacs}
-    with torch.inference_mode():
-        secs = interleaved_times({"ours": lambda: ours(x), "peer": lambda: peer(x)}, min_time=min_time)
-    ours.train(), peer.train()
-    train_secs = interleaved_times({"ours": lambda: _segmentation_train_step(ours, x),
-                                    "peer": lambda: _segmentation_train_step(peer, x)}, min_time=min_time)
-    ours.eval(), peer.eval()
-    for tag, t in (("infer", secs), ("train", train_secs)):
-        row[f"{tag}_img_s"] = batch / t["ours"]
-        row[f"{tag}_peer_img_s"] = batch / t["peer"]
-        row[f"{tag}_ratio"] = t["peer"] / t["ours"]
-        row[f"{tag}_per_gmac_ratio"] = row[f"{tag}_ratio"] * ours_gmacs / peer_gmacs
-    row["infer_gflop_s"] = 2 * row["infer_img_s"] * ours_gmacs
-    row["infer_peer_gflop_s"] = 2 * row["infer_peer_img_s"] * peer_gmacs
+    _time_beside_peer(row, ours, peer, x, lambda m: _segmentation_train_step(m, x), min_time)
     results.append(row)
     if report is not None:
         report(f"{row['model']}: " + "  ".join(f"{k} {_cell(v)}" for k, v in row.items() if k != "model"))

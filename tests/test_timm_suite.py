@@ -1,5 +1,6 @@
-"""timm's own model tests (tests/test_models.py from the sdist of the installed timm) on every va_* model, run
-by .ci/timm-tests. Skipped, saying why, when the sdist cannot be downloaded (no network); set TIMM_SDIST to a
+"""timm's own model tests (tests/test_models.py from the sdist of the installed timm) on the va_* models, run
+by .ci/timm-tests: the whole suite on every model but the three widest variants, and its configuration tests
+on those. Skipped, saying why, when the sdist cannot be downloaded (no network); set TIMM_SDIST to a
 local timm-<version>.tar.gz to run without one."""
 import functools
 import os
@@ -77,28 +78,38 @@ def test_runner_selects_every_va_model_and_leaves_out_the_network():
     assert "network-only tests on va_* models deselected" in r.stdout
 
 
-# timm's suite in parts of about equal time (a pytest -k expression each), so that `pytest -n` spreads it
-# over the cores; every va_* model belongs to exactly one part (checked below)
-SUITE_PARTS = {  # longest first (measured on 2 cores: convit-base about 3 minutes, the others 1-2)
-    "convit-base": "va_convit_base and not va_convit_base_plus",
-    "convit-base-plus": "va_convit_base_plus",
-    "ninformer-b16": "va_ninformer_b16",
-    "ninformer-small": "va_ninformer and not va_ninformer_b16",
-    "convit-small-tiny": "va_convit and not va_convit_base",
-    "activator": "va_activator",
-    "biformer": "va_biformer",
-    "swinrmt-swat": "va_gated_swinrmt_swat",
-    "swinrmt-retention": "va_gated_swinrmt_retention",
+# timm's suite in parts of about equal time, so that `pytest -n` spreads it over the cores. A part is a -k
+# expression over model names and, optionally, one over test names. The widest variants (ConViT-B, ConViT-B+,
+# NiNformer-B/16) are the classes of their smaller siblings with more channels: they get the tests that read
+# their configuration (default cfgs, a forward pass at their input size) and not the backward, TorchScript, FX
+# and intermediate-feature tests their siblings already pass on the same code; at the fixed 224 input those take
+# about 12 CPU-minutes for the three (timm's own CI leaves its largest models out of the suite the same way).
+# Every va_* model belongs to exactly one part (checked below).
+WIDE_VARIANTS = "va_convit_base or va_ninformer_b16"
+CONFIGURATION_TESTS = "(default_cfgs or test_model_forward) and not torchscript and not fx and not intermediates"
+SUITE_PARTS: dict[str, tuple[str, str | None]] = {  # longest first
+    "convit-small-tiny": ("va_convit and not va_convit_base", None),
+    "swinrmt-swat": ("va_gated_swinrmt_swat", None),
+    "biformer": ("va_biformer", None),
+    "swinrmt-retention": ("va_gated_swinrmt_retention", None),
+    "ninformer-small": ("va_ninformer and not va_ninformer_b16", None),
+    "activator": ("va_activator", None),
+    "wide-variants-configuration": (WIDE_VARIANTS, CONFIGURATION_TESTS),
 }
 
 
 def _part_models(expression: str, names: set[str]) -> set[str]:
-    """The model names a part's -k expression selects (its words are substrings, joined by and/or/not)."""
+    """The model names a part's model expression selects (its words are substrings, joined by and/or/not)."""
     import ast
 
     code = re.sub(r"\b(va_\w+)\b", lambda m: repr(m.group(1)) + " in name", expression)
     tree = compile(ast.parse(code, mode="eval"), "<part>", "eval")
     return {name for name in names if eval(tree, {}, {"name": name})}
+
+
+def _part_keyword(part: str) -> str:
+    models, tests = SUITE_PARTS[part]
+    return models if tests is None else f"({models}) and ({tests})"
 
 
 def test_suite_parts_cover_every_va_model_once():
@@ -109,19 +120,37 @@ def test_suite_parts_cover_every_va_model_once():
     visionattn.list_models()
     va_models = {n for n in timm.list_models() if n.startswith("va_")}
     seen: dict[str, list[str]] = {}
-    for part, expression in SUITE_PARTS.items():
+    for part, (expression, _) in SUITE_PARTS.items():
         for name in _part_models(expression, va_models):
             seen.setdefault(name, []).append(part)
     assert set(seen) == va_models, sorted(va_models - set(seen))
     assert all(len(parts) == 1 for parts in seen.values()), {n: p for n, p in seen.items() if len(p) > 1}
+    # only the widest variants are left out of the full suite, and each has a sibling of its class in it
+    wide = _part_models(WIDE_VARIANTS, va_models)
+    assert wide == {"va_convit_base", "va_convit_base_plus", "va_ninformer_b16_224"}, wide
+    fully_tested = va_models - wide
+    for name in wide:
+        family = name.split("_")[1]
+        assert any(other.split("_")[1] == family for other in fully_tested), name
+
+
+def test_configuration_part_keeps_the_configuration_tests_only():
+    """The -k expression of the wide variants, collected: default cfgs and the plain forward, nothing else."""
+    r = _run("--collect-only", "-k", _part_keyword("wide-variants-configuration"), timeout=600)
+    assert r.returncode == 0, _tail(r)
+    ids = [line for line in r.stdout.splitlines() if line.startswith("tests/test_models.py::")]
+    tests = {re.fullmatch(r"tests/test_models\.py::(\w+)\[.*\]", node).group(1) for node in ids}
+    assert tests == {"test_model_forward", "test_model_default_cfgs_non_std"}, tests
+    models = {re.search(r"(va_\w+)", node).group(1).split(".")[0] for node in ids}
+    assert models == {"va_convit_base", "va_convit_base_plus", "va_ninformer_b16_224"}, models
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("part", list(SUITE_PARTS))
 def test_timm_model_suite_passes(part):
-    """timm's test_models.py on the va_* models of one part: all pass (the parts together: every va_* model;
+    """timm's test_models.py on the va_* models of one part: all pass (the parts together: every va_* model,
     about 15 minutes of one CPU core in all)."""
-    r = _run("-k", SUITE_PARTS[part], timeout=3600)
+    r = _run("-k", _part_keyword(part), timeout=3600)
     summary = (r.stdout.strip().splitlines() or [""])[-1]
     assert r.returncode == 0, _tail(r)
     assert re.search(r"\d+ passed", summary) and "failed" not in summary and "error" not in summary, summary

@@ -13,7 +13,9 @@ report is written atomically to ``DIR/crossval.json``, with a table on stdout::
 
 ``--report-only`` trains nothing (folds still missing are listed). ``--only 1,3`` trains and reports those
 folds only (its report: ``DIR/crossval_folds_1_3.json``): two commands with different folds can share one
-``DIR`` and run at the same time (one per core or machine), and a later ``--report-only`` reports all. ``--plot PNG DIR [DIR ...]`` draws the
+``DIR`` and run at the same time (one per core or machine), and a later ``--report-only`` reports all.
+``--tta`` evaluates with test-time mirroring along the axes the recipe flips in training (nnU-Net's
+validation), into its own report (``DIR/crossval_tta.json``). ``--plot PNG DIR [DIR ...]`` draws the
 validation Dice against training minutes of the folds of one or more crossval folders side by side (the
 comparison of networks at the same budget), from each fold's ``metrics.csv``.
 """
@@ -67,14 +69,17 @@ def train_folds(recipe: str, overrides: list[str], folds: int, out_dir: Path, on
         Trainer(cfg, resume=state == "partial", config_path=recipe).fit()
 
 
-def evaluate_fold(out: Path) -> dict:
-    """The fold's final weights on its validation cases: ``{metrics..., cases, steps, train_minutes}``."""
+def evaluate_fold(out: Path, tta: bool = False) -> dict:
+    """The fold's final weights on its validation cases: ``{metrics..., cases, steps, train_minutes}``; with
+    ``tta``, each prediction averaged over the mirrorings along the axes the recipe flipped in training."""
     from visionattn.tasks.run import Run, load_model_for_eval
     from visionattn.tasks.trainer import Trainer
 
     run = Run.load(out / "model.safetensors")
     cfg = run.config
     cfg.setdefault("train", {})["epochs"] = 0
+    if tta:
+        cfg["inference"] = dict(cfg.get("inference") or {}, tta=True)
     trainer = Trainer(cfg, write_outputs=False)
     model = load_model_for_eval(cfg, str(run.weights), trainer.meta).to(trainer.device)
     metrics = trainer.evaluate(model)
@@ -165,7 +170,8 @@ def parse_only(text: str | None, folds: int) -> list[int] | None:
 
 
 def run_crossval(recipe: str | None, overrides: list[str], folds: int, out_dir: str | None, report_only: bool = False,
-                 plot: str | None = None, plot_dirs: list[str] | None = None, only: str | None = None) -> int:
+                 plot: str | None = None, plot_dirs: list[str] | None = None, only: str | None = None,
+                 tta: bool = False) -> int:
     """The command; returns its exit status."""
     from visionattn.tasks.files import write_json_atomic
 
@@ -194,6 +200,12 @@ def run_crossval(recipe: str | None, overrides: list[str], folds: int, out_dir: 
         cfg = fold_recipe(recipe, overrides, folds, 0, out / "fold0")  # the recipe and overrides are valid
         if cfg.get("task") != "segmentation":
             raise CrossValError(f"crossval runs segmentation recipes; {recipe} has task {cfg.get('task')!r}")
+        from visionattn.tasks.segmentation import mirror_axes
+
+        axes = mirror_axes(cfg.get("data") or {}) if tta else []
+        if tta and not axes:
+            raise CrossValError(f"--tta: {recipe} trains without flips (data.augment.flip_axes), so there is no "
+                                "axis to mirror; leave out --tta")
         if not report_only:
             train_folds(recipe, overrides, folds, out, only=chosen)
     except (ConfigError, CrossValError) as e:
@@ -207,11 +219,14 @@ def run_crossval(recipe: str | None, overrides: list[str], folds: int, out_dir: 
         return 1
     per_fold = {}
     for k in chosen:
-        print(f"crossval: evaluating fold {k} ({out / f'fold{k}'})", flush=True)
-        per_fold[k] = evaluate_fold(out / f"fold{k}")
-    report = dict(summarise(per_fold), recipe=str(recipe), overrides=list(overrides), num_folds=folds)
-    # a report of some folds only is its own file: it never replaces the report of all of them
-    path = out / (REPORT if len(chosen) == folds else f"crossval_folds_{'_'.join(map(str, chosen))}.json")
+        print(f"crossval: evaluating fold {k} ({out / f'fold{k}'}){' with test-time mirroring' if tta else ''}",
+              flush=True)
+        per_fold[k] = evaluate_fold(out / f"fold{k}", tta=tta)
+    report = dict(summarise(per_fold), recipe=str(recipe), overrides=list(overrides), num_folds=folds,
+                  tta_mirror_axes=axes)
+    # a report of some folds only, or with TTA, is its own file: it never replaces the report of all of them
+    stem = "crossval" if len(chosen) == folds else f"crossval_folds_{'_'.join(map(str, chosen))}"
+    path = out / f"{stem}{'_tta' if tta else ''}.json"
     write_json_atomic(report, path)
     print(format_table(report))
     print(f"wrote {path}")

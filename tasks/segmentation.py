@@ -477,6 +477,9 @@ class SegmentationTask:
         NSD (MONAI's ``SurfaceDiceMetric``): the fraction of both boundaries within ``inference.nsd_tolerance``
         (default 1, in the units of ``data.spacing``: mm for the MSD recipes, pixels without a spacing) of the
         other boundary.
+
+        ``inference.tta: true`` averages each case's prediction over the mirrorings along the axes the recipe
+        flipped in training (:func:`mirror_axes`), as ``segment --tta`` does (nnU-Net validates this way).
         """
         from monai.metrics import DiceMetric, SurfaceDiceMetric
         inference = getattr(self, "inference", {})
@@ -485,6 +488,7 @@ class SegmentationTask:
         data_cfg = _base(dataset).data_cfg
         spacing = data_cfg.get("spacing") or [1.0] * int(data_cfg.get("spatial_dims", 3))
         tolerance = float(inference.get("nsd_tolerance", 1.0))
+        tta = mirror_axes(data_cfg) if inference.get("tta") else False
         metric = DiceMetric(include_background=False, reduction="none", ignore_empty=True, num_classes=n_classes)
         surface = SurfaceDiceMetric([tolerance] * (n_classes - 1), include_background=False, reduction="none")
         sums, counts = [0.0] * (n_classes - 1), [0.0] * (n_classes - 1)
@@ -493,7 +497,7 @@ class SegmentationTask:
             image, label = dataset[i]
             probs = sliding_window_predict(model, image[None], roi, float(inference.get("overlap", 0.5)),
                                            inference.get("mode", "gaussian"), int(inference.get("sw_batch_size", batch_size)),
-                                           device, "cpu", autocast=autocast)
+                                           device, "cpu", tta=tta, autocast=autocast)
             if probs.shape[2:] != label.shape[1:]:  # data.zoom: back to the label's (original) grid
                 probs = torch.nn.functional.interpolate(probs.float(), size=list(label.shape[1:]), mode="area")
             pred = probs.argmax(1, keepdim=True)

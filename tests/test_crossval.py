@@ -72,6 +72,15 @@ def test_three_folds_train_resume_report_and_plot(small_msd, tmp_path, monkeypat
     assert report["mean"]["dice"] == pytest.approx(sum(means) / 3)
     weighted = sum(report["folds"][str(k)]["dice"] * report["folds"][str(k)]["cases"] for k in range(3)) / 6
     assert report["case_weighted_mean"]["dice"] == pytest.approx(weighted)
+    # --tta: its own report, each fold's figures those of `evaluate ... inference.tta=true`; crossval.json kept
+    plain = (out / "crossval.json").read_bytes()
+    assert main(["crossval", recipe, *overrides, "--folds", "3", "-o", str(out), "--report-only", "--tta"]) == 0
+    tta_report = json.loads((out / "crossval_tta.json").read_text())
+    assert tta_report["tta_mirror_axes"] == [0] and (out / "crossval.json").read_bytes() == plain
+    capsys.readouterr()
+    assert main(["evaluate", str(out / "fold1" / "model.safetensors"), "inference.tta=true"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert tta_report["folds"]["1"]["dice"] == pytest.approx(metrics["dice"], nan_ok=True)
     # Dice against training time, two crossval folders side by side
     other = tmp_path / "other"
     shutil.copytree(out, other)
@@ -89,6 +98,10 @@ def test_crossval_refuses_what_it_cannot_run(tmp_path, capsys, monkeypatch):
     assert main(["crossval", "configs/classification/cifar10_convit.yaml", "--folds", "2", "-o",
                  str(tmp_path / "c")]) == 2
     assert "segmentation" in capsys.readouterr().err
+    # --tta on a recipe that never flips: nothing to mirror, said before anything is evaluated
+    assert main(["crossval", "configs/segmentation/hippocampus_agunet_cv.yaml", "data.augment.flip_axes=[]",
+                 "--folds", "3", "-o", str(tmp_path / "e"), "--report-only", "--tta"]) == 2
+    assert "no axis to mirror" in capsys.readouterr().err
     for only in ("3", "x", ","):
         assert main(["crossval", "configs/segmentation/hippocampus_agunet_cv.yaml", "--folds", "3", "--only", only,
                      "-o", str(tmp_path / "d")]) == 2
@@ -106,3 +119,17 @@ def test_the_segresnet_baseline_recipe_trains_on_the_cv_split(small_msd, tmp_pat
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 1
     assert "SegResNet" in (out / "config.yaml").read_text()
+
+
+def test_validation_with_test_time_mirroring_changes_a_trained_models_prediction(small_msd, capsys):
+    """``inference.tta=true`` reaches the validation of a trained model (the bundled AGUNet, trained with
+    left-right flips): Dice with mirroring differs from Dice without, and both are those of a trained model."""
+    bundled = str(REPO / "visionattn" / "bundled" / "hippocampus_agunet")
+    dice = {}
+    for tta in ("false", "true"):
+        capsys.readouterr()
+        assert main(["evaluate", bundled, f"data.root={small_msd}", "data.val_fraction=0.5",
+                     f"inference.tta={tta}", "train.threads=1"]) == 0
+        dice[tta] = json.loads(capsys.readouterr().out)["dice"]
+    assert dice["false"] > 0.75 and dice["true"] > 0.75, dice
+    assert dice["true"] != dice["false"], dice

@@ -188,7 +188,7 @@ def _cmd_crossval(args: argparse.Namespace) -> int:
     if args.plot:
         return run_crossval(None, [], args.folds, None, plot=args.plot, plot_dirs=[args.config, *args.overrides])
     return run_crossval(args.config, args.overrides, args.folds, args.output, report_only=args.report_only,
-                        only=args.only)
+                        only=args.only, tta=args.tta)
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
@@ -353,6 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report-only", action="store_true", help="train nothing; evaluate the finished folds")
     p.add_argument("--only", metavar="K,K", help="train and report these folds only (e.g. 1,3); commands with "
                                                 "different folds may share -o DIR and run at the same time")
+    p.add_argument("--tta", action="store_true", help="evaluate with test-time mirroring along the axes the recipe "
+                                                     "flips in training (report: DIR/crossval_tta.json)")
     p.add_argument("--plot", metavar="PNG", help="draw validation Dice against training minutes of the given "
                                                  "crossval folders into PNG")
     p.set_defaults(func=_cmd_crossval)

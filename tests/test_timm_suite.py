@@ -1,7 +1,7 @@
 """timm's own model tests (tests/test_models.py from the sdist of the installed timm) on the va_* models, run
-by .ci/timm-tests: the whole suite on every model but the three widest variants, and its configuration tests
-on those. Skipped, saying why, when the sdist cannot be downloaded (no network); set TIMM_SDIST to a
-local timm-<version>.tar.gz to run without one."""
+by .ci/timm-tests: the whole suite on the smallest model of each configuration of every class, and its
+configuration tests on their wider siblings. Skipped, saying why, when the sdist cannot be downloaded (no
+network); set TIMM_SDIST to a local timm-<version>.tar.gz to run without one."""
 import functools
 import os
 import re
@@ -40,7 +40,7 @@ def _sdist() -> str | None:
 
 
 def _run(*args: str, timeout: float) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHON=sys.executable)
+    env = dict(os.environ, PYTHON=sys.executable, COLUMNS="1000")  # pytest's report lines are not cut short
     if _sdist():
         env["TIMM_SDIST"] = _sdist()
     r = subprocess.run(["bash", str(SCRIPT), *args], cwd=REPO, env=env, capture_output=True, text=True,
@@ -79,23 +79,30 @@ def test_runner_selects_every_va_model_and_leaves_out_the_network():
 
 
 # timm's suite in parts of about equal time, so that `pytest -n` spreads it over the cores. A part is a -k
-# expression over model names and, optionally, one over test names. The widest variants (ConViT-B, ConViT-B+,
-# NiNformer-B/16) are the classes of their smaller siblings with more channels: they get the tests that read
-# their configuration (default cfgs, a forward pass at their input size) and not the backward, TorchScript, FX
-# and intermediate-feature tests their siblings already pass on the same code; at the fixed 224 input those take
-# about 12 CPU-minutes for the three (timm's own CI leaves its largest models out of the suite the same way).
-# Every va_* model belongs to exactly one part (checked below).
-WIDE_VARIANTS = "va_convit_base or va_ninformer_b16"
+# expression over model names and, optionally, one over test names. The whole suite runs on the smallest model
+# of each configuration of every class (ConViT-Ti; NiNformer and Activator at 32 and 224; BiFormer-T and its
+# Swin-layout STL; both Gated-SwinRMT mixers at 32 and 224 tiny). Their wider siblings (the same classes with
+# more channels, heads or blocks) get the tests that read their own configuration (default cfgs, a forward pass
+# at their input size, their feature maps where timm tests them), not the backward, TorchScript, FX and intermediate-feature tests their smaller siblings
+# pass on the same code: those took over 20 CPU-minutes of CI for them (the ConViTs at a fixed 224 input).
+# timm's own CI leaves its largest models out of its suite the same way. Every va_* model belongs to exactly
+# one part (checked below).
+WIDER_VARIANTS = ("va_convit_tiny_plus or va_convit_small or va_convit_base or va_ninformer_b16 or va_biformer_small "
+                  "or va_biformer_base or va_gated_swinrmt_swat_small or va_gated_swinrmt_retention_small "
+                  "or (va_gated_swinrmt and not va_gated_swinrmt_swat_ and not va_gated_swinrmt_retention_)")
 CONFIGURATION_TESTS = "(default_cfgs or test_model_forward) and not torchscript and not fx and not intermediates"
 SUITE_PARTS: dict[str, tuple[str, str | None]] = {  # longest first
-    "convit-small-tiny": ("va_convit and not va_convit_base", None),
-    "swinrmt-swat": ("va_gated_swinrmt_swat", None),
-    "biformer": ("va_biformer", None),
-    "swinrmt-retention": ("va_gated_swinrmt_retention", None),
-    "ninformer-small": ("va_ninformer and not va_ninformer_b16", None),
+    "wider-variants-configuration": (WIDER_VARIANTS, CONFIGURATION_TESTS),
+    "convit": ("va_convit_tiny and not va_convit_tiny_plus", None),
+    "ninformer": ("va_ninformer and not va_ninformer_b16", None),
+    "swinrmt-swat": ("va_gated_swinrmt_swat_cifar or va_gated_swinrmt_swat_tiny", None),
+    "swinrmt-retention": ("va_gated_swinrmt_retention_cifar or va_gated_swinrmt_retention_tiny", None),
+    "biformer": ("va_biformer_tiny or va_biformer_stl", None),
     "activator": ("va_activator", None),
-    "wide-variants-configuration": (WIDE_VARIANTS, CONFIGURATION_TESTS),
 }
+WIDER = {"va_convit_tiny_plus", "va_convit_small", "va_convit_small_plus", "va_convit_base", "va_convit_base_plus",
+         "va_ninformer_b16_224", "va_biformer_small", "va_biformer_base", "va_gated_swinrmt_swat_small",
+         "va_gated_swinrmt_swat", "va_gated_swinrmt_retention_small", "va_gated_swinrmt_retention"}
 
 
 def _part_models(expression: str, names: set[str]) -> set[str]:
@@ -125,13 +132,13 @@ def test_suite_parts_cover_every_va_model_once():
             seen.setdefault(name, []).append(part)
     assert set(seen) == va_models, sorted(va_models - set(seen))
     assert all(len(parts) == 1 for parts in seen.values()), {n: p for n, p in seen.items() if len(p) > 1}
-    # only the widest variants are left out of the full suite, and each has a sibling of its class in it
-    wide = _part_models(WIDE_VARIANTS, va_models)
-    assert wide == {"va_convit_base", "va_convit_base_plus", "va_ninformer_b16_224"}, wide
-    fully_tested = va_models - wide
-    for name in wide:
-        family = name.split("_")[1]
-        assert any(other.split("_")[1] == family for other in fully_tested), name
+    # only the wider variants are left out of the full suite, and each is of a model class fully tested in it
+    wider = _part_models(WIDER_VARIANTS, va_models)
+    assert wider == WIDER, wider ^ WIDER
+    from visionattn.registry import get_entry
+
+    fully_tested_classes = {get_entry(n[len("va_"):]).model_cls for n in va_models - wider}
+    assert all(get_entry(n[len("va_"):]).model_cls in fully_tested_classes for n in wider)
 
 
 @pytest.mark.slow
@@ -144,7 +151,7 @@ def test_timm_model_suite_passes(part):
     assert r.returncode == 0, _tail(r)
     assert re.search(r"\d+ passed", summary) and "failed" not in summary and "error" not in summary, summary
     passed = re.findall(r"^PASSED tests/test_models\.py::(\w+)\[(.*)\]", r.stdout, re.M)
-    if SUITE_PARTS[part][1] is not None:  # the wide variants: the configuration tests only, on all three
-        assert {test for test, _ in passed} == {"test_model_forward", "test_model_default_cfgs_non_std"}, passed
-        assert {re.search(r"(va_\w+)", p).group(1).split(".")[0] for _, p in passed} == {
-            "va_convit_base", "va_convit_base_plus", "va_ninformer_b16_224"}, passed
+    if SUITE_PARTS[part][1] is not None:  # the wider variants: the configuration tests only, on every one
+        assert {test for test, _ in passed} == {"test_model_forward", "test_model_forward_features",
+                                                "test_model_default_cfgs", "test_model_default_cfgs_non_std"}, passed
+        assert {re.search(r"(va_\w+)", p).group(1).split(".")[0] for _, p in passed} == WIDER, passed

@@ -36,6 +36,7 @@ import importlib.resources
 import re
 import struct
 import sys
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -245,7 +246,7 @@ def read_nifti_header(path: Path) -> NiftiHeader:
     try:
         with (gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")) as f:
             raw = f.read(544)
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zlib.error) as e:  # zlib.error: a damaged deflate stream, not an OSError
         raise SegmentError(f"cannot read {path.name}: {type(e).__name__}: {e} (corrupt or truncated file?)") from e
     for endian in "<>":
         size = struct.unpack(endian + "i", raw[:4])[0] if len(raw) >= 4 else 0
@@ -292,6 +293,21 @@ def check_header(path: Path, max_voxels: int) -> NiftiHeader:
     return hdr
 
 
+def verify_gzip_stream(path: Path, chunk: int = 2**24) -> None:
+    """Decompress a ``.gz`` file to its end, chunk by chunk, so that zlib checks the CRC-32 and length in its
+    trailer. nibabel reads only the bytes the voxels need and never reaches the trailer, so a damaged deflate
+    stream that still decodes (to wrong voxels) would otherwise be segmented without a word. Call it after
+    :func:`check_header`, which bounds what the stream may hold."""
+    if not path.name.endswith(".gz"):
+        return
+    try:
+        with gzip.open(path, "rb") as f:
+            while f.read(chunk):
+                pass
+    except (OSError, EOFError, zlib.error) as e:
+        raise SegmentError(f"cannot read {path.name}: {type(e).__name__}: {e} (corrupt or truncated file?)") from e
+
+
 def _voxel_sizes(img, path: Path) -> np.ndarray:
     import nibabel as nib
 
@@ -316,13 +332,14 @@ def count_nonfinite_float32(data: np.ndarray, chunk: int = 2**22) -> int:
 
 def read_case(case: Case, in_channels: int, max_voxels: int = DEFAULT_MAX_VOXELS,
               spacing: Sequence[float] | float | None = None):
-    """Check and read a case's files, each once: returns the first channel's nibabel image (whose grid and
-    header the output takes) and the volume as float32 ``[C, X, Y, Z]`` in the files' voxel order, scaled
+    """Check and read a case's files (each header once, each gzip stream checked to its end): returns the
+    first channel's nibabel image (whose grid and header the output takes) and the volume as float32 ``[C, X, Y, Z]`` in the files' voxel order, scaled
     as the header says. Raises :class:`SegmentError` naming the file and the problem.
 
     First every header (channels and reference labels), before any voxel data is read: readability, voxel
     count against ``max_voxels`` (and, with ``spacing``, the count after resampling to it), extensions,
-    scaling, shape, data type, voxel sizes and a shared grid. Then the channels' values, as float32 after
+    scaling, shape, data type, voxel sizes and a shared grid. Then every gzip stream is checked to its
+    trailer (CRC-32 and length). Then the channels' values, as float32 after
     scaling, must all be finite."""
     import nibabel as nib
 
@@ -363,6 +380,8 @@ def read_case(case: Case, in_channels: int, max_voxels: int = DEFAULT_MAX_VOXELS
         if ref_shape[:3] != images[0].shape[:3] or any(d != 1 for d in ref_shape[3:]):
             raise SegmentError(f"reference labels {ref} have shape {ref_shape}, the case has {images[0].shape[:3]}")
 
+    for f in [*case.channels, *([case.reference] if case.reference is not None else [])]:
+        verify_gzip_stream(f)
     volume = []
     for f, img in zip(case.channels, images):
         try:

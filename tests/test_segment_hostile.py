@@ -3,7 +3,8 @@
 Every payload is built here with nibabel: outputs that would land on inputs (same folder, ``./x`` vs ``x``,
 symlinks, the labels folder), re-runs into a used folder, an unreadable earlier summary, case names that
 collide, intensity scaling that overflows float32, and headers that declare far more voxels (or header
-extension bytes) than the file holds. ``HOSTILE_INPUTS`` counts the hostile inputs tried."""
+extension bytes) than the file holds, and damaged gzip streams. ``HOSTILE_INPUTS`` counts the hostile inputs
+tried."""
 import gzip
 import hashlib
 import json
@@ -21,7 +22,7 @@ import pytest
 from test_segment import ANATOMICAL, no_temp_files, voxelwise_model_dir
 from visionattn.cli import main
 
-HOSTILE_INPUTS = 29  # the sum of the per-section counts noted below
+HOSTILE_INPUTS = 34  # the sum of the per-section counts noted below
 
 
 def segment(*args: str) -> int:
@@ -120,7 +121,7 @@ def test_reference_labels_on_another_grid_fail_the_case_before_anything_is_writt
 def test_second_run_skips_finished_cases_and_keeps_their_summary(tmp_path, capsys):
     run = voxelwise_model_dir(tmp_path)
     ins = two_cases(tmp_path / "in")
-    (ins / "broken.nii.gz").write_bytes(b"\x1f\x8b" + os.urandom(500))
+    (ins / "broken.nii.gz").write_bytes(_deflate_garbage())
     out = tmp_path / "out"
     assert segment("-i", ins, "-o", out, "--model", run, "--overlay") == 1  # broken fails, a and b written
     first = summary_cases(out)
@@ -364,6 +365,65 @@ def test_hostile_headers_fail_the_case_fast(tmp_path, capsys, make, words):
     line = next(line for line in capsys.readouterr().err.splitlines() if "case hostile:" in line)
     assert words in line, line
     assert (out / "good.nii.gz").is_file() and not (out / "hostile.nii.gz").exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+# damaged files (5 hostile inputs): each fails its own case with "cannot read", whatever layer of the
+# file is broken (zlib raises zlib.error, which is not an OSError, for a damaged deflate stream)
+
+
+def _gzip_header() -> bytes:
+    return b"\x1f\x8b\x08\x00" + bytes(4) + b"\x00\xff"  # magic, deflate, no flags, mtime, xfl, OS
+
+
+def _deflate_garbage() -> bytes:
+    # a valid gzip member header, then bytes that are no deflate stream (block type 3 is reserved)
+    return _gzip_header() + b"\xff" * 500
+
+
+def _valid_case_bytes(tmp_path: Path) -> bytes:
+    src = tmp_path / "src.nii.gz"
+    nib.save(nib.load(str(ANATOMICAL)), str(src))
+    return src.read_bytes()
+
+
+DAMAGED = {
+    "not gzip": lambda good: b"\x1f\x8b" + b"\x00" * 500,  # gzip magic, then a compression method zlib lacks
+    "deflate garbage": lambda good: _deflate_garbage(),
+    "cut in the header": lambda good: good[:40],
+    "cut in the voxels": lambda good: good[:len(good) // 2],
+    "voxel stream bit-flipped": lambda good: good[:len(good) // 2] + bytes(b ^ 0x5A for b in good[len(good) // 2:][:64])
+    + good[len(good) // 2 + 64:],
+}
+
+
+def test_damaged_gzip_payloads_break_a_naive_reader(tmp_path):
+    """Each payload makes the plain ``gzip`` reader raise, and not always an ``OSError``: a reader that catches
+    only that (as ours once did) would crash the whole run instead of failing the case."""
+    good = _valid_case_bytes(tmp_path)
+    raised = set()
+    for make in DAMAGED.values():
+        with pytest.raises(Exception) as e:
+            gzip.decompress(make(good))
+        raised.add(type(e.value).__name__)
+    assert "error" in raised, raised  # zlib.error
+    assert raised - {"error"}, raised  # and some OSError/EOFError
+
+
+@pytest.mark.parametrize("damage", list(DAMAGED))
+def test_damaged_files_fail_their_case_and_the_others_complete(tmp_path, capsys, damage):
+    run = voxelwise_model_dir(tmp_path)
+    ins = tmp_path / "in"
+    ins.mkdir()
+    (ins / "hostile.nii.gz").write_bytes(DAMAGED[damage](_valid_case_bytes(tmp_path)))
+    nib.save(nib.load(str(ANATOMICAL)), str(ins / "good.nii.gz"))
+    out = tmp_path / "out"
+    assert segment("-i", ins, "-o", out, "--model", run) == 1
+    printed = capsys.readouterr()
+    line = next(line for line in printed.err.splitlines() if "case hostile:" in line)
+    assert "cannot read hostile.nii.gz" in line and "corrupt or truncated" in line, line
+    assert (out / "good.nii.gz").is_file() and not (out / "hostile.nii.gz").exists()
+    assert no_temp_files(out)
 
 
 def test_max_voxels_option(tmp_path, capsys):

@@ -473,8 +473,11 @@ class Trainer:
     def _budget_clock(self) -> float:
         """Seconds on the clock that ``train.max_minutes`` is counted in. ``wall``: elapsed time. ``cpu``: this
         process's CPU time divided by torch's thread count, i.e. about the elapsed time the same steps take on
-        an otherwise idle machine; a run sharing its cores with other jobs then gets the same budget of work
-        (and the same schedule) as one that has them to itself."""
+        an otherwise idle machine; a run sharing its cores with other jobs then gets about the same budget of
+        work (and the same schedule) as one that has them to itself, as long as the cores are not
+        oversubscribed. They were, when a hippocampus fold (1 thread) ran beside another fold and the test
+        suite on 2 cores: each step took 1.28 CPU-seconds instead of 0.41-0.43 with only the two folds (shared
+        caches and SMT siblings slow the work, not just its share of the clock)."""
         if self.opts["budget_clock"] == "cpu":
             return time.process_time() / max(1, torch.get_num_threads())
         return time.time()

@@ -239,6 +239,14 @@ class NiftiHeader:
     scl_inter: float
 
 
+# what reading a damaged file raises: zlib.error (a broken deflate stream) is not an OSError
+FILE_READ_ERRORS = (OSError, EOFError, zlib.error)
+
+
+def cannot_read(path: Path, error: BaseException) -> SegmentError:
+    return SegmentError(f"cannot read {path.name}: {type(error).__name__}: {error} (corrupt or truncated file?)")
+
+
 def read_nifti_header(path: Path) -> NiftiHeader:
     """Parse the fixed NIfTI-1/NIfTI-2 header of ``path`` (decompressing only its first 544 bytes), before
     nibabel reads anything else: nibabel reads the header extensions whole, and the voxel count and scaling
@@ -246,8 +254,8 @@ def read_nifti_header(path: Path) -> NiftiHeader:
     try:
         with (gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")) as f:
             raw = f.read(544)
-    except (OSError, EOFError, zlib.error) as e:  # zlib.error: a damaged deflate stream, not an OSError
-        raise SegmentError(f"cannot read {path.name}: {type(e).__name__}: {e} (corrupt or truncated file?)") from e
+    except FILE_READ_ERRORS as e:
+        raise cannot_read(path, e) from e
     for endian in "<>":
         size = struct.unpack(endian + "i", raw[:4])[0] if len(raw) >= 4 else 0
         if size == 348 and len(raw) >= 348:  # NIfTI-1: dim int16[8] at 40, vox_offset and scl_* float32 at 108
@@ -304,8 +312,8 @@ def verify_gzip_stream(path: Path, chunk: int = 2**24) -> None:
         with gzip.open(path, "rb") as f:
             while f.read(chunk):
                 pass
-    except (OSError, EOFError, zlib.error) as e:
-        raise SegmentError(f"cannot read {path.name}: {type(e).__name__}: {e} (corrupt or truncated file?)") from e
+    except FILE_READ_ERRORS as e:
+        raise cannot_read(path, e) from e
 
 
 def _voxel_sizes(img, path: Path) -> np.ndarray:
@@ -333,14 +341,13 @@ def count_nonfinite_float32(data: np.ndarray, chunk: int = 2**22) -> int:
 def read_case(case: Case, in_channels: int, max_voxels: int = DEFAULT_MAX_VOXELS,
               spacing: Sequence[float] | float | None = None):
     """Check and read a case's files (each header once, each gzip stream checked to its end): returns the
-    first channel's nibabel image (whose grid and header the output takes) and the volume as float32 ``[C, X, Y, Z]`` in the files' voxel order, scaled
-    as the header says. Raises :class:`SegmentError` naming the file and the problem.
+    first channel's nibabel image (whose grid and header the output takes) and the volume as float32
+    ``[C, X, Y, Z]`` in the files' voxel order, scaled as the header says. Raises :class:`SegmentError` naming the file and the problem.
 
     First every header (channels and reference labels), before any voxel data is read: readability, voxel
     count against ``max_voxels`` (and, with ``spacing``, the count after resampling to it), extensions,
     scaling, shape, data type, voxel sizes and a shared grid. Then every gzip stream is checked to its
-    trailer (CRC-32 and length). Then the channels' values, as float32 after
-    scaling, must all be finite."""
+    trailer (CRC-32 and length). Then the channels' values, as float32 after scaling, must all be finite."""
     import nibabel as nib
 
     images = []
@@ -349,7 +356,7 @@ def read_case(case: Case, in_channels: int, max_voxels: int = DEFAULT_MAX_VOXELS
         try:
             img = nib.load(str(f))
         except Exception as e:
-            raise SegmentError(f"cannot read {f.name}: {type(e).__name__}: {e} (corrupt or truncated file?)") from e
+            raise cannot_read(f, e) from e
         shape = tuple(img.shape)
         all_channels_in_one = len(case.channels) == 1 and len(shape) == 4 and shape[3] == in_channels
         one_channel = len(shape) == 3 or (len(shape) == 4 and shape[3] == 1)
@@ -387,7 +394,7 @@ def read_case(case: Case, in_channels: int, max_voxels: int = DEFAULT_MAX_VOXELS
         try:
             data = np.asanyarray(img.dataobj)
         except Exception as e:
-            raise SegmentError(f"cannot read {f.name}: {type(e).__name__}: {e} (corrupt or truncated file?)") from e
+            raise cannot_read(f, e) from e
         bad = count_nonfinite_float32(data)
         if bad and bool(np.isfinite(data).all()):
             slope, inter = getattr(img.dataobj, "slope", 1.0), getattr(img.dataobj, "inter", 0.0)

@@ -9,7 +9,6 @@ BatchNorm variances reach about a thousand, and compares the average with the mo
 ``train.ema_warmup: false`` (the old behaviour) is run too, to show that the check catches the failure."""
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from visionattn.tasks.config import load_config

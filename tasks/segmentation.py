@@ -168,6 +168,12 @@ def preprocessing(data: dict, keys: Sequence[str] = ("image", "label"), load: bo
         ops.append(T.Transposed(keys=keys, indices=(0, 2, 1)))
         if data.get("grayscale", False):
             ops.append(T.Lambdad(keys="image", func=lambda x: x.mean(0, keepdim=True)))
+        channels = image_channels(data)
+        if channels is not None:
+            ops.append(T.Lambdad(keys="image", func=lambda x: x[channels]))
+        clahe = clahe_settings(data)
+        if clahe is not None:
+            ops.append(T.Lambdad(keys="image", func=partial(equalize_adaptive, **clahe)))
     if spatial_dims == 3 and data.get("orientation"):
         ops.append(T.Orientationd(keys=keys, axcodes=data["orientation"], labels=(("L", "R"), ("P", "A"), ("I", "S"))))
     if spatial_dims == 3 and data.get("spacing"):
@@ -208,6 +214,67 @@ def data_zoom(data: dict) -> list[float] | None:
     if len(factors) != spatial_dims or not all(f > 0 for f in factors):
         raise ConfigError(f"data.zoom must be a positive number or {spatial_dims} of them, got {value!r}")
     return None if all(f == 1 for f in factors) else factors
+
+
+def image_channels(data: dict) -> list[int] | None:
+    """``data.channels``: the image channels kept, in order (2-D images; e.g. ``[1]``, the green channel of an RGB
+    fundus photograph, where retinal vessels have the most contrast), or ``None`` (all)."""
+    value = data.get("channels")
+    if value is None:
+        return None
+    if (not isinstance(value, (list, tuple)) or not value
+            or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in value)):
+        raise ConfigError(f"data.channels must be a non-empty list of channel indices (e.g. [1]), got {value!r}")
+    if int(data.get("in_channels", len(value))) != len(value):
+        raise ConfigError(f"data.channels keeps {len(value)} channel(s) but data.in_channels is "
+                          f"{data.get('in_channels')}: set data.in_channels={len(value)}")
+    return list(value)
+
+
+CLAHE_KEYS = ("clip_limit", "tiles")
+
+
+def clahe_settings(data: dict) -> dict | None:
+    """``data.clahe``: contrast-limited adaptive histogram equalisation of each channel of a 2-D image, before
+    intensity normalisation, as :func:`equalize_adaptive` takes it; ``true`` for OpenCV's usual
+    ``{clip_limit: 2.0, tiles: 8}``, or those keys; ``None`` when absent or false."""
+    value = data.get("clahe")
+    if value is None or value is False:
+        return None
+    if int(data.get("spatial_dims", 3)) != 2:
+        raise ConfigError("data.clahe applies to 2-D images only (data.spatial_dims: 2)")
+    given = {} if value is True else value
+    if not isinstance(given, dict) or set(given) - set(CLAHE_KEYS):
+        raise ConfigError(f"data.clahe must be true or a mapping with keys {list(CLAHE_KEYS)}, got {value!r}")
+    settings = {"clip_limit": 2.0, "tiles": 8, **given}
+    clip, tiles = settings["clip_limit"], settings["tiles"]
+    if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not 0 < clip <= 1000:
+        raise ConfigError(f"data.clahe.clip_limit must be a number in (0, 1000], got {clip!r}")
+    if isinstance(tiles, bool) or not isinstance(tiles, int) or not 1 <= tiles <= 64:
+        raise ConfigError(f"data.clahe.tiles (tiles per side) must be an integer from 1 to 64, got {tiles!r}")
+    return {"clip_limit": float(clip), "tiles": tiles}
+
+
+def equalize_adaptive(image: torch.Tensor, clip_limit: float = 2.0, tiles: int = 8) -> torch.Tensor:
+    """OpenCV's CLAHE on each channel of ``image [C, H, W]`` (integer samples 0-255 or 0-65535, as 8- and
+    16-bit images load), on a ``tiles x tiles`` grid; returns float32 ``[C, H, W]`` on the same scale, the
+    MetaTensor's metadata kept."""
+    import cv2
+
+    array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    if array.ndim != 3:
+        raise DataError(f"data.clahe needs [C, H, W] images, got shape {array.shape}")
+    if not np.isfinite(array).all() or array.min() < 0 or array.max() > 65535 or not (array == np.round(array)).all():
+        raise DataError("data.clahe needs 8- or 16-bit images (integer samples 0-65535); this one has other values")
+    samples = array.astype(np.uint8 if array.max() <= 255 else np.uint16)
+    equalizer = cv2.createCLAHE(clipLimit=clip_limit, tileGridSize=(tiles, tiles))
+    out = np.stack([equalizer.apply(np.ascontiguousarray(channel)) for channel in samples]).astype(np.float32)
+    result = torch.from_numpy(out)
+    if hasattr(image, "meta"):  # a MONAI MetaTensor: keep its affine and history
+        from monai.data import MetaTensor
+
+        result = MetaTensor(result, meta=image.meta, applied_operations=image.applied_operations)
+    return result
 
 
 def _checked_2d_file(path: str, max_pixels: int) -> str:

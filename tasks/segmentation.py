@@ -347,6 +347,29 @@ def _plain(x) -> torch.Tensor:
     return x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(x)
 
 
+DEFAULT_MAX_VOXELS = 2**28  # as `segment --max-voxels`
+
+
+def check_volume_files(case: dict, max_voxels: int = DEFAULT_MAX_VOXELS) -> None:
+    """The checks ``segment`` makes on a NIfTI file, for a training or validation case's image and label:
+    from the header alone, the voxel count (``data.max_voxels``), the header extensions and the intensity
+    scaling; then a ``.gz`` file's whole stream, so that its CRC is checked (nibabel stops at the last voxel
+    and would take a damaged stream that still decodes, giving wrong voxels and labels). 2-D images are
+    checked by their own reader (:func:`_checked_2d_file`)."""
+    from visionattn.tasks.segment import SegmentError, check_header, verify_gzip_stream
+
+    for key in ("image", "label"):
+        path = Path(case[key])
+        if not path.name.endswith(NIFTI_SUFFIXES):
+            continue
+        try:
+            check_header(path, max_voxels)
+            verify_gzip_stream(path)
+        except SegmentError as e:
+            hint = "; data.max_voxels in the recipe sets the limit" if "max-voxels" in str(e) else ""
+            raise DataError(f"case {case['case']}: {e}{hint}") from None
+
+
 class SegmentationCases(Dataset):
     """Preprocessed cases held in memory; ``__getitem__`` returns ``(image [C, *S], label [1, *S] uint8)``.
 
@@ -362,7 +385,9 @@ class SegmentationCases(Dataset):
         pre = Compose(preprocessing(data, zoom_label=augment))
         zoom = data_zoom(data)
         self.items = []
+        max_voxels = int(data.get("max_voxels", DEFAULT_MAX_VOXELS))
         for c in self.cases:
+            check_volume_files(c, max_voxels)
             try:
                 item = pre({"image": str(c["image"]), "label": str(c["label"])})
             except Exception as e:

@@ -54,6 +54,39 @@ def test_msd_discovery_and_its_errors(shared_data, tmp_path):
         find_msd_cases(root)
 
 
+def test_training_refuses_volumes_a_plain_loader_takes(shared_data, tmp_path):
+    """A .nii.gz whose voxel bytes were damaged inside a stream that still decodes loads without a word through
+    MONAI's LoadImage (nibabel stops at the last voxel, before the CRC), with wrong intensities; the training
+    and validation loader reads each stream to its end, so the case is refused by name. A header claiming
+    8.6 billion voxels is refused from the header alone (``data.max_voxels``)."""
+    import gzip
+
+    from monai.transforms import LoadImage
+
+    root = small_msd_copy(shared_data, tmp_path / "msd", n=3)
+    victim = sorted((root / "imagesTr").iterdir())[1]
+    raw = gzip.decompress(victim.read_bytes())
+    stored = gzip.compress(raw, compresslevel=0)  # stored blocks: the voxel bytes appear verbatim
+    middle = raw[len(raw) // 2:len(raw) // 2 + 64]
+    assert stored.count(middle) == 1
+    victim.write_bytes(stored.replace(middle, bytes(b ^ 0x5A for b in middle)))
+    naive = np.asarray(LoadImage(image_only=True)(str(victim)))  # no error
+    original = np.asarray(nib.Nifti1Image.from_bytes(raw).dataobj)
+    assert naive.shape == original.shape and not np.array_equal(naive, original)
+    cases = find_msd_cases(root)
+    with pytest.raises(DataError, match=rf"case {victim.name[:-7]}: cannot read {victim.name}.*corrupt or truncated"):
+        SegmentationCases(cases, HIPPO, augment=False)
+
+    shutil.copy(shared_data / "msd_hippocampus" / "imagesTr" / victim.name, victim)
+    header = nib.Nifti1Header()
+    header.set_data_shape((2048, 2048, 2048))
+    header.set_data_dtype(np.uint8)
+    bomb = root / "imagesTr" / sorted((root / "imagesTr").iterdir())[2].name
+    bomb.write_bytes(gzip.compress(header.binaryblock + b"\x00" * 4 + b"\x00" * 1000))
+    with pytest.raises(DataError, match=r"over the limit.*data.max_voxels"):
+        SegmentationCases(find_msd_cases(root), HIPPO, augment=False)
+
+
 def test_unreadable_case_and_out_of_range_labels_are_named(shared_data, tmp_path):
     root = small_msd_copy(shared_data, tmp_path / "msd", n=2)
     first, second = sorted((root / "imagesTr").iterdir())

@@ -134,7 +134,8 @@ def bench_segment_tta(model: str = "hippocampus_agunet", data_root: str | None =
     root = data_root or data.get("root")
     if not root or not Path(root).is_dir():
         raise FileNotFoundError(f"data folder {root!r} not found; pass the MSD folder the run was trained on")
-    _, val = fixed_case_split(find_msd_cases(root), float(data.get("val_fraction", 0.2)), int(data.get("split_seed", 0)))
+    _, val = fixed_case_split(find_msd_cases(root), float(data.get("val_fraction", 0.2)), int(data.get("split_seed", 0)),
+                              folds=data.get("folds"), fold=data.get("fold"))  # a cross-validation fold's own cases
     rows = []
     every_axis = list(range(int(data.get("spatial_dims", 3))))
     for name, axes in (("no mirroring", []), ("recipe's flip axes", None), ("every axis", every_axis)):

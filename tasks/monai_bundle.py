@@ -185,9 +185,16 @@ def _deterministic(data: dict, keys: Sequence[str]) -> list[dict]:
 
 def _augmentation(data: dict) -> list[dict]:
     """The recipe's per-sample augmentation (:func:`visionattn.tasks.segmentation.augmentation`) as config
-    entries: pad to ``roi_size``, random crop, flips, intensity jitter."""
+    entries, in its order: pad to ``roi_size``, random crop, rotation and scaling, flips, gamma, 90-degree
+    rotations, intensity jitter."""
+    import math
+
+    from visionattn.tasks.segmentation import augmentation
+
+    augmentation(data)  # the recipe's own checks (unknown keys, ranges) before anything is written
     roi = list(data["roi_size"])
-    aug = {"flip_axes": [0, 1, 2], "intensity": 0.1, "rotate90": False, **(data.get("augment") or {})}
+    aug = {"flip_axes": [0, 1, 2], "intensity": 0.1, "rotate90": False, "rotate": 0.0, "scale": 0.0,
+           "spatial_prob": 0.2, "gamma": None, "gamma_prob": 0.3, **(data.get("augment") or {})}
     keys = ["image", "label"]
     ops: list[dict] = [{"_target_": "SpatialPadd", "keys": keys, "spatial_size": roi}]
     if aug.get("foreground_crop", True):
@@ -195,8 +202,16 @@ def _augmentation(data: dict) -> list[dict]:
                     "pos": float(aug.get("pos", 1.0)), "neg": float(aug.get("neg", 1.0)), "num_samples": 1})
     else:
         ops.append({"_target_": "RandSpatialCropd", "keys": keys, "roi_size": roi, "random_size": False})
+    rotate, scale = float(aug["rotate"]), float(aug["scale"])
+    if rotate or scale:
+        ops.append({"_target_": "RandAffined", "keys": keys, "prob": float(aug["spatial_prob"]),
+                    "mode": ["bilinear", "nearest"], "rotate_range": [math.radians(rotate)] * (1 if len(roi) == 2 else 3),
+                    "scale_range": [scale] * len(roi), "padding_mode": "zeros"})
     for axis in aug["flip_axes"] or []:
         ops.append({"_target_": "RandFlipd", "keys": keys, "prob": 0.5, "spatial_axis": int(axis)})
+    if aug["gamma"]:
+        ops.append({"_target_": "RandAdjustContrastd", "keys": "image", "prob": float(aug["gamma_prob"]),
+                    "gamma": [float(g) for g in aug["gamma"]]})
     if aug["rotate90"]:
         ops.append({"_target_": "RandRotate90d", "keys": keys, "prob": 0.5, "spatial_axes": [0, 1]})
     if aug["intensity"]:
@@ -277,7 +292,8 @@ def train_config(config: dict, labels: list[str]) -> dict:
         loss = {"_target_": "monai.losses.DeepSupervisionLoss", "loss": loss}
     n = len(labels)
     split = ("$visionattn.tasks.segmentation.fixed_case_split("
-             "visionattn.tasks.segmentation.find_msd_cases(@dataset_dir), @val_fraction, @split_seed)")
+             "visionattn.tasks.segmentation.find_msd_cases(@dataset_dir), @val_fraction, @split_seed, "
+             "folds=@folds, fold=@fold)")
     return {
         "imports": _IMPORTS,
         "bundle_root": ".",
@@ -288,6 +304,8 @@ def train_config(config: dict, labels: list[str]) -> dict:
         "seed": int(config.get("seed", 0)),
         "val_fraction": float(data.get("val_fraction", 0.2)),
         "split_seed": int(data.get("split_seed", 0)),
+        "folds": data.get("folds"),  # a cross-validation fold's run: its fold replaces val_fraction
+        "fold": data.get("fold"),
         "num_train_cases": data.get("max_train_cases"),
         "num_val_cases": None,
         "epochs": int(train.get("epochs", 100)),

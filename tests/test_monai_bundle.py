@@ -26,7 +26,7 @@ from visionattn.tasks.segment import BUNDLED
 SAMPLES = BUNDLED / "samples"
 CASES = ("hippocampus_015", "hippocampus_020", "hippocampus_024")
 # what README.md reports for `visionattn segment` on these 3 samples (mean Dice against their labels)
-README_DICE = {"anterior": 0.875, "posterior": 0.860}
+README_DICE = {"anterior": 0.884, "posterior": 0.867}
 
 
 def _engines_available() -> None:
@@ -96,6 +96,35 @@ def test_export_writes_a_bundle_whose_metadata_and_network_agree(bundle):
     # MONAI's own check: the network takes the declared input and gives the declared channels
     verify_net_in_out(net_id="network_def", meta_file=str(bundle / "configs" / "metadata.json"),
                       config_file=str(bundle / "configs" / "inference.json"), bundle_root=str(bundle), device="cpu")
+
+
+def test_bundle_training_augments_and_splits_as_the_recipe(bundle):
+    """train.json's random transforms are the recipe's (``segmentation.augmentation``), class for class and
+    with the same probabilities and ranges (the bundled model's recipe rotates, scales and changes gamma), and
+    its split is the run's cross-validation fold."""
+    from monai.bundle import ConfigParser
+
+    from visionattn.tasks.segment import load_segmentation_model
+    from visionattn.tasks.segmentation import augmentation
+
+    data = load_segmentation_model("hippocampus_agunet").data
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs" / "train.json"))
+    exported = parser.get_parsed_content("train#preprocessing").transforms
+    ours = augmentation(data)
+    tail = exported[len(exported) - len(ours):]
+    assert [type(t).__name__ for t in tail] == [type(t).__name__ for t in ours]
+    assert "RandAffined" in [type(t).__name__ for t in ours] and "RandAdjustContrastd" in [type(t).__name__ for t in ours]
+    for mine, theirs in zip(ours, tail):
+        if hasattr(mine, "prob"):
+            assert theirs.prob == mine.prob, type(mine).__name__
+    affine = next(t for t in tail if type(t).__name__ == "RandAffined").rand_affine.rand_affine_grid
+    want = next(t for t in ours if type(t).__name__ == "RandAffined").rand_affine.rand_affine_grid
+    assert affine.rotate_range == want.rotate_range and affine.scale_range == want.scale_range
+    gamma = next(t for t in tail if type(t).__name__ == "RandAdjustContrastd").adjuster.gamma
+    assert tuple(gamma) == tuple(next(t for t in ours if type(t).__name__ == "RandAdjustContrastd").adjuster.gamma)
+    train = json.loads((bundle / "configs" / "train.json").read_text())
+    assert (train["folds"], train["fold"]) == (data["folds"], data["fold"]) == (5, 0)
 
 
 def test_export_refuses_to_replace_a_bundle_without_overwrite(bundle, capsys):
@@ -170,6 +199,7 @@ def test_bundle_training_runs_monai_engines_and_writes_loadable_safetensors(bund
     exported = (work / "models" / "model.safetensors").read_bytes()
     proc = _monai_bundle("--config_file", str(work / "configs" / "train.json"), "--bundle_root", str(work),
                          "--dataset_dir", str(data), "--epochs", "1", "--val_interval", "1", "--batch_size", "2",
+                         "--folds", "3",  # the bundled model is fold 0 of 5; three cases make three folds
                          cwd=tmp_path)
     log = proc.stdout + proc.stderr
     assert "train_loss" in log and "val_mean_dice" in log, log[-2000:]

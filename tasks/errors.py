@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from visionattn.errors import InvalidInputError, UserError
 
-__all__ = ["DataError", "ExportError", "UserError"]
+__all__ = ["DataError", "ExportError", "SegmentError", "UserError"]
 
 
 class DataError(InvalidInputError):
@@ -12,3 +12,8 @@ class DataError(InvalidInputError):
 
 class ExportError(InvalidInputError):
     """Something about the model, the options or the output path of an export; the message says what to change."""
+
+
+class SegmentError(InvalidInputError):
+    """A problem with one case of ``segment`` (or the whole call), or with a NIfTI file; the message names what
+    and how to fix it."""

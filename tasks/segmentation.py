@@ -30,7 +30,9 @@ from torch.utils.data import Dataset
 
 from visionattn.tasks.config import ConfigError
 from visionattn.tasks.data import IMAGE_SUFFIXES, DataError, SeededTransform
+from visionattn.tasks.errors import SegmentError
 from visionattn.tasks.imageio import image_size, pixel_limit
+from visionattn.tasks.niftiio import DEFAULT_MAX_VOXELS, check_header, verify_gzip_stream
 from visionattn.tasks.runtime import all_reduce_sum, build_model_from_recipe
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -347,17 +349,12 @@ def _plain(x) -> torch.Tensor:
     return x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(x)
 
 
-DEFAULT_MAX_VOXELS = 2**28  # as `segment --max-voxels`
-
-
 def check_volume_files(case: dict, max_voxels: int = DEFAULT_MAX_VOXELS) -> None:
     """The checks ``segment`` makes on a NIfTI file, for a training or validation case's image and label:
     from the header alone, the voxel count (``data.max_voxels``), the header extensions and the intensity
     scaling; then a ``.gz`` file's whole stream, so that its CRC is checked (nibabel stops at the last voxel
     and would take a damaged stream that still decodes, giving wrong voxels and labels). 2-D images are
     checked by their own reader (:func:`_checked_2d_file`)."""
-    from visionattn.tasks.segment import SegmentError, check_header, verify_gzip_stream
-
     for key in ("image", "label"):
         path = Path(case[key])
         if not path.name.endswith(NIFTI_SUFFIXES):

@@ -189,12 +189,10 @@ def _augmentation(data: dict) -> list[dict]:
     rotations, intensity jitter."""
     import math
 
-    from visionattn.tasks.segmentation import augmentation
+    from visionattn.tasks.segmentation import augment_settings
 
-    augmentation(data)  # the recipe's own checks (unknown keys, ranges) before anything is written
     roi = list(data["roi_size"])
-    aug = {"flip_axes": [0, 1, 2], "intensity": 0.1, "rotate90": False, "rotate": 0.0, "scale": 0.0,
-           "spatial_prob": 0.2, "gamma": None, "gamma_prob": 0.3, **(data.get("augment") or {})}
+    aug = augment_settings(data)  # the recipe's defaults and checks
     keys = ["image", "label"]
     ops: list[dict] = [{"_target_": "SpatialPadd", "keys": keys, "spatial_size": roi}]
     if aug.get("foreground_crop", True):

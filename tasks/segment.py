@@ -44,17 +44,7 @@ import torch
 from visionattn.errors import InvalidInputError
 from visionattn.tasks.errors import SegmentError
 from visionattn.tasks.files import atomic_path
-from visionattn.tasks.niftiio import (  # noqa: F401  (also this module's names, as before)
-    _FLOAT32_MAX,
-    DEFAULT_MAX_VOXELS,
-    FILE_READ_ERRORS,
-    MAX_HEADER_EXTENSION_BYTES,
-    NiftiHeader,
-    cannot_read,
-    check_header,
-    read_nifti_header,
-    verify_gzip_stream,
-)
+from visionattn.tasks.niftiio import DEFAULT_MAX_VOXELS, cannot_read, check_header, verify_gzip_stream
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 BUNDLED = Path(str(importlib.resources.files("visionattn") / "bundled"))  # bundled models and sample volumes

@@ -289,6 +289,25 @@ AUGMENT_KEYS = ("flip_axes", "intensity", "rotate90", "foreground_crop", "pos", 
                 "spatial_prob", "gamma", "gamma_prob")
 
 
+def augment_settings(data: dict) -> dict:
+    """``data.augment`` checked and completed with the defaults, as :func:`augmentation` applies it (and the
+    MONAI bundle export writes it): unknown keys, rotation, scale and gamma ranges are refused here."""
+    given = data.get("augment") or {}
+    unknown = sorted(set(given) - set(AUGMENT_KEYS))
+    if unknown:
+        raise ConfigError(f"data.augment: unknown key(s) {unknown}; known: {list(AUGMENT_KEYS)}")
+    aug = {"flip_axes": list(range(len(data["roi_size"]))), "intensity": 0.1, "rotate90": False, "rotate": 0.0,
+           "scale": 0.0, "spatial_prob": 0.2, "gamma": None, "gamma_prob": 0.3, **given}
+    rotate, scale = float(aug["rotate"]), float(aug["scale"])
+    if not (0 <= rotate <= 180 and 0 <= scale < 1):
+        raise ConfigError(f"data.augment: rotate must be 0-180 degrees and scale 0-1, got {rotate}, {scale}")
+    if aug["gamma"]:
+        low, high = (float(g) for g in aug["gamma"])
+        if not 0 < low <= high:
+            raise ConfigError(f"data.augment.gamma must be [low, high] with 0 < low <= high, got {aug['gamma']}")
+    return aug
+
+
 def augmentation(data: dict) -> list:
     """Per-sample random transforms: pad to ``roi_size``, random crop, rotation and scaling, flips, gamma,
     intensity jitter.
@@ -301,12 +320,7 @@ def augmentation(data: dict) -> list:
     from monai import transforms as T
 
     roi = list(data["roi_size"])
-    given = data.get("augment") or {}
-    unknown = sorted(set(given) - set(AUGMENT_KEYS))
-    if unknown:
-        raise ConfigError(f"data.augment: unknown key(s) {unknown}; known: {list(AUGMENT_KEYS)}")
-    aug = dict(dict(flip_axes=list(range(len(roi))), intensity=0.1, rotate90=False, rotate=0.0, scale=0.0,
-                    spatial_prob=0.2, gamma=None, gamma_prob=0.3), **given)
+    aug = augment_settings(data)
     keys = ["image", "label"]
     ops: list = [
         T.SpatialPadd(keys=keys, spatial_size=roi),
@@ -316,8 +330,6 @@ def augmentation(data: dict) -> list:
     ]
     rotate, scale = float(aug["rotate"]), float(aug["scale"])
     if rotate or scale:
-        if not (0 <= rotate <= 180 and 0 <= scale < 1):
-            raise ConfigError(f"data.augment: rotate must be 0-180 degrees and scale 0-1, got {rotate}, {scale}")
         angle = math.radians(rotate)
         ops.append(T.RandAffined(keys=keys, prob=float(aug["spatial_prob"]), mode=("bilinear", "nearest"),
                                  rotate_range=[angle] * (1 if len(roi) == 2 else 3), scale_range=[scale] * len(roi),
@@ -326,8 +338,6 @@ def augmentation(data: dict) -> list:
         ops.append(T.RandFlipd(keys=keys, prob=0.5, spatial_axis=axis))
     if aug["gamma"]:
         low, high = (float(g) for g in aug["gamma"])
-        if not 0 < low <= high:
-            raise ConfigError(f"data.augment.gamma must be [low, high] with 0 < low <= high, got {aug['gamma']}")
         ops.append(T.RandAdjustContrastd(keys="image", prob=float(aug["gamma_prob"]), gamma=(low, high)))
     if aug["rotate90"]:
         ops.append(T.RandRotate90d(keys=keys, prob=0.5, spatial_axes=(0, 1)))

@@ -21,7 +21,6 @@ comparison of networks at the same budget), from each fold's ``metrics.csv``.
 """
 from __future__ import annotations
 
-import csv
 import json
 import math
 import statistics
@@ -118,41 +117,13 @@ def format_table(report: dict) -> str:
 
 def plot_dice_versus_time(png: Path, cv_dirs: list[Path], metric: str = "dice") -> Path:
     """Validation ``metric`` against training minutes, one colour per crossval folder (its name), one line per
-    fold; written atomically to ``png``."""
-    import matplotlib
+    fold; written atomically to ``png`` (:func:`visionattn.tasks.curves.plot_curves`)."""
+    from visionattn.tasks.curves import CurveError, curve_groups, plot_curves
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from visionattn.tasks.files import atomic_path
-
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    drawn = 0
-    for i, cv in enumerate(cv_dirs):
-        for j, fold in enumerate(sorted(p for p in cv.glob("fold*") if (p / "metrics.csv").is_file())):
-            rows = list(csv.DictReader((fold / "metrics.csv").open(newline="")))
-            seconds = {int(r["step"]): float(r["value"]) for r in rows if r["split"] == "time"}
-            points = sorted((seconds[int(r["step"])] / 60, float(r["value"])) for r in rows
-                            if r["split"] == "val" and r["name"] == metric and int(r["step"]) in seconds)
-            if points:
-                xs, ys = zip(*points)
-                ax.plot(xs, ys, color=colours[i % len(colours)], alpha=0.8, lw=1.2,
-                        label=cv.name if j == 0 else None)
-                drawn += 1
-    if not drawn:
-        plt.close(fig)
-        raise CrossValError(f"no fold in {', '.join(map(str, cv_dirs))} has validation {metric!r} with training "
-                            "times in its metrics.csv (runs from before this version log no times)")
-    ax.set_xlabel("training time (minutes, CPU clock)")
-    ax.set_ylabel(f"validation {metric}")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    png.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(png) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    try:
+        plot_curves(png, curve_groups(cv_dirs), metric)
+    except CurveError as e:
+        raise CrossValError(str(e)) from None
     return png
 
 

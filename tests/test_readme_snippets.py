@@ -336,7 +336,23 @@ COMMANDS: dict[str, Cmd] = {
     # -- Detect
     "visionattn train configs/detection/neu_det_dfir_detr.yaml": Cmd(
         "start", expect=(TRAIN_STEP,), data=True, slow=True,
-        reason="the recipe trains for 30 minutes; stopped after its first step"),
+        reason="the recipe trains for 180 CPU-minutes; stopped after its first step"),
+    "visionattn train configs/detection/neu_det_rtdetr_r18.yaml": Cmd(
+        "start", expect=(TRAIN_STEP,), data=True, slow=True,
+        reason="the recipe trains for 180 CPU-minutes; stopped after its first step"),
+    "visionattn train configs/detection/neu_det_rtdetr_r18.yaml --resume": Cmd(
+        "start", expect=(r"^resuming from runs/neu_det_rtdetr_r18/last\.pt at step 1 ",
+                         r"^step +\d+/\d+ epoch \d+/1000 loss"),
+        setup=("neu_det_rtdetr_r18_run",), data=True, slow=True, timeout=600,
+        reason="continues a short run made first (runs/neu_det_rtdetr_r18, 1 step); stopped at its first "
+        "progress line"),
+    "visionattn curves runs/neu_det_rtdetr_r18 runs/neu_det_dfir_detr -o docs/neu_det_map_vs_time.png": Cmd(
+        "run", expect=(r"(?m)^\| run \| minutes \| steps \| last map_50 \|",
+                       r"(?m)^\| runs/neu_det_rtdetr_r18 \| [\d.]+ \| 1 \| [\d.]+ \|",
+                       r"(?m)^\| runs/neu_det_dfir_detr \| [\d.]+ \| 1 \| [\d.]+ \|",
+                       r"wrote docs/neu_det_map_vs_time\.png"),
+        setup=("neu_det_rtdetr_r18_run", "neu_det_dfir_detr_run"), data=True, slow=True,
+        files=("docs/neu_det_map_vs_time.png",)),
     "visionattn detect -i images/ -o out/ --model runs/neu_det_dfir_detr --score-threshold 0.3": Cmd(
         "run", expect=(r"3 of 3 images written", r"results\.json: 3 images"), setup=("neu_det_dfir_detr_run", "neu_images"),
         data=True, slow=True,
@@ -389,13 +405,16 @@ def make_workspace(root: Path) -> Path:
     return ws
 
 
-# short trainer runs that give the commands using runs/cifar10_convit and runs/neu_det_dfir_detr their
-# run folder (made once, copied into each working folder): the recipe, 1 step, a small validation split
+# short trainer runs that give the commands using runs/cifar10_convit, runs/neu_det_dfir_detr and
+# runs/neu_det_rtdetr_r18 their run folder (made once, copied into each working folder): the recipe, 1 step,
+# a small validation split
 RUN_RECIPES = {
     "cifar10_convit": "visionattn train configs/classification/cifar10_convit.yaml train.max_steps=1 "
                       "train.batch_size=8 data.val_per_class=2",
     "neu_det_dfir_detr": "visionattn train configs/detection/neu_det_dfir_detr.yaml train.max_steps=1 "
                          "train.batch_size=2 data.val_fraction=0.01",
+    "neu_det_rtdetr_r18": "visionattn train configs/detection/neu_det_rtdetr_r18.yaml train.max_steps=1 "
+                          "train.batch_size=2 data.val_fraction=0.01",
 }
 
 
@@ -449,6 +468,7 @@ def _crossval_folders(ws: Path, build: RunBuilder) -> None:
 SETUPS: dict[str, Callable[[Path, RunBuilder], None]] = {
     "cifar10_convit_run": _copy_run("cifar10_convit"),
     "neu_det_dfir_detr_run": _copy_run("neu_det_dfir_detr"),
+    "neu_det_rtdetr_r18_run": _copy_run("neu_det_rtdetr_r18"),
     "my_images": _copy_files("my_images", lambda: [SHARED / "data" / "cifar10_subset" / "train" / c / "0000.jpg"
                                                    for c in ("airplane", "cat", "ship")], prefix_folder=True),
     "neu_images": _copy_files("images", lambda: [SHARED / "data" / "neu_det" / "IMAGES" / f

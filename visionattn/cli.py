@@ -191,6 +191,21 @@ def _cmd_crossval(args: argparse.Namespace) -> int:
                         only=args.only, tta=args.tta)
 
 
+def _cmd_curves(args: argparse.Namespace) -> int:
+    from visionattn.tasks.curves import CurveError, curve_groups, format_curve_table, plot_curves, primary_metric
+
+    try:
+        groups = curve_groups([Path(f) for f in args.folders])
+        metric = args.metric or primary_metric(groups[0][1][0])
+        curves = plot_curves(Path(args.output), groups, metric)
+    except CurveError as e:
+        print(f"visionattn curves: {e}", file=sys.stderr)
+        return 2
+    print(format_curve_table(curves))
+    print(f"wrote {args.output}")
+    return 0
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
     from visionattn.tasks.predict import predict_classification
 
@@ -358,6 +373,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="PNG", help="draw validation Dice against training minutes of the given "
                                                  "crossval folders into PNG")
     p.set_defaults(func=_cmd_crossval)
+
+    p = sub.add_parser("curves", help="validation metric against training time of run (or crossval) folders: "
+                                      "`curves RUN [RUN ...] -o PNG [--metric NAME]`")
+    p.add_argument("folders", nargs="+", metavar="RUN", help="run folders (metrics.csv) or crossval folders (fold*/)")
+    p.add_argument("-o", "--output", required=True, metavar="PNG", help="the plot to write (atomically)")
+    p.add_argument("--metric", help="a validation metric of metrics.csv (default: the first run's task metric: "
+                                    "map_50, dice or acc)")
+    p.set_defaults(func=_cmd_curves)
 
     p = sub.add_parser("predict", help="classify images: `predict RUN_FOLDER -i IMAGES -o OUT.csv` (or "
                                        "`predict RECIPE --checkpoint WEIGHTS ...`)")

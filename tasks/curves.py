@@ -111,7 +111,7 @@ def plot_curves(png: Path, groups: list[tuple[str, list[Path]]], metric: str) ->
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from visionattn.tasks.files import atomic_path
+    from visionattn.tasks.files import atomic_path, make_folder
 
     curves = [(i, label, read_curve(run, metric)) for i, (label, runs) in enumerate(groups) for run in runs]
     drawn = [(i, label, c) for i, label, c in curves if c.values]
@@ -130,7 +130,7 @@ def plot_curves(png: Path, groups: list[tuple[str, list[Path]]], metric: str) ->
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    png.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(png.parent, "folder of the plot")
     with atomic_path(png) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)

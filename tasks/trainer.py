@@ -30,7 +30,7 @@ from visionattn.checkpoints import (CHECKSUM_KEY, CheckpointError, non_finite_we
                                     state_digest)
 from visionattn.tasks.config import ConfigError, instantiate
 from visionattn.tasks.data import EpochBatches
-from visionattn.tasks.files import atomic_path, write_json_atomic, write_text_atomic
+from visionattn.tasks.files import atomic_path, make_folder, write_json_atomic, write_text_atomic
 from visionattn.tasks.runtime import (all_reduce_sum, atomic_save_weights, atomic_torch_save, dist_setup, progress,
                                       resolve_data_paths, rng_state, set_rng_state, to_channels_last)
 from visionattn.tasks.task import get_task
@@ -213,7 +213,7 @@ class Trainer:
             self._resume()  # reads only: a run that cannot resume leaves the folder as it was
         self.tb = None
         if self.is_main and write_outputs:
-            self.out.mkdir(parents=True, exist_ok=True)
+            make_folder(self.out, "output_dir")
             if resume:
                 self._drop_metrics_after(self.step)
             else:

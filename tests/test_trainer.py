@@ -205,3 +205,20 @@ def test_bf16_autocast_falls_back_to_float32_on_cpus_that_emulate_it(image_folde
     assert seen[0][0] == ("bf16" if native else "none")
     assert seen[1] == ("inside", native)
     assert ("no native bfloat16" in err) is not native
+
+
+def test_output_dir_blocked_by_a_file_or_a_dangling_link_is_named(image_folder, tmp_path, capsys):
+    """``mkdir`` alone says "File exists" about a link to a missing folder; the error names what is in the way."""
+    link = tmp_path / "runs"
+    link.symlink_to(tmp_path / "moved_away", target_is_directory=True)
+    recipe = write_recipe(tmp_path / "r.yaml", image_folder, link / "exp1", epochs=1)
+    capsys.readouterr()
+    assert main(["train", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert f"{link} is a symbolic link to {tmp_path / 'moved_away'}, which does not exist" in err, err
+    (tmp_path / "blocker").write_text("not a folder")
+    recipe = write_recipe(tmp_path / "r.yaml", image_folder, tmp_path / "blocker" / "exp1", epochs=1)
+    assert main(["train", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "blocker is a file, not a folder" in err, err
+    assert (tmp_path / "blocker").read_text() == "not a folder"

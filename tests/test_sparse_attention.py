@@ -1,5 +1,8 @@
 """Top-K sparse attention: the chunked op and the Triton kernel against the dense masked reference (outputs
-and every gradient), the tie rule, the limits K = 1 and K = N, and argument checks."""
+and every gradient), the tie rule, the limits K = 1 and K = N, and argument checks. The chunked op's CPU tests
+run twice (fixture ``passes``): through the fused passes torch.compile builds, and through the eager ones."""
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,6 +17,19 @@ def qkv(batch=2, nq=23, nk=23, heads=3, dim=8, dim_v=5, dtype=torch.float64, see
     return make(nq, dim), make(nk, dim), make(nk, dim_v)
 
 
+@pytest.fixture(params=["fused", "eager"])
+def passes(request, monkeypatch):
+    """The chunked op's elementwise passes: compiled (the default on CPU) or eager (VISIONATTN_TOPK_COMPILE=0)."""
+    from visionattn.kernels import sparse_attention
+
+    if request.param == "eager":
+        monkeypatch.setenv("VISIONATTN_TOPK_COMPILE", "0")
+    else:
+        monkeypatch.delenv("VISIONATTN_TOPK_COMPILE", raising=False)
+    monkeypatch.setattr(sparse_attention, "_FUSED", {})
+    return request.param
+
+
 def grads(out, inputs, seed=1):
     dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
     return torch.autograd.grad(out, inputs, dout)
@@ -21,7 +37,7 @@ def grads(out, inputs, seed=1):
 
 @pytest.mark.parametrize("top_k", [1, 5, 12, 23])
 @pytest.mark.parametrize("chunk_size", [1, 4, None])
-def test_matches_dense_reference_forward_and_backward(top_k, chunk_size):
+def test_matches_dense_reference_forward_and_backward(top_k, chunk_size, passes):
     q, k, v = qkv()
     out = topk_attention(q, k, v, top_k, chunk_size=chunk_size)
     ref = topk_attention_reference(q, k, v, top_k)
@@ -30,7 +46,7 @@ def test_matches_dense_reference_forward_and_backward(top_k, chunk_size):
         torch.testing.assert_close(got, want)
 
 
-def test_cross_attention_lengths_and_custom_scale():
+def test_cross_attention_lengths_and_custom_scale(passes):
     q, k, v = qkv(nq=7, nk=19)
     out = topk_attention(q, k, v, 6, scale=0.3, chunk_size=3)
     ref = topk_attention_reference(q, k, v, 6, scale=0.3)
@@ -39,7 +55,7 @@ def test_cross_attention_lengths_and_custom_scale():
         torch.testing.assert_close(got, want)
 
 
-def test_mixture_of_k_matches_mixed_references():
+def test_mixture_of_k_matches_mixed_references(passes):
     q, k, v = qkv()
     top_ks = [11, 15, 17, 19]
     mix = torch.softmax(torch.randn(q.shape[0], len(top_ks), dtype=q.dtype), -1).requires_grad_()
@@ -53,7 +69,7 @@ def test_mixture_of_k_matches_mixed_references():
     torch.testing.assert_close(topk_attention(q, k, v, top_ks), mean_ref)
 
 
-def test_gradcheck():
+def test_gradcheck(passes):
     q, k, v = qkv(batch=2, nq=6, nk=9, heads=2, dim=3, dim_v=2)
     mix = torch.rand(2, 2, dtype=torch.float64, requires_grad=True)
     def mixed(a, b, c, m):
@@ -62,14 +78,14 @@ def test_gradcheck():
     assert torch.autograd.gradcheck(mixed, (q, k, v, mix))
 
 
-def test_all_keys_is_full_softmax_attention():
+def test_all_keys_is_full_softmax_attention(passes):
     q, k, v = qkv(dtype=torch.float32)
     out = topk_attention(q, k, v, k.shape[1])
     full = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
     torch.testing.assert_close(out, full, rtol=1e-5, atol=1e-5)
 
 
-def test_one_key_returns_the_best_keys_value():
+def test_one_key_returns_the_best_keys_value(passes):
     q, k, v = qkv()
     best = torch.einsum("bqhd,bkhd->bhqk", q, k).argmax(-1)  # [B, H, Nq]
     want = torch.stack([v[b, best[b, h], h] for b in range(q.shape[0]) for h in range(q.shape[2])])
@@ -77,7 +93,7 @@ def test_one_key_returns_the_best_keys_value():
     torch.testing.assert_close(out, want)
 
 
-def test_ties_keep_the_lower_key_index():
+def test_ties_keep_the_lower_key_index(passes):
     # integer-valued inputs make the scores exact, so equal keys give bitwise-equal scores
     q = torch.ones(1, 1, 1, 2, dtype=torch.float64)
     k = torch.tensor([[3.0, 0], [1, 0], [2, 0], [1, 0], [1, 0], [0, 0]], dtype=torch.float64).view(1, 6, 1, 2)
@@ -91,7 +107,7 @@ def test_ties_keep_the_lower_key_index():
     torch.testing.assert_close(topk_attention_reference(q, k, v, 3).flatten(), want.view(1))
 
 
-def test_ties_agree_with_reference_on_duplicated_keys():
+def test_ties_agree_with_reference_on_duplicated_keys(passes):
     g = torch.Generator().manual_seed(3)
     q = torch.randint(-2, 3, (2, 9, 2, 4), generator=g).double().requires_grad_()
     k = torch.randint(-2, 3, (2, 5, 2, 4), generator=g).double().repeat(1, 3, 1, 1).requires_grad_()
@@ -104,7 +120,7 @@ def test_ties_agree_with_reference_on_duplicated_keys():
             torch.testing.assert_close(got, want)
 
 
-def test_chunking_bounds_memory_and_float32_matches():
+def test_chunking_bounds_memory_and_float32_matches(passes):
     q, k, v = qkv(batch=1, nq=300, nk=300, heads=2, dim=16, dim_v=16, dtype=torch.float32)
     out = topk_attention(q, k, v, 150, chunk_size=64)
     torch.testing.assert_close(out, topk_attention_reference(q, k, v, 150), rtol=1e-5, atol=1e-5)
@@ -238,7 +254,7 @@ def test_triton_key_limit_is_explicit_and_auto_falls_back():
     torch.testing.assert_close(topk_attention(q, k, k, 3), topk_attention(q, k, k, 3, backend="torch"))
 
 
-def test_mixture_with_ties_duplicate_and_all_keys():
+def test_mixture_with_ties_duplicate_and_all_keys(passes):
     """Bottom-side ranking (every K keeps at least half the keys) with ties across cuts, a repeated K and
     K = Nk, mixed: against the mixed references."""
     g = torch.Generator().manual_seed(11)
@@ -254,27 +270,107 @@ def test_mixture_with_ties_duplicate_and_all_keys():
         torch.testing.assert_close(got, want)
 
 
-def test_backward_reranks_a_chunk_whose_recomputed_sets_differ(monkeypatch):
+def test_backward_reranks_a_chunk_whose_recomputed_sets_differ(monkeypatch, passes):
     """The backward rebuilds the kept sets from the saved thresholds; if the recomputed scores no longer give
-    K keys per set (a matmul that is not bitwise reproducible), it ranks the chunk afresh."""
+    K keys per set (a matmul that is not bitwise reproducible), it ranks the chunk afresh. Simulated by
+    lowering the first backward chunk's scores a little: the K-th key then falls under its threshold."""
     from visionattn.kernels import sparse_attention
 
     q, k, v = qkv()
     top_ks = [5, 12]
     out = topk_attention(q, k, v, top_ks, chunk_size=8)
-    calls = {"n": 0}
-    buckets = sparse_attention._buckets
+    calls = {"scores": 0, "ranked": 0}
+    log2_scores, thresholds = sparse_attention._log2_scores, sparse_attention._thresholds
 
-    def shifted_once(scores, threshold, ambiguous, ks):
-        calls["n"] += 1
-        if calls["n"] == 1:  # the first chunk of the backward: thresholds slightly off
-            threshold = threshold + 1e-3
-        return buckets(scores, threshold, ambiguous, ks)
+    def drifting_scores(q_, k_, scale):
+        calls["scores"] += 1
+        s = log2_scores(q_, k_, scale)
+        return s - 1e-6 if calls["scores"] == 1 else s
 
-    monkeypatch.setattr(sparse_attention, "_buckets", shifted_once)
+    def counted_thresholds(scores, ks):
+        calls["ranked"] += 1
+        return thresholds(scores, ks)
+
+    monkeypatch.setattr(sparse_attention, "_log2_scores", drifting_scores)
+    monkeypatch.setattr(sparse_attention, "_thresholds", counted_thresholds)
     got = grads(out, (q, k, v))
-    monkeypatch.setattr(sparse_attention, "_buckets", buckets)
+    monkeypatch.setattr(sparse_attention, "_log2_scores", log2_scores)
+    monkeypatch.setattr(sparse_attention, "_thresholds", thresholds)
     ref = sum(topk_attention_reference(q, k, v, kk) for kk in top_ks) / 2
-    assert calls["n"] > 3  # the first chunk was bucketed twice
+    assert calls["scores"] == 3 and calls["ranked"] == 1  # 3 chunks; only the drifted one was ranked again
     for g_, w in zip(got, grads(ref, (q, k, v))):
         torch.testing.assert_close(g_, w)
+
+
+def test_fused_passes_are_used_and_match_the_eager_ones(monkeypatch):
+    """On CPU the chunks go through the compiled passes (not a silent fallback), with the eager passes'
+    results; a compiler that fails is reported once and the eager passes take over."""
+    from visionattn.kernels import sparse_attention
+
+    q, k, v = qkv(batch=2, nq=64, nk=150, heads=2, dim=16, dim_v=8, dtype=torch.float32, seed=4)
+    top_ks = [75, 100, 112, 120]  # DKSA's 1/2 .. 4/5 of the keys
+    mix = torch.softmax(torch.randn(2, 4, generator=torch.Generator().manual_seed(5)), -1).requires_grad_()
+
+    def run():
+        out = topk_attention(q, k, v, top_ks, mix=mix, chunk_size=16)
+        return (out, *grads(out, (q, k, v, mix)))
+
+    monkeypatch.delenv("VISIONATTN_TOPK_COMPILE", raising=False)
+    monkeypatch.setattr(sparse_attention, "_FUSED", {})
+    fused = run()
+    assert set(sparse_attention._FUSED) == {"set_sums", "mixed_weights", "backward_sums", "backward_grads"}
+    assert all(f is not None for f in sparse_attention._FUSED.values())
+    monkeypatch.setenv("VISIONATTN_TOPK_COMPILE", "0")
+    monkeypatch.setattr(sparse_attention, "_FUSED", {})
+    eager = run()
+    assert set(sparse_attention._FUSED.values()) == {None}
+    for got, want in zip(fused, eager):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+    def broken_compile(fn, **kwargs):
+        def fail(*args):
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
+        return fail
+
+    monkeypatch.delenv("VISIONATTN_TOPK_COMPILE")
+    monkeypatch.setattr(sparse_attention, "_FUSED", {})
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fallback = run()
+    assert [str(w.message) for w in caught if "fused CPU passes" in str(w.message)] == [
+        "topk_attention: the fused CPU passes could not be compiled (RuntimeError: InvalidCxxCompiler: No working "
+        "C++ compiler found); using the eager passes (slower). Set VISIONATTN_TOPK_COMPILE=0 to skip the attempt."]
+    for got, want in zip(fallback, eager):
+        torch.testing.assert_close(got, want)
+
+def test_only_tied_rows_leave_the_fused_passes(monkeypatch, passes):
+    """Queries of zeros score every key alike (each cut splits a tie); the other rows have no ties. With the
+    fused passes only the tied rows go through the eager ones; either way the result is the reference's."""
+    from visionattn.kernels import sparse_attention
+
+    q, k, v = qkv(batch=1, nq=12, nk=20, heads=2, dim=6, dim_v=4, seed=8)
+    q = q.detach().clone()
+    q[:, ::3] = 0  # 4 of 12 queries, in both heads: 8 of the 24 rows
+    q.requires_grad_()
+    rows_seen = []
+    eager_weights, eager_backward = sparse_attention._eager_weights, sparse_attention._eager_backward
+
+    def counted_weights(s2, *args):
+        rows_seen.append(("forward", s2.shape[0]))
+        return eager_weights(s2, *args)
+
+    def counted_backward(s2, *args):
+        rows_seen.append(("backward", s2.shape[0]))
+        return eager_backward(s2, *args)
+
+    monkeypatch.setattr(sparse_attention, "_eager_weights", counted_weights)
+    monkeypatch.setattr(sparse_attention, "_eager_backward", counted_backward)
+    top_ks = [7, 13]
+    out = topk_attention(q, k, v, top_ks)
+    got = (out, *grads(out, (q, k, v)))
+    ref = sum(topk_attention_reference(q, k, v, kk) for kk in top_ks) / 2
+    for g_, w in zip(got, (ref, *grads(ref, (q, k, v)))):
+        torch.testing.assert_close(g_, w)
+    assert rows_seen == ([("forward", 8), ("backward", 8)] if passes == "fused" else
+                         [("forward", 24), ("backward", 24)])

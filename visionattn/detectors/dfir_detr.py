@@ -23,7 +23,7 @@ selection, the 3-layer deformable decoder, denoising, the Hungarian matcher and 
 
 Sized to the paper: ``dfir_detr`` has 11.70M parameters (80 classes; 11.61M with NEU-DET's 6) and 40.2
 GFLOPs at 640 as ``torch.utils.flop_counter`` counts them (the FFTs and the top-K selection are not
-counted). On a CPU the per-row top-K selection is the largest cost: one 640x640 image takes about 1.35x
+counted). On a CPU the per-row top-K selection is the largest cost: one 640x640 image takes about 1.2x
 RT-DETR-R18's time on one thread (``visionattn bench detectors --threads 1``; the README's table), although
 it needs 0.66x the FLOPs.
 """

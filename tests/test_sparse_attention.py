@@ -374,3 +374,20 @@ def test_only_tied_rows_leave_the_fused_passes(monkeypatch, passes):
         torch.testing.assert_close(g_, w)
     assert rows_seen == ([("forward", 8), ("backward", 8)] if passes == "fused" else
                          [("forward", 24), ("backward", 24)])
+
+
+def test_single_row_chunks_keep_the_fused_passes(passes):
+    """One batch element, one head, one query per chunk: chunks of a single row (a size torch.compile
+    specialises) still match the reference, and do not switch the fused passes off."""
+    from visionattn.kernels import sparse_attention
+
+    q, k, v = qkv(batch=1, nq=3, nk=9, heads=1, dim=4, dim_v=3, seed=6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = topk_attention(q, k, v, [3, 5], chunk_size=1)
+        got = (out, *grads(out, (q, k, v)))
+    ref = (topk_attention_reference(q, k, v, 3) + topk_attention_reference(q, k, v, 5)) / 2
+    for g_, w in zip(got, (ref, *grads(ref, (q, k, v)))):
+        torch.testing.assert_close(g_, w)
+    expect_compiled = passes == "fused"
+    assert all((f is not None) == expect_compiled for f in sparse_attention._FUSED.values())

@@ -380,6 +380,9 @@ COMMANDS: dict[str, Cmd] = {
     "visionattn crossval --plot docs/hippocampus_dice_vs_time.png runs/hippocampus_cv runs/hippocampus_cv_monai_unet":
         Cmd("run", expect=(r"wrote docs/hippocampus_dice_vs_time\.png",), setup=("crossval_folders",),
             files=("docs/hippocampus_dice_vs_time.png",)),
+    "visionattn crossval --plot docs/hippocampus_segresnet_dice_vs_time.png docs/results/hippocampus_cv_monai_segresnet":
+        Cmd("run", expect=(r"wrote docs/hippocampus_segresnet_dice_vs_time\.png",), setup=("results_tree",),
+            files=("docs/hippocampus_segresnet_dice_vs_time.png",)),
     "visionattn bench detectors": Cmd(
         "run", expect=(r"rtdetr_r18", r"dfir_detr"), slow=True, timeout=900),
 }
@@ -465,6 +468,11 @@ def _crossval_folders(ws: Path, build: RunBuilder) -> None:
             (fold / "metrics.csv").write_text("\n".join(rows) + "\n")
 
 
+def _results_tree(ws: Path, build: RunBuilder) -> None:
+    (ws / "docs").mkdir(exist_ok=True)
+    (ws / "docs" / "results").symlink_to(REPO / "docs" / "results", target_is_directory=True)
+
+
 SETUPS: dict[str, Callable[[Path, RunBuilder], None]] = {
     "cifar10_convit_run": _copy_run("cifar10_convit"),
     "neu_det_dfir_detr_run": _copy_run("neu_det_dfir_detr"),
@@ -484,6 +492,8 @@ SETUPS: dict[str, Callable[[Path, RunBuilder], None]] = {
         "visionattn export hippocampus_agunet --format monai-bundle -o hippocampus_bundle", ws),
     # repository paths a command names (visionattn/bundled/samples/images), as at the repository root
     "repo_tree": lambda ws, build: (ws / "visionattn").symlink_to(REPO / "visionattn", target_is_directory=True),
+    # the measured runs' records kept in the repository (docs/results: metrics.csv, config.yaml, summary.json)
+    "results_tree": _results_tree,
 }
 
 

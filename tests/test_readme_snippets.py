@@ -336,10 +336,10 @@ COMMANDS: dict[str, Cmd] = {
     # -- Detect
     "visionattn train configs/detection/neu_det_dfir_detr.yaml": Cmd(
         "start", expect=(TRAIN_STEP,), data=True, slow=True,
-        reason="the recipe trains for 180 CPU-minutes; stopped after its first step"),
+        reason="the recipe trains for 120 CPU-minutes; stopped after its first step"),
     "visionattn train configs/detection/neu_det_rtdetr_r18.yaml": Cmd(
         "start", expect=(TRAIN_STEP,), data=True, slow=True,
-        reason="the recipe trains for 180 CPU-minutes; stopped after its first step"),
+        reason="the recipe trains for 120 CPU-minutes; stopped after its first step"),
     "visionattn train configs/detection/neu_det_rtdetr_r18.yaml --resume": Cmd(
         "start", expect=(r"^resuming from runs/neu_det_rtdetr_r18/last\.pt at step 1 ",
                          r"^step +\d+/\d+ epoch \d+/1000 loss"),
@@ -383,6 +383,10 @@ COMMANDS: dict[str, Cmd] = {
     "visionattn crossval --plot docs/hippocampus_segresnet_dice_vs_time.png docs/results/hippocampus_cv_monai_segresnet":
         Cmd("run", expect=(r"wrote docs/hippocampus_segresnet_dice_vs_time\.png",), setup=("results_tree",),
             files=("docs/hippocampus_segresnet_dice_vs_time.png",)),
+    "visionattn curves docs/results/neu_det_dfir_detr -o docs/neu_det_map_vs_time.png": Cmd(
+        "run", expect=(r"(?m)^\| docs/results/neu_det_dfir_detr \| 120\.0 \| 2378 \| 0\.4527 \|",
+                       r"wrote docs/neu_det_map_vs_time\.png"),
+        setup=("results_tree",), files=("docs/neu_det_map_vs_time.png",)),
     "visionattn bench detectors": Cmd(
         "run", expect=(r"rtdetr_r18", r"dfir_detr"), slow=True, timeout=900),
 }

@@ -330,6 +330,11 @@ def _fusable(scores: torch.Tensor) -> bool:
     return scores.device.type == "cpu" and scores.dtype in (torch.float32, torch.float64)
 
 
+def _set_totals(b: torch.Tensor, values: torch.Tensor, R: int) -> torch.Tensor:
+    """``values [n, Nk]`` summed over each of the ``R`` nested sets ``[n, R]``, given each key's bucket ``b``."""
+    return _per_set(values.new_zeros(values.shape[0], R + 1).scatter_add_(-1, b, values))
+
+
 def _eager_weights(s2: torch.Tensor, t: torch.Tensor, amb: torch.Tensor, mix_rows: torch.Tensor,
                    ks: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The eager forward passes over rows ``s2 [n, Nk]`` (consumed) with thresholds and tie flags ``[n, R]``
@@ -338,7 +343,7 @@ def _eager_weights(s2: torch.Tensor, t: torch.Tensor, amb: torch.Tensor, mix_row
     b = _buckets(s2, t, amb, ks)
     m = s2.amax(-1, keepdim=True)
     e = s2.sub_(m).exp2_()  # exp(s - max)
-    z = _per_set(e.new_zeros(e.shape[0], len(ks) + 1).scatter_add_(-1, b, e))  # Z_i: e summed over set i
+    z = _set_totals(b, e, len(ks))  # Z_i: e summed over set i
     return m, z, e.mul_(_suffix_sums(mix_rows / z).gather(-1, b))
 
 
@@ -352,16 +357,16 @@ def _eager_backward(s2: torch.Tensor, t: torch.Tensor, amb: torch.Tensor, m: tor
     is not bitwise reproducible), the rows are ranked afresh, as the forward would have, and renormalised."""
     R = len(ks)
     b = _buckets(s2, t, amb, ks)
-    kept = _per_set(b.new_zeros(b.shape[0], R + 1).scatter_add_(-1, b, torch.ones_like(b)))  # keys per set
+    kept = _set_totals(b, torch.ones_like(b), R)  # keys per set
     reranked = not bool((kept == torch.tensor(ks, device=kept.device)).all())
     if reranked:
         t, amb = _thresholds(s2, ks)
         b = _buckets(s2, t, amb, ks)
     e = s2.sub_(m).exp2_()
     if reranked:
-        z = _per_set(e.new_zeros(e.shape[0], R + 1).scatter_add_(-1, b, e))
+        z = _set_totals(b, e, R)
     e_dw = e * dw
-    row_dot = _per_set(e_dw.new_zeros(e.shape[0], R + 1).scatter_add_(-1, b, e_dw)) / z
+    row_dot = _set_totals(b, e_dw, R) / z
     coeff = _suffix_sums(mix_rows / z).gather(-1, b)
     correction = _suffix_sums(mix_rows * row_dot / z).gather(-1, b)
     # softmax backward of each P_i = e * [set i] / Z_i, mixed: e (coeff dW - sum_i mix_i <P_i, dW> / Z_i)

@@ -10,7 +10,8 @@ Backends (the vocabulary of :mod:`visionattn.kernels.backends`, shared by every 
 - ``"reference"``: brute force over a dense mask (:mod:`.reference`), small inputs only; the test oracle.
 - ``"torch"``: tiled PyTorch (:mod:`.tiled`), forward and backward, any device; blocked calls (``stride ==
   kernel_size``, dilation 1, not causal: non-overlapping windows) take :mod:`.windowed` instead, dense
-  window batches differentiated by autograd.
+  window batches differentiated by autograd; on CPU, softmax windows of at most 27 keys take
+  :mod:`.small_window` (per-offset passes compiled by ``torch.compile``).
 - ``"triton"``: fused Triton kernels (:mod:`.triton_na`), forward and backward.
 - ``"auto"``: ``"triton"`` for CUDA tensors when Triton is usable, else ``"torch"``.
 
@@ -30,6 +31,7 @@ from visionattn.kernels import windowed
 from visionattn.kernels.backends import BACKENDS, triton_available
 from visionattn.kernels.reference import reference_forward
 from visionattn.kernels.semantics import NAParams, na_params, offset_grids
+from visionattn.kernels.small_window import small_window_applies, small_window_backward, small_window_forward
 from visionattn.kernels.tiled import tiled_backward, tiled_forward
 
 __all__ = ["BACKENDS", "NAParams", "na1d", "na2d", "na3d", "neighborhood_attention", "triton_available"]
@@ -40,6 +42,10 @@ def _run_forward(q, k, v, rpb, decay, params: NAParams):
         from visionattn.kernels.triton_na import triton_forward
 
         return triton_forward(q, k, v, rpb, decay, params)
+    if small_window_applies(params, q):
+        res = small_window_forward(q, k, v, rpb, params)
+        if res is not None:  # None: no usable compiler (warned once); the tiled path from then on
+            return res
     return tiled_forward(q, k, v, rpb, decay, params)
 
 
@@ -48,6 +54,10 @@ def _run_backward(dout, dlse, q, k, v, rpb, decay, out, lse, params: NAParams):
         from visionattn.kernels.triton_na import triton_backward
 
         return triton_backward(dout, dlse, q, k, v, rpb, decay, out, lse, params)
+    if small_window_applies(params, q):
+        res = small_window_backward(dout, dlse, q, k, v, rpb, out, lse, params)
+        if res is not None:
+            return res
     return tiled_backward(dout, dlse, q, k, v, rpb, decay, out, lse, params)
 
 

@@ -49,6 +49,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from visionattn.kernels.backends import check_backend, resolve_backend
+from visionattn.kernels.compiled import run_compiled
 
 __all__ = ["topk_attention", "topk_attention_reference", "topk_keep_mask"]
 
@@ -293,35 +294,15 @@ FUSED_PASSES = ("set_sums", "mixed_weights", "backward_sums", "backward_grads")
 _FUSED: dict = {}  # name -> compiled function, or None: switched off, or a compilation failed (then all are)
 
 
-def _fused(name: str, fn):
-    """``fn`` compiled by torch.compile (rows dynamic), or None: switched off, or no usable compiler."""
-    if name not in _FUSED:
-        if os.environ.get("VISIONATTN_TOPK_COMPILE", "1").strip().lower() in ("0", "false", "no", "off"):
-            _FUSED[name] = None
-        else:
-            _FUSED[name] = torch.compile(fn, dynamic=False)
-    return _FUSED[name]
-
-
 def _run_fused(name: str, fn, *args):
-    """``fn(*args)`` through its compiled version when there is one; None when it is unavailable (the first
-    failure to compile, e.g. no C++ compiler, is reported once and the eager passes are used from then on)."""
-    compiled = _fused(name, fn)
-    if compiled is None:
-        return None
+    """``fn(*args)`` through its compiled version (rows dynamic) when there is one; None when it is
+    unavailable: switched off, or the first failure to compile (e.g. no C++ compiler) is reported once and
+    the eager passes are used from then on (:func:`visionattn.kernels.compiled.run_compiled`)."""
     for x in args:
         if isinstance(x, torch.Tensor) and x.dim() == 2:
             torch._dynamo.mark_dynamic(x, 0)
-    try:
-        return compiled(*args)
-    except Exception as e:  # noqa: BLE001 - any compiler failure: fall back, never fail the attention
-        import warnings
-
-        warnings.warn(f"topk_attention: the fused CPU passes could not be compiled ({type(e).__name__}: "
-                      f"{str(e).splitlines()[0] if str(e) else ''}); using the eager passes (slower). Set "
-                      "VISIONATTN_TOPK_COMPILE=0 to skip the attempt.", RuntimeWarning, stacklevel=3)
-        _FUSED.update(dict.fromkeys(FUSED_PASSES, None))
-        return None
+    return run_compiled(_FUSED, FUSED_PASSES, name, fn, args, env_var="VISIONATTN_TOPK_COMPILE",
+                        what="topk_attention: the fused CPU passes", dynamic=False)
 
 
 def _fusable(scores: torch.Tensor) -> bool:

@@ -1,6 +1,7 @@
 """The 'torch' neighborhood-attention backend's machinery against the reference: many chunks, batch and head
 slices, padded tiles, bias tables built per call, the gradient of the returned log-sum-exp, and the scratch
-arena (results never alias it; a first call in inference mode does not poison later training calls)."""
+arena (results never alias it; a first call in inference mode does not poison later training calls).
+Small windows are kept on this path (VISIONATTN_NA_COMPILE=0)."""
 import threading
 
 import pytest
@@ -17,6 +18,13 @@ CASES = [
     ((11, 9), (4, 3), 1, (2, 1), (False, True)),
     ((5, 6, 7), (3, 2, 5), (1, 2, 1), (1, 2, 3), (False, True, False)),
 ]
+
+
+@pytest.fixture(autouse=True)
+def tiled_path_only(monkeypatch):
+    """Every call here takes the tiled path: small windows would otherwise take kernels.small_window,
+    which tests/test_na_small_window.py checks."""
+    monkeypatch.setenv("VISIONATTN_NA_COMPILE", "0")
 
 
 def _ids(case):

@@ -22,7 +22,8 @@ def switched_off(env_var: str) -> bool:
 def run_compiled(cache: dict, family: tuple[str, ...], name: str, fn, args: tuple, *, env_var: str, what: str,
                  dynamic: bool):
     """``fn(*args)`` through ``torch.compile(fn)`` (compiled once per ``name`` into ``cache``), or None when
-    the family is switched off or its compilation fails (``what`` names it in the warning)."""
+    the family is switched off or its compilation fails (``what`` names it in the warning, which points at
+    the caller of the kernel's own wrapper: both callers reach this through one helper of theirs)."""
     if name not in cache:
         cache[name] = None if switched_off(env_var) else torch.compile(fn, dynamic=dynamic)
     compiled = cache[name]
@@ -33,6 +34,6 @@ def run_compiled(cache: dict, family: tuple[str, ...], name: str, fn, args: tupl
     except Exception as e:  # noqa: BLE001 - any compiler failure: fall back, never fail the attention
         first = str(e).splitlines()[0] if str(e) else ""
         warnings.warn(f"{what} could not be compiled ({type(e).__name__}: {first}); using the eager passes "
-                      f"(slower). Set {env_var}=0 to skip the attempt.", RuntimeWarning, stacklevel=3)
+                      f"(slower). Set {env_var}=0 to skip the attempt.", RuntimeWarning, stacklevel=4)
         cache.update(dict.fromkeys(family, None))
         return None

@@ -259,8 +259,23 @@ def bench_tables() -> dict[str, str]:
         path = BENCH_DIR / filename
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing; measure it with `{command}`")
-        tables[name] = RENDERERS[name](json.loads(path.read_text(encoding="utf-8")), command)
+        rows = json.loads(path.read_text(encoding="utf-8"))
+        tables[name] = RENDERERS[name](rows, command) + machine_line(rows)
     return tables
+
+
+def machine_line(rows: Sequence[dict[str, Any]]) -> str:
+    """Where the rows were measured (the ``machine`` record ``--json`` writes into each row), as one line;
+    empty for rows measured before the record existed."""
+    from visionattn.tasks.runtime import describe_machine
+
+    machines = []
+    for row in rows:
+        if isinstance(row.get("machine"), dict):
+            text = describe_machine(row["machine"])
+            if text not in machines:
+                machines.append(text)
+    return f"Machine: {'; '.join(machines)}.\n" if machines else ""
 
 
 def table_names(block: str) -> list[str]:

@@ -60,6 +60,38 @@ def all_reduce_sum(values: list[float], device) -> list[float]:
     return t.tolist()
 
 
+def machine_info(device: str = "cpu") -> dict[str, Any]:
+    """What a timing depends on, recorded beside it: the CPU's model name (``/proc/cpuinfo`` where there is
+    one, else the platform's processor string), the vector instruction set PyTorch's CPU kernels dispatch to
+    (``AVX2``, ``AVX512``, ...), the logical CPUs, torch's thread count and version; on ``cuda``, the GPU's name too."""
+    import platform
+
+    model = ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info = {"cpu": model or platform.processor() or platform.machine(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "logical_cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
+    if device == "cuda" and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def describe_machine(info: dict[str, Any]) -> str:
+    """One line for a :func:`machine_info` record: ``AMD EPYC (AVX2), 2 logical CPUs, 1 torch thread, torch
+    2.14.1``."""
+    threads = info.get("torch_threads")
+    text = (f"{info.get('cpu', '?')} ({info.get('cpu_capability', '?')}), {info.get('logical_cpus', '?')} logical "
+            f"CPUs, {threads} torch thread{'' if threads == 1 else 's'}, torch {info.get('torch', '?')}")
+    return f"{info['gpu']}; {text}" if info.get("gpu") else text
+
+
 def progress(iterable, **kwargs):
     """tqdm that is quiet off a terminal and honours TQDM_DISABLE (tqdm reads it only if disable is unset)."""
     if "TQDM_DISABLE" not in os.environ:

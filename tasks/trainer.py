@@ -31,8 +31,9 @@ from visionattn.checkpoints import (CHECKSUM_KEY, CheckpointError, non_finite_we
 from visionattn.tasks.config import ConfigError, instantiate
 from visionattn.tasks.data import EpochBatches
 from visionattn.tasks.files import atomic_path, make_folder, write_json_atomic, write_text_atomic
-from visionattn.tasks.runtime import (all_reduce_sum, atomic_save_weights, atomic_torch_save, dist_setup, progress,
-                                      resolve_data_paths, rng_state, set_rng_state, to_channels_last)
+from visionattn.tasks.runtime import (all_reduce_sum, atomic_save_weights, atomic_torch_save, dist_setup,
+                                      machine_info, progress, resolve_data_paths, rng_state, set_rng_state,
+                                      to_channels_last)
 from visionattn.tasks.task import get_task
 
 TRAIN_DEFAULTS = dict(
@@ -410,8 +411,9 @@ class Trainer:
         if self.is_main:
             atomic_save_weights(self.ema.module if self.ema else self.model, self.out / "model.safetensors")
             self.plot()
+        # the machine: a time budget buys a different number of steps on each
         summary = {"steps": self.step, "epochs": self.epoch, "best": self.best, "seconds": time.time() - start,
-                   "train_seconds": self.train_seconds}
+                   "train_seconds": self.train_seconds, "machine": machine_info(self.device.type)}
         if self.is_main:
             write_json_atomic(summary, self.out / "summary.json")
         return summary

@@ -2,6 +2,8 @@
 checked by reading the benchmark, not by unit tests)."""
 import json
 
+import torch
+
 from visionattn.cli import main
 
 
@@ -43,6 +45,10 @@ def test_bench_kernels_small_problem(capsys, tmp_path):
     for r in rows.values():
         assert r["max_abs_diff"] < 1e-4, r
         assert r["fwd_ms"] > 0 and r["matmul_ceiling_gflops"] > 0
+        # where it was measured: the CPU, the instruction set torch dispatches to, the threads it ran on
+        machine = r["machine"]
+        assert machine["cpu"] and machine["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+        assert machine["torch_threads"] == torch.get_num_threads() and machine["torch"] == torch.__version__
     assert rows["naive-gather"]["fwdbwd_ms"] > 0 and rows["naive-gather"]["bwd_ms"] is not None
     assert rows["visionattn-torch"]["fwd_ratio"] == 1.0 and rows["visionattn-torch"]["bwd_over_fwd"] is not None
     for flex in ("flex-attention-compiled", "flex-attention-tiled"):

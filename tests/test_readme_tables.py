@@ -165,3 +165,15 @@ def test_kernels_table_rendering_reads_the_fields_it_names():
     line = table.splitlines()[2]
     assert line == "| 2-D 56x56, K=7 | 2 ms | 30x | - | 4.0x | 8 ms | 20x | 3.00 | 12.5% |"
     assert table.rstrip().endswith("Measured by `CMD`; ratio = alternative's time / ours (above 1: ours is faster).")
+
+
+def test_tables_name_the_machine_their_rows_were_measured_on():
+    """A bench table says where it was measured (the rows' ``machine`` record), once per distinct machine;
+    rows from before the record render no line."""
+    machine = dict(cpu="AMD EPYC", cpu_capability="AVX2", logical_cpus=2, torch_threads=1, torch="2.14.1")
+    rows = [dict(model="rtdetr_r18", machine=machine), dict(model="dfir_detr", machine=machine)]
+    assert readme_tables.machine_line(rows) == (
+        "Machine: AMD EPYC (AVX2), 2 logical CPUs, 1 torch thread, torch 2.14.1.\n")
+    other = dict(machine, cpu_capability="AVX512", torch_threads=2)
+    assert readme_tables.machine_line([rows[0], dict(model="x", machine=other)]).count("logical CPUs") == 2
+    assert readme_tables.machine_line([dict(model="rtdetr_r18")]) == ""

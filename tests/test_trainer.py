@@ -173,7 +173,10 @@ def test_cpu_budget_clock_counts_work_not_waiting(image_folder, tmp_path, monkey
         cfg = write_recipe(tmp_path / f"{clock}.yaml", image_folder, tmp_path / clock, epochs=3)
         # 0.3 s of budget: 6+ sleeping steps on the wall clock; on the CPU clock the sleeps are free
         assert main(["train", str(cfg), f"train.budget_clock={clock}", "train.max_minutes=0.005"]) == 0
-        steps[clock] = json.loads((tmp_path / clock / "summary.json").read_text())["steps"]
+        summary = json.loads((tmp_path / clock / "summary.json").read_text())
+        steps[clock] = summary["steps"]
+        # a budget buys steps in proportion to the machine's speed: the summary says which machine it was
+        assert summary["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     capsys.readouterr()
     assert steps["wall"] < steps["cpu"], steps
     cfg = write_recipe(tmp_path / "bad.yaml", image_folder, tmp_path / "bad")

@@ -145,8 +145,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         print(flush=True)  # the rows came as they were measured; the table follows
     print(table)
     if args.json:
+        from visionattn.tasks.runtime import machine_info
+
+        # every row says where it was measured: this project's machines differ by about 2x in the same command
+        machine = machine_info(getattr(args, "device", None) or "cpu")
         with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+            json.dump([{**row, "machine": machine} for row in rows], f, indent=2)
     return 0
 
 

@@ -595,8 +595,8 @@ def bench_kernels(
     report: Callable[[str], None] | None = None,
     clock: str = "wall",
 ) -> tuple[str, list[dict]]:
-    """Time visionattn's kernels against the alternatives: forward, backward (fwd+bwd minus fwd) and
-    forward+backward, all measured interleaved (round-robin, best of the rounds) in the same run, together
+    """Time visionattn's kernels against the alternatives: forward, backward and forward+backward, all
+    measured interleaved (round-robin, best of the rounds) in the same run, together
     with the machine's fp32 matmul rate (a 1024^2 matmul, the ceiling), re-measured for every problem.
 
     Neighborhood attention (``KERNEL_PROBLEMS``) against ``naive`` (gather each query's window; backward
@@ -605,7 +605,10 @@ def bench_kernels(
     is a compact tile; the reordering is timed with it; no CPU backward). Linear attention
     (``linear-*``) against HER-Seg's one-contraction einsums and the 1024-token chunked form; top-K attention
     (``topk-*``) against the dense masked reference. Ratio columns are ``alternative time / visionattn
-    time``: above 1 means we are faster. Also checks that every alternative's output matches ours.
+    time``: above 1 means we are faster. Our backward is timed alone (``autograd.grad`` on a graph kept
+    across calls; rows say ``bwd_timing: alone``); an alternative's is its forward+backward minus its
+    forward (``difference``: keeping its graph would hold gigabytes for the naive gather). Also checks that
+    every alternative's output matches ours.
     ``report`` (e.g. ``print``) receives each line as soon as it is known: the machine's line, then one per
     implementation measured. ``clock``: ``'wall'`` (elapsed time), or ``'cpu'``, the CPU time of the calling
     thread (one thread only): on a machine shared with other jobs it leaves out the time the benchmark waits
@@ -695,16 +698,27 @@ def bench_kernels(
                         _sync(device)
 
                     fns[(name, "fwd+bwd")] = fwd_bwd
+                if has_bwd and name == ours_name:
+                    # our backward alone, on a graph kept across calls: (fwd+bwd) - fwd, the difference of two
+                    # best-of-rounds times, moved by 10-20% between runs; the alternatives' graphs (gigabytes for
+                    # the naive gather) are not kept, their backward is that difference
+                    kept = fn(*grad_inputs)
+
+                    def bwd(kept=kept, dout=dout):
+                        torch.autograd.grad(kept, grad_inputs, dout, retain_graph=True)
+                        _sync(device)
+
+                    fns[(name, "bwd")] = bwd
             samples = round_robin_times(fns, min_time=min_time,
                                         clock=time.thread_time if clock == "cpu" else time.perf_counter)
             best = {key: min(ts) for key, ts in samples.items()}
             ceiling = 2 * size**3 / best["matmul-1024"] / 1e9
             ours_fwd, ours_fb = best.get((ours_name, "fwd")), best.get((ours_name, "fwd+bwd"))
-            ours_bwd = ours_fb - ours_fwd if ours_fb and ours_fwd else None
+            ours_bwd = best.get((ours_name, "bwd")) or (ours_fb - ours_fwd if ours_fb and ours_fwd else None)
             table_rows = []
             for name in errors:
                 t_fwd, t_fb = best[(name, "fwd")], best.get((name, "fwd+bwd"))
-                t_bwd = t_fb - t_fwd if t_fb is not None else None
+                t_bwd = best.get((name, "bwd")) or (t_fb - t_fwd if t_fb is not None else None)
                 row = dict(
                     problem=pname, impl=name, fwd_ms=t_fwd * 1e3, bwd_ms=t_bwd * 1e3 if t_bwd is not None else None,
                     fwdbwd_ms=t_fb * 1e3 if t_fb is not None else None,
@@ -716,6 +730,7 @@ def bench_kernels(
                     max_abs_diff=errors[name], matmul_ceiling_gflops=ceiling,
                     fwd_ceiling_fraction=flops / t_fwd / 1e9 / ceiling if flops else None,
                     rounds=len(samples[(name, "fwd")]),
+                    bwd_timing="alone" if (name, "bwd") in best else "difference",
                 )
                 rows.append(row)
                 if report is not None:

@@ -450,15 +450,18 @@ class Trainer:
                  f"x {self.world} process(es), device {self.device}; output_dir {self.out}")
 
     def _progress_step(self, loss: float, images: int, step_seconds: float, force: bool = False) -> None:
-        """Count one optimizer step; print a progress line every ``log_every`` steps, after
-        :data:`LOG_SECONDS` without one, and at the last step (``force``)."""
+        """Count one optimizer step; print a progress line after the first step of this process (a fresh or a
+        resumed run: the user sees it train at once), every ``log_every`` steps, after :data:`LOG_SECONDS`
+        without one, and at the last step (``force``)."""
         w = self._window
         w[0] += 1
         w[1] += loss
         w[2] += images
         w[3] += step_seconds
         now = time.time()
-        if not (force or self.step == 1 or self.step % self.opts["log_every"] == 0 or now - self._last_line >= LOG_SECONDS):
+        first_here = self.step == self._fit_start_step + 1
+        if not (force or first_here or self.step % self.opts["log_every"] == 0
+                or now - self._last_line >= LOG_SECONDS):
             return
         elapsed = now - self._fit_start
         done_here = self.step - self._fit_start_step

@@ -51,6 +51,11 @@ def test_bench_kernels_small_problem(capsys, tmp_path):
         assert machine["torch_threads"] == torch.get_num_threads() and machine["torch"] == torch.__version__
     assert rows["naive-gather"]["fwdbwd_ms"] > 0 and rows["naive-gather"]["bwd_ms"] is not None
     assert rows["visionattn-torch"]["fwd_ratio"] == 1.0 and rows["visionattn-torch"]["bwd_over_fwd"] is not None
+    # our backward is timed alone (a kept graph), the alternatives' as (fwd+bwd) - fwd
+    ours = rows["visionattn-torch"]
+    assert ours["bwd_timing"] == "alone" and 0 < ours["bwd_ms"] < ours["fwdbwd_ms"]
+    assert abs(ours["bwd_over_fwd"] - ours["bwd_ms"] / ours["fwd_ms"]) < 1e-9
+    assert rows["naive-gather"]["bwd_timing"] == "difference"
     for flex in ("flex-attention-compiled", "flex-attention-tiled"):
         assert rows[flex]["fwdbwd_ms"] is None
     assert "block mask (tiled token order)" in text

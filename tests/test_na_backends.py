@@ -1,5 +1,8 @@
 """Every neighborhood-attention backend against the brute-force reference: forward, log-sum-exp and the
-gradients of query, key, value and the relative positional bias, over a grid of cases."""
+gradients of query, key, value and the relative positional bias, over a grid of cases. The 'torch' backend's
+small windows are kept on its tiles here (VISIONATTN_NA_COMPILE=0), so the grid checks the tiles on every
+case; tests/test_na_small_window.py checks the compiled small-window path against the same reference (each
+compile there costs 10-90 s on a 2-core machine; in this grid it cost over 200 s of CI time)."""
 import pytest
 import torch
 
@@ -7,6 +10,13 @@ from visionattn.kernels import na1d, na2d, na3d, triton_available
 from visionattn.layers import NeighborhoodAttention1d, NeighborhoodAttention2d, NeighborhoodAttention3d
 
 FNS = {1: na1d, 2: na2d, 3: na3d}
+
+
+@pytest.fixture(autouse=True)
+def tiles_for_small_windows(monkeypatch):
+    monkeypatch.setenv("VISIONATTN_NA_COMPILE", "0")
+
+
 # Triton runs on CUDA tensors on a GPU machine and on CPU tensors under TRITON_INTERPRET=1 elsewhere
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -293,7 +293,7 @@ COMMANDS: dict[str, Cmd] = {
         "start", expect=(r"^resuming from runs/cifar10_convit/last\.pt at step 1 ", r"^step +\d+/\d+ epoch \d+/30 loss"),
         setup=("cifar10_convit_run",), data=True, slow=True, timeout=600,
         reason="continues a short run made first (runs/cifar10_convit, 1 step); stopped at its first progress "
-        "line (which a resumed run prints only after log_every steps or 60 s)"),
+        "line (a resumed run prints one after its first step)"),
     "visionattn evaluate runs/cifar10_convit": Cmd(
         "run", expect=(r'"acc": \d',), setup=("cifar10_convit_run",), data=True),
     "visionattn evaluate configs/classification/cifar10_convit.yaml --checkpoint runs/cifar10_convit/best.safetensors":

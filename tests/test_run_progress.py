@@ -86,7 +86,8 @@ def test_a_line_at_least_every_log_seconds_and_resume_appends(images, tmp_path, 
     assert main(["train", str(cfg), "--resume", "train.epochs=2"]) == 0
     log = (tmp_path / "run" / "train.log").read_text()
     assert log.startswith(first) and "resuming from" in log[len(first):] and "at step 4 (epoch 2)" in log
-    assert [int(m[1]) for m in progress_lines(log[len(first):])] == [8]  # log_every 1000: only the last step
+    # log_every 1000: the resumed run's first step (it shows it trains at once) and the last step
+    assert [int(m[1]) for m in progress_lines(log[len(first):])] == [5, 8]
 
     # evaluate reads the run and prints its metrics: no scheduler (or other) warning, train.log untouched
     capsys.readouterr()

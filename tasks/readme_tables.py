@@ -47,10 +47,12 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 BENCH_DIR = README.parent / "docs" / "bench"
 # benchmark tables: name -> (the JSON under docs/bench/, the command that wrote it); renderers below
 BENCH_TABLES = {
-    "kernels-cpu": ("kernels-cpu.json", "visionattn bench kernels --threads 1 --json docs/bench/kernels-cpu.json"),
+    "kernels-cpu": ("kernels-cpu.json",
+                    "visionattn bench kernels --threads 1 --json docs/bench/kernels-cpu.json --overwrite"),
     "linear-cpu": ("linear-cpu.json", "visionattn bench kernels --threads 1 --problems linear-4096,linear-16384 "
-                                      "--json docs/bench/linear-cpu.json"),
-    "detectors-cpu": ("detectors-cpu.json", "visionattn bench detectors --threads 1 --json docs/bench/detectors-cpu.json"),
+                                      "--json docs/bench/linear-cpu.json --overwrite"),
+    "detectors-cpu": ("detectors-cpu.json",
+                      "visionattn bench detectors --threads 1 --json docs/bench/detectors-cpu.json --overwrite"),
 }
 KERNEL_PROBLEM_TITLES = {"1d-4096-k31": "1-D L=4096, K=31", "2d-56-k7": "2-D 56x56, K=7", "2d-56-k3": "2-D 56x56, K=3",
                          "2d-128-k13": "2-D 128x128, K=13", "3d-32-k5": "3-D 32^3, K=5"}

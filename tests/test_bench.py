@@ -217,3 +217,26 @@ def test_every_segmentation_network_has_a_monai_peer_and_needs_compare_peer():
     assert sorted(visionattn.list_models(task="segmentation")) == sorted(SEGMENTATION_PEERS)
     with pytest.raises(ValueError, match="--compare peer"):
         main(["bench", "models", "agunet_2d", "--img-size", "32", "--batch-size", "1"])
+
+
+def test_bench_json_is_not_overwritten_without_asking(capsys, tmp_path, monkeypatch):
+    """An existing --json file is refused before any timing and kept byte for byte; --overwrite replaces it
+    by a rename (no partial file if the write fails); a missing folder is named."""
+    import visionattn.tasks.bench as bench
+
+    earlier = tmp_path / "k.json"
+    earlier.write_text('[{"earlier": "measurement"}]')
+    timed = []
+    monkeypatch.setattr(bench, "bench_kernels", lambda **kw: timed.append(kw) or ("table", [{"impl": "x"}]))
+    assert main(["bench", "kernels", "--json", str(earlier)]) == 2
+    err = capsys.readouterr().err
+    assert "exists" in err and "--overwrite" in err, err
+    assert timed == [] and earlier.read_text() == '[{"earlier": "measurement"}]'
+
+    assert main(["bench", "kernels", "--json", str(tmp_path / "no" / "k.json")]) == 2
+    assert "does not exist" in capsys.readouterr().err and timed == []
+
+    assert main(["bench", "kernels", "--json", str(earlier), "--overwrite"]) == 0
+    (row,) = json.loads(earlier.read_text())
+    assert row["impl"] == "x" and "machine" in row
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["k.json"]  # no temporary left beside it

@@ -87,7 +87,25 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_bench_json(path: str | None, overwrite: bool) -> None:
+    """Refuse ``--json PATH`` before any timing (a kernel benchmark takes minutes): an existing file is kept
+    unless ``--overwrite``, and the folder must exist."""
+    from visionattn.errors import UserError
+
+    if path is None:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise UserError(f"--json {path}: is a folder; give a file name, e.g. {target / 'bench.json'}")
+    if not target.parent.is_dir():
+        raise UserError(f"--json {path}: the folder {target.parent} does not exist; create it first")
+    if target.exists() and not overwrite:
+        raise UserError(f"--json {path}: the file exists (an earlier measurement?); pass --overwrite to replace it, "
+                        "or name another file")
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
+    _check_bench_json(args.json, args.overwrite)
     if args.what == "models":
         from visionattn.tasks.bench import bench_models
 
@@ -145,12 +163,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         print(flush=True)  # the rows came as they were measured; the table follows
     print(table)
     if args.json:
+        from visionattn.tasks.files import write_json_atomic
         from visionattn.tasks.runtime import machine_info
 
         # every row says where it was measured: this project's machines differ by about 2x in the same command
         machine = machine_info(getattr(args, "device", None) or "cpu")
-        with open(args.json, "w") as f:
-            json.dump([{**row, "machine": machine} for row in rows], f, indent=2)
+        write_json_atomic([{**row, "machine": machine} for row in rows], args.json)
     return 0
 
 
@@ -347,7 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shape", type=int, nargs=3, default=[512, 512, 300], help="segment-memory: volume size")
     p.add_argument("--overlap", type=float, default=0.0, help="segment-memory: window overlap")
     p.add_argument("--steps", type=int, default=10, help="train: optimizer steps per round and side")
-    p.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    p.add_argument("--json", metavar="PATH", help="also write the rows as JSON (written whole, by a rename)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     p.set_defaults(func=_cmd_bench)
     p = sub.add_parser("train", help="train from a YAML recipe: `train CONFIG [key=value ...] [--resume]`")
     p.add_argument("config")

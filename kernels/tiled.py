@@ -333,8 +333,11 @@ def _pair_table(name: str, prob: _Problem, c: dict, table_ext: torch.Tensor) -> 
     """Per (head, tile, query, key) value of a per-offset table ``table_ext [heads, rpb_size + 1]`` (its last
     column for keys outside the window): ``[heads, C, Tq, Hk]``, read per pattern group, copied per tile."""
     h = table_ext.shape[0]
+    pattern = c["pattern"]
     out = _scratch(name, (h, c["C"], prob.Tq * prob.Hk), table_ext.dtype, table_ext.device)
-    torch.index_select(table_ext[:, c["pattern"]], 1, c["group"], out=out)
+    # index_select on the flat pattern: advanced indexing (table_ext[:, pattern]) took 2-4x as long on CPU
+    per_group = torch.index_select(table_ext, 1, pattern.view(-1)).view(h, pattern.shape[0], -1)
+    torch.index_select(per_group, 1, c["group"], out=out)
     return out.view(h, c["C"], prob.Tq, prob.Hk)
 
 

@@ -135,12 +135,22 @@ def test_features_only_and_intermediates(name, tmp_path):
         torch.testing.assert_close(o, inter[idx])
 
 
+# shallower builds for the compile test: dynamo traces every block of an unrolled stack, so its time grows
+# with depth, while a graph break would sit in a block's code, which these keep at least once of every kind
+# (ConViT: a GPSA block and a self-attention block; Gated-SwinRMT: a plain and a shifted block in stage 1,
+# the only stage whose map (16x16 at this input) is larger than the window, one whole-map block after it;
+# BiFormer: one routed block per stage, the last stage's full attention included)
+COMPILE_DEPTH = {"convit_tiny": dict(depth=2, local_up_to_layer=1), "biformer_tiny": dict(depths=(1, 1, 1, 1)),
+                 "gated_swinrmt_swat_cifar": dict(depths=(2, 1, 1, 1))}
+
+
 @pytest.mark.parametrize("name", SMALLEST)
 def test_torch_compile_fullgraph(name):
     """torch.compile is the graph-capture path we support: TorchScript is in maintenance mode in PyTorch,
     and torch.fx symbolic tracing cannot follow the input-shape checks. fullgraph=True proves the model
     compiles without graph breaks; aot_eager keeps the test fast while still tracing forward and backward."""
-    model = _create(name, num_classes=4, drop_rate=0.0).train()  # no dropout: outputs must be comparable
+    # no dropout: outputs must be comparable
+    model = _create(name, num_classes=4, drop_rate=0.0, **COMPILE_DEPTH.get(name, {})).train()
     x = _x(2)
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)

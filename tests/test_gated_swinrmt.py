@@ -70,7 +70,8 @@ def direct_retention(mod: WindowedRetention, x: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("variant", ["retention", "swat"])
-@pytest.mark.parametrize("size,M,shift", [((9, 11), 4, False), ((9, 11), 4, True), ((10, 7), 3, True), ((5, 6), 7, True)])
+@pytest.mark.parametrize("size,M,shift", [((9, 11), 4, False), ((9, 11), 4, True), ((10, 7), 3, True), ((5, 6), 7, True),
+                                          ((8, 12), 4, False), ((6, 6), 7, True)])  # the last two: no padding
 def test_windowed_retention_matches_direct_windows(variant, size, M, shift):
     torch.manual_seed(0)
     mod = WindowedRetention(16, 2, variant=variant, window_size=M, shift=shift, rope=False).eval()
@@ -129,3 +130,23 @@ def test_runs_at_cifar_and_imagenet_sizes_and_rejects_bad_config():
         visionattn.create_model("gated_swinrmt_retention_tiny", num_heads=(3, 4, 8, 16))
     with pytest.raises(ValueError, match="at least 32x32"):
         m(torch.randn(1, 3, 16, 16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_rotary_turns_each_channel_pair(dtype):
+    """rotary against the pair rotation written out channel by channel ((x1, x2) -> (x1 cos - x2 sin,
+    x1 sin + x2 cos)), for the complex-product path (fp32, fp64) and the real one (bf16)."""
+    from visionattn.backbones.gated_swinrmt import rotary
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 3, 8, dtype=torch.float64)
+    angles = torch.rand(6, 4, dtype=torch.float64) * 7
+    expected = torch.empty_like(x)
+    for i in range(4):
+        c, s = angles[:, i].cos()[:, None], angles[:, i].sin()[:, None]
+        x1, x2 = x[..., 2 * i], x[..., 2 * i + 1]
+        expected[..., 2 * i], expected[..., 2 * i + 1] = x1 * c - x2 * s, x1 * s + x2 * c
+    got = rotary(x.to(dtype), angles.to(dtype))
+    assert got.dtype == dtype and got.shape == x.shape
+    tol = {torch.float32: 1e-6, torch.float64: 1e-12, torch.bfloat16: 5e-2}[dtype]
+    torch.testing.assert_close(got.double(), expected, rtol=tol, atol=tol)

@@ -72,7 +72,14 @@ def balanced_alibi_slopes(num_heads: int) -> torch.Tensor:
 
 
 def rotary(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
-    """Rotate channel pairs of ``x [..., N, heads, hd]`` by ``angles [N, hd/2]`` (RMT's theta_shift)."""
+    """Rotate channel pairs of ``x [..., N, heads, hd]`` by ``angles [N, hd/2]`` (RMT's theta_shift): the pair
+    ``(x1, x2)`` becomes ``(x1 cos - x2 sin, x1 sin + x2 cos)``."""
+    if x.dtype in (torch.float32, torch.float64) and not torch.jit.is_scripting():
+        # the same rotation as one complex product over the pairs (x1 + i x2) e^(i angle): one pass, where the
+        # real form below makes six and a stacking copy (10% of the model's inference time on CPU)
+        pairs = torch.view_as_complex(x.reshape(*x.shape[:-1], -1, 2))
+        turn = torch.polar(torch.ones_like(angles, dtype=x.dtype), angles.to(x.dtype))[:, None, :]
+        return torch.view_as_real(pairs * turn).flatten(-2)
     x1, x2 = x[..., 0::2], x[..., 1::2]
     cos, sin = angles.cos()[:, None, :], angles.sin()[:, None, :]
     return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
@@ -172,12 +179,15 @@ class WindowedRetention(nn.Module):
         M, shift = self._window(H, W)
         top = (M - shift) % M
         Hp, Wp = math.ceil((H + top) / M) * M, math.ceil((W + top) / M) * M
-        pad = [0, 0, 0, 0, top, Wp - W - top, top, Hp - H - top]  # [B, H, W, heads, hd]: pad W then H
-        # one extra q/k channel removes padded keys exactly: q gets 1, padded keys get -MASKED_LOGIT / scale
-        valid = F.pad(torch.ones(1, H, W, 1, 1, device=x.device, dtype=x.dtype), pad)
-        q = torch.cat([F.pad(q, pad), torch.ones_like(valid).expand(B, -1, -1, heads, 1)], dim=-1)
-        k = torch.cat([F.pad(k, pad), ((valid - 1) * self.masked_key_value).expand(B, -1, -1, heads, 1)], dim=-1)
-        v = F.pad(v.view(B, H, W, heads, hd), pad)
+        v = v.view(B, H, W, heads, hd)
+        valid = torch.ones(1, H, W, 1, 1, device=x.device, dtype=x.dtype)
+        if (Hp, Wp) != (H, W):  # (unshifted windows that tile the map need neither padding nor the channel)
+            pad = [0, 0, 0, 0, top, Wp - W - top, top, Hp - H - top]  # [B, H, W, heads, hd]: pad W then H
+            # one extra q/k channel removes padded keys exactly: q gets 1, padded keys get -MASKED_LOGIT / scale
+            valid = F.pad(valid, pad)
+            q = torch.cat([F.pad(q, pad), torch.ones_like(valid).expand(B, -1, -1, heads, 1)], dim=-1)
+            k = torch.cat([F.pad(k, pad), ((valid - 1) * self.masked_key_value).expand(B, -1, -1, heads, 1)], dim=-1)
+            v = F.pad(v, pad)
         if self.variant == "swat" and self.out_norm == "rowsum":
             v = torch.cat([v, valid.expand(B, -1, -1, heads, 1)], dim=-1)  # carries each query's total weight
 

@@ -17,9 +17,11 @@ import math
 import os
 import random
 import shutil
+import signal
 import sys
+import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +30,7 @@ import yaml
 
 from visionattn.checkpoints import (CHECKSUM_KEY, CheckpointError, non_finite_weight, one_line_error, read_checkpoint,
                                     state_digest)
+from visionattn.errors import TrainingInterrupted
 from visionattn.tasks.config import ConfigError, instantiate
 from visionattn.tasks.data import EpochBatches
 from visionattn.tasks.files import atomic_path, make_folder, write_json_atomic, write_text_atomic
@@ -93,6 +96,11 @@ def cpu_runs_bf16_natively() -> bool:
         return torch.backends.cpu.get_cpu_capability() not in ("DEFAULT", "AVX2", "NO AVX")
 
 
+# signals that ask a single-process run to stop after its current step, with a checkpoint: Ctrl-C, and what
+# `kill`, SLURM (before its time limit) and container runtimes send
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 class Trainer:
     """Trains the recipe's model. ``cfg`` is a loaded recipe (see ``configs/``).
 
@@ -103,6 +111,12 @@ class Trainer:
     ``write_outputs=False`` (``visionattn evaluate``) leaves ``output_dir`` untouched: no config.yaml, no
     metrics.csv reset; such a trainer is for :meth:`evaluate` only. A new run never writes over an earlier
     run's files unless ``overwrite`` (:func:`refuse_to_overwrite_run`).
+
+    Stopping: in a single-process run, Ctrl-C (SIGINT) or SIGTERM lets the current step (or validation)
+    finish, writes a checkpoint of that point and raises :class:`TrainingInterrupted`; ``--resume`` then
+    continues exactly where it stopped, and nothing done is lost. A second signal stops at once, as does any
+    signal under ``torchrun`` (the processes could not agree on the step to stop at), where ``--resume``
+    continues from the last periodic checkpoint (``train.checkpoint_every``).
     """
 
     def __init__(self, cfg: dict, resume: bool = False, config_path: str | None = None, write_outputs: bool = True,
@@ -362,7 +376,47 @@ class Trainer:
 
     # -- training --------------------------------------------------------------------------------
 
+    @contextmanager
+    def _stop_on_signal(self):
+        """While training: the first of :data:`STOP_SIGNALS` sets ``self._stop_signal`` (the loop checks it
+        between steps), a second one acts as it would have without us. Single process, main thread only."""
+        self._stop_signal = None
+        if self.world > 1 or threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        before = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+
+        def request_stop(signum, frame):
+            for sig, handler in before.items():  # a second signal stops at once
+                signal.signal(sig, handler)
+            self._stop_signal = signal.Signals(signum).name
+            if self.is_main:  # os.write: a handler that printed could land inside a print of the loop's
+                os.write(2, f"\nvisionattn train: {self._stop_signal}: stopping after this step with a checkpoint "
+                            "(again to stop at once)\n".encode())
+
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, request_stop)
+        try:
+            yield
+        finally:
+            for sig, handler in before.items():
+                signal.signal(sig, handler)
+
+    def _stop_here(self) -> None:
+        """Write a checkpoint of this point and raise :class:`TrainingInterrupted`."""
+        self.save_checkpoint()
+        last = self.out / "last.pt"
+        self.say(f"stopped on {self._stop_signal} at step {self.step} (epoch {self.epoch + 1}), checkpoint {last}")
+        raise TrainingInterrupted(f"stopped on {self._stop_signal} at step {self.step} (epoch {self.epoch + 1}); "
+                                  f"{last} holds that point", str(last))
+
     def fit(self) -> dict:
+        """Train to the end of the recipe (its epochs or its time budget) and return the run's summary;
+        stopped by a signal, raise :class:`TrainingInterrupted` after a checkpoint (see the class)."""
+        with self._stop_on_signal():
+            return self._fit()
+
+    def _fit(self) -> dict:
         o = self.opts
         start = time.time()
         done = self.step >= self.total_steps
@@ -399,15 +453,19 @@ class Trainer:
                 self._progress_step(loss, images, step_seconds, force=done)
                 if done:
                     break
+                if self._stop_signal and not last_of_epoch:  # (the end of an epoch stops after its validation)
+                    self._stop_here()
             self._bar = None
             if self.batch_in_epoch >= len(epoch_batches):
                 self.epoch += 1
                 self.batch_in_epoch = 0
             last = done or self.epoch >= o["epochs"]
             metrics = self.evaluate_and_track() if (last or self.epoch % o["eval_every"] == 0) else {}
-            self.save_checkpoint()
             if metrics:
                 self.say(f"epoch {self.epoch} step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            if self._stop_signal and not last:
+                self._stop_here()
+            self.save_checkpoint()
         if self.is_main:
             atomic_save_weights(self.ema.module if self.ema else self.model, self.out / "model.safetensors")
             self.plot()

@@ -2,7 +2,9 @@
 one, two gloo processes equal one process with the same global batch, bad data is named, and the
 evaluate/predict commands work on the result."""
 import csv
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -60,11 +62,22 @@ def rows(out: Path):
             if r["split"] != "time"]
 
 
-def test_killed_run_resumes_exactly(image_folder, tmp_path):
-    ref = write_recipe(tmp_path / "ref.yaml", image_folder, tmp_path / "ref", epochs=8)
-    p = run(["train", str(ref)])
+@pytest.fixture(scope="module")
+def reference_run(image_folder, tmp_path_factory) -> Path:
+    """The output folder of the 8-epoch recipe run without interruption (what resumed runs must equal)."""
+    tmp = tmp_path_factory.mktemp("reference")
+    p = run(["train", str(write_recipe(tmp / "ref.yaml", image_folder, tmp / "ref", epochs=8))])
     assert p.wait(timeout=300) == 0, p.stdout.read()
+    return tmp / "ref"
 
+
+def assert_same_run(a: Path, b: Path) -> None:
+    assert rows(a) == rows(b)  # every logged loss, lr and val metric
+    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_killed_run_resumes_exactly(image_folder, reference_run, tmp_path):
     cfg = write_recipe(tmp_path / "cut.yaml", image_folder, tmp_path / "cut", epochs=8)
     p = run(["train", str(cfg)])
     marker = tmp_path / "cut" / "last.json"
@@ -78,10 +91,37 @@ def test_killed_run_resumes_exactly(image_folder, tmp_path):
     assert not (tmp_path / "cut" / "summary.json").exists(), "the run finished before it could be killed"
     p = run(["train", str(cfg), "--resume"])
     assert p.wait(timeout=300) == 0, p.stdout.read()
+    assert_same_run(tmp_path / "cut", reference_run)
 
-    assert rows(tmp_path / "cut") == rows(tmp_path / "ref")  # every logged loss, lr and val metric
-    a, b = load_file(str(tmp_path / "cut" / "model.safetensors")), load_file(str(tmp_path / "ref" / "model.safetensors"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_stop_signal_checkpoints_the_step_it_stopped_at(image_folder, reference_run, tmp_path, sig):
+    """Ctrl-C or SIGTERM: the run finishes its step, checkpoints that step (the mid-epoch periodic
+    checkpoints are off here: only the stop writes one inside an epoch), exits with 130 saying how to
+    continue, and leaves no final weights or summary; --resume then equals the run never stopped."""
+    cfg = write_recipe(tmp_path / "cut.yaml", image_folder, tmp_path / "cut", epochs=8)
+    command = ["train", str(cfg), "train.checkpoint_every=0"]
+    p = run(command)
+    metrics = tmp_path / "cut" / "metrics.csv"
+    deadline = time.time() + 240
+    while time.time() < deadline and p.poll() is None:
+        if metrics.is_file() and any(r["split"] == "train" and int(r["step"]) >= 3
+                                     for r in csv.DictReader(metrics.open())):
+            break
+        time.sleep(0.01)
+    p.send_signal(sig)
+    output = p.communicate(timeout=240)[0]
+    assert p.returncode == 130, output
+    stopped = re.search(r"visionattn train: stopped on (SIG\w+) at step (\d+) \(epoch \d+\); (\S+) holds that point: "
+                        r"run the same command with --resume to continue", output)
+    assert stopped, output
+    assert stopped[1] == sig.name and Path(stopped[3]) == tmp_path / "cut" / "last.pt"
+    assert json.loads((tmp_path / "cut" / "last.json").read_text())["step"] == int(stopped[2]) >= 3
+    assert not (tmp_path / "cut" / "summary.json").exists() and not (tmp_path / "cut" / "model.safetensors").exists()
+    assert "Traceback" not in output
+    p = run([*command, "--resume"])
+    assert p.wait(timeout=300) == 0, p.stdout.read()
+    assert_same_run(tmp_path / "cut", reference_run)
 
 
 def test_two_processes_match_one_with_the_same_global_batch(image_folder, tmp_path):
@@ -225,3 +265,19 @@ def test_output_dir_blocked_by_a_file_or_a_dangling_link_is_named(image_folder, 
     err = capsys.readouterr().err
     assert "blocker is a file, not a folder" in err, err
     assert (tmp_path / "blocker").read_text() == "not a folder"
+
+
+def test_a_stopped_crossval_says_to_run_it_again(monkeypatch, capsys):
+    """crossval resumes by running again (no --resume flag): its stop message says that."""
+    from visionattn.errors import TrainingInterrupted
+    from visionattn.tasks import crossval
+
+    def stopped(*args, **kwargs):
+        raise TrainingInterrupted("stopped on SIGINT at step 5 (epoch 1); cv/fold0/last.pt holds that point",
+                                  "cv/fold0/last.pt")
+
+    monkeypatch.setattr(crossval, "run_crossval", stopped)
+    assert main(["crossval", "recipe.yaml", "--folds", "5", "-o", "cv"]) == 130
+    assert capsys.readouterr().err == (
+        "visionattn crossval: stopped on SIGINT at step 5 (epoch 1); cv/fold0/last.pt holds that point: run the "
+        "same command again (finished folds are kept; this fold resumes) to continue\n")

@@ -507,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
             args.overrides = list(args.overrides) + extra
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    from visionattn.errors import UserError
+    from visionattn.errors import TrainingInterrupted, UserError
 
     try:
         return args.func(args)
@@ -515,6 +515,11 @@ def main(argv: list[str] | None = None) -> int:
         # a problem with what the user gave: one line and exit 2. Anything else is a bug: its traceback stays.
         print(f"visionattn {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as e:  # Ctrl-C / SIGTERM in train or crossval, after a checkpoint
+        how = ("run the same command again (finished folds are kept; this fold resumes)" if args.command == "crossval"
+               else "run the same command with --resume")
+        print(f"visionattn {args.command}: {e}: {how} to continue", file=sys.stderr)
+        return 130
     except BrokenPipeError:  # `visionattn list | head`: the reader has what it wanted
         try:  # what is left in stdout's buffer must not fail again at exit
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -25,3 +25,12 @@ class ModelArgumentError(UserError, TypeError):
 
 class InvalidInputError(UserError, ValueError):
     """A value or file that cannot be used as given."""
+
+
+class TrainingInterrupted(Exception):
+    """A training stopped on request (Ctrl-C, SIGTERM) after writing a checkpoint of the step it stopped at;
+    ``checkpoint`` is that file. Not an error: the command line says how to continue and exits with 130."""
+
+    def __init__(self, message: str, checkpoint: str):
+        super().__init__(message)
+        self.checkpoint = checkpoint

@@ -112,11 +112,11 @@ class Trainer:
     metrics.csv reset; such a trainer is for :meth:`evaluate` only. A new run never writes over an earlier
     run's files unless ``overwrite`` (:func:`refuse_to_overwrite_run`).
 
-    Stopping: in a single-process run, Ctrl-C (SIGINT) or SIGTERM lets the current step (or validation)
-    finish, writes a checkpoint of that point and raises :class:`TrainingInterrupted`; ``--resume`` then
-    continues exactly where it stopped, and nothing done is lost. A second signal stops at once, as does any
-    signal under ``torchrun`` (the processes could not agree on the step to stop at), where ``--resume``
-    continues from the last periodic checkpoint (``train.checkpoint_every``).
+    Stopping: Ctrl-C (SIGINT) or SIGTERM lets the current step (or validation) finish, writes a checkpoint of
+    that point and raises :class:`TrainingInterrupted`; ``--resume`` then continues exactly where it stopped,
+    and nothing done is lost. Under ``torchrun`` the processes agree on the step to stop at (one small
+    all-reduce a step), so a signal that reaches any of them (torchrun passes the one it gets on to all) stops
+    all at the same step. A second signal to a process stops it at once.
     """
 
     def __init__(self, cfg: dict, resume: bool = False, config_path: str | None = None, write_outputs: bool = True,
@@ -379,9 +379,10 @@ class Trainer:
     @contextmanager
     def _stop_on_signal(self):
         """While training: the first of :data:`STOP_SIGNALS` sets ``self._stop_signal`` (the loop checks it
-        between steps), a second one acts as it would have without us. Single process, main thread only."""
+        between steps, :meth:`_stop_requested`), a second one acts as it would have without us. Main thread
+        only (Python runs signal handlers there)."""
         self._stop_signal = None
-        if self.world > 1 or threading.current_thread() is not threading.main_thread():
+        if threading.current_thread() is not threading.main_thread():  # (signal handlers live there only)
             yield
             return
         before = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
@@ -402,13 +403,24 @@ class Trainer:
             for sig, handler in before.items():
                 signal.signal(sig, handler)
 
+    def _stop_requested(self) -> bool:
+        """Whether to stop at this point: a stop signal reached this process or, under ``torchrun``, any of
+        them (every process calls this at the same points, so all agree)."""
+        if self.world == 1:
+            return self._stop_signal is not None
+        return all_reduce_sum([float(self._stop_signal is not None)], self.device)[0] > 0
+
     def _stop_here(self) -> None:
-        """Write a checkpoint of this point and raise :class:`TrainingInterrupted`."""
+        """Write a checkpoint of this point and raise :class:`TrainingInterrupted` (every process, once the
+        checkpoint is written)."""
         self.save_checkpoint()
+        if self.world > 1:
+            torch.distributed.barrier()  # no process leaves (and has torchrun stop the others) before the save
         last = self.out / "last.pt"
-        self.say(f"stopped on {self._stop_signal} at step {self.step} (epoch {self.epoch + 1}), checkpoint {last}")
-        raise TrainingInterrupted(f"stopped on {self._stop_signal} at step {self.step} (epoch {self.epoch + 1}); "
-                                  f"{last} holds that point", str(last))
+        by = self._stop_signal or "a signal to another process"
+        what = f"stopped on {by} at step {self.step} (epoch {self.epoch + 1})"
+        self.say(f"{what}, checkpoint {last}")
+        raise TrainingInterrupted(f"{what}; {last} holds that point", str(last))
 
     def fit(self) -> dict:
         """Train to the end of the recipe (its epochs or its time budget) and return the run's summary;
@@ -453,7 +465,7 @@ class Trainer:
                 self._progress_step(loss, images, step_seconds, force=done)
                 if done:
                     break
-                if self._stop_signal and not last_of_epoch:  # (the end of an epoch stops after its validation)
+                if not last_of_epoch and self._stop_requested():  # (an epoch's end stops after its validation)
                     self._stop_here()
             self._bar = None
             if self.batch_in_epoch >= len(epoch_batches):
@@ -463,7 +475,7 @@ class Trainer:
             metrics = self.evaluate_and_track() if (last or self.epoch % o["eval_every"] == 0) else {}
             if metrics:
                 self.say(f"epoch {self.epoch} step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-            if self._stop_signal and not last:
+            if not last and self._stop_requested():
                 self._stop_here()
             self.save_checkpoint()
         if self.is_main:

@@ -281,3 +281,37 @@ def test_a_stopped_crossval_says_to_run_it_again(monkeypatch, capsys):
     assert capsys.readouterr().err == (
         "visionattn crossval: stopped on SIGINT at step 5 (epoch 1); cv/fold0/last.pt holds that point: run the "
         "same command again (finished folds are kept; this fold resumes) to continue\n")
+
+
+def test_a_stop_signal_to_torchrun_stops_every_process_at_one_step(image_folder, tmp_path):
+    """Ctrl-C to torchrun (two gloo processes; torchrun passes the signal on to both): they agree on one
+    step, checkpoint it and exit with 130, each saying so with its rank; a two-process --resume then equals a
+    two-process run never stopped."""
+    env = dict(os.environ, TQDM_DISABLE="1", OMP_NUM_THREADS="1")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "-m", "visionattn", "train"]
+    ref = write_recipe(tmp_path / "ref.yaml", image_folder, tmp_path / "ref", epochs=8)
+    r = subprocess.run([*torchrun, str(ref)], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+    cfg = write_recipe(tmp_path / "cut.yaml", image_folder, tmp_path / "cut", epochs=8)
+    command = [*torchrun, str(cfg), "train.checkpoint_every=0"]
+    p = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "cut" / "metrics.csv"
+    deadline = time.time() + 240
+    while time.time() < deadline and p.poll() is None:
+        if metrics.is_file() and any(r["split"] == "train" and int(r["step"]) >= 3
+                                     for r in csv.DictReader(metrics.open())):
+            break
+        time.sleep(0.01)
+    p.send_signal(signal.SIGINT)
+    output = p.communicate(timeout=240)[0]
+    assert p.returncode != 0, output  # (torchrun's own exit code and report of its signal)
+    stopped = dict(re.findall(r"visionattn train \[rank (\d)/2\]: stopped on SIGINT at step (\d+) \(epoch \d+\); "
+                              r"\S+ holds that point: run the same command with --resume to continue", output))
+    assert stopped.keys() == {"0", "1"} and stopped["0"] == stopped["1"], output  # both processes, one step
+    assert json.loads((tmp_path / "cut" / "last.json").read_text())["step"] == int(stopped["0"]) >= 3
+    assert not (tmp_path / "cut" / "summary.json").exists() and not (tmp_path / "cut" / "model.safetensors").exists()
+    r = subprocess.run([*command, "--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert_same_run(tmp_path / "cut", tmp_path / "ref")

@@ -518,7 +518,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingInterrupted as e:  # Ctrl-C / SIGTERM in train or crossval, after a checkpoint
         how = ("run the same command again (finished folds are kept; this fold resumes)" if args.command == "crossval"
                else "run the same command with --resume")
-        print(f"visionattn {args.command}: {e}: {how} to continue", file=sys.stderr)
+        world = int(os.environ.get("WORLD_SIZE", "1"))  # under torchrun every process says it, each with its rank
+        who = f" [rank {os.environ.get('RANK', '0')}/{world}]" if world > 1 else ""
+        print(f"visionattn {args.command}{who}: {e}: {how} to continue", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `visionattn list | head`: the reader has what it wanted
         try:  # what is left in stdout's buffer must not fail again at exit

@@ -96,8 +96,8 @@ def cpu_runs_bf16_natively() -> bool:
         return torch.backends.cpu.get_cpu_capability() not in ("DEFAULT", "AVX2", "NO AVX")
 
 
-# signals that ask a single-process run to stop after its current step, with a checkpoint: Ctrl-C, and what
-# `kill`, SLURM (before its time limit) and container runtimes send
+# signals that ask a run to stop after its current step, with a checkpoint: Ctrl-C, and what `kill`, SLURM
+# (before its time limit) and container runtimes send
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
@@ -392,7 +392,7 @@ class Trainer:
                 signal.signal(sig, handler)
             self._stop_signal = signal.Signals(signum).name
             if self.is_main:  # os.write: a handler that printed could land inside a print of the loop's
-                os.write(2, f"\nvisionattn train: {self._stop_signal}: stopping after this step with a checkpoint "
+                os.write(2, f"\nvisionattn: {self._stop_signal}: stopping after this step with a checkpoint "
                             "(again to stop at once)\n".encode())
 
         for sig in STOP_SIGNALS:

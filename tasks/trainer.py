@@ -127,6 +127,10 @@ class Trainer:
         unknown = set(self.opts) - set(TRAIN_DEFAULTS)
         if unknown:
             raise ConfigError(f"unknown train options {sorted(unknown)}; known: {sorted(TRAIN_DEFAULTS)}")
+        if self.opts["num_workers"]:  # accepted and ignored before: say so rather than run without them
+            raise ConfigError(f"train.num_workers={self.opts['num_workers']!r}: loader worker processes are not "
+                              "supported; samples are loaded and augmented in the training process from the run's "
+                              "random state, which is what makes --resume exact. Remove train.num_workers (or set 0)")
         self.device = torch.device(cfg.get("device", "cuda" if torch.cuda.is_available() else "cpu"))
         self.rank, self.world = dist_setup(self.device.type)
         self.is_main = self.rank == 0

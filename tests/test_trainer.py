@@ -189,6 +189,8 @@ def test_bad_data_is_named(tmp_path, capsys, image_folder):
     assert "3.png" in capsys.readouterr().err
     assert main(["train", str(cfg), "train.bogus=1"]) == 2
     assert "unknown train options" in capsys.readouterr().err
+    assert main(["train", str(cfg), "train.num_workers=4"]) == 2  # refused, not silently run without workers
+    assert "train.num_workers=4: loader worker processes are not supported" in capsys.readouterr().err
     good = write_recipe(tmp_path / "d.yaml", image_folder, tmp_path / "d")
     assert main(["train", str(good), "--resume", "output_dir=" + str(tmp_path / "nothing")]) == 2
     assert "no checkpoint" in capsys.readouterr().err

@@ -31,6 +31,7 @@ receive are other allowed targets.
 from __future__ import annotations
 
 import copy
+import difflib
 import functools
 import importlib
 import inspect
@@ -100,6 +101,18 @@ FETCHING_ARGUMENTS = {
 SPECIAL_KEYS = ("_target_", "_args_", "_partial_")
 TOP_LEVEL_KEYS = ("task", "seed", "device", "output_dir", "data", "model", "loss", "train", "inference", "classes")
 TASKS = ("classification", "segmentation", "detection")
+# the keys of a recipe's data section that each task's loaders read: any other key (a typo, or a key of another
+# task's loader) would otherwise be ignored without a word
+DATA_KEYS = {
+    "classification": ("kind", "root", "val_root", "val_per_class", "path", "train_split", "val_split", "img_size",
+                       "mean", "std", "grayscale_to_rgb", "augment", "max_image_pixels"),
+    "segmentation": ("kind", "root", "images", "masks", "labels", "label_values", "in_channels", "channels",
+                     "grayscale", "clahe", "spatial_dims", "roi_size", "spacing", "orientation", "intensity", "zoom",
+                     "augment", "val_fraction", "split_seed", "folds", "fold", "max_train_cases", "max_voxels",
+                     "max_image_pixels"),
+    "detection": ("kind", "root", "images", "annotations", "classes", "img_size", "augment", "val_fraction",
+                  "split_seed", "max_image_pixels"),
+}
 
 MAX_FILE_BYTES = 1 << 20
 MAX_NODES = 100_000
@@ -483,17 +496,29 @@ def check_schema(cfg: dict, where: str) -> None:
         _check_arguments(create_model, kwargs, "visionattn.create_model", f"{where}.model.kwargs")
 
 
+def check_data_keys(cfg: dict, where: str) -> None:
+    """The data section holds only keys its task reads (:data:`DATA_KEYS`); checked after :func:`validate`, so
+    that a refused ``_target_`` is named as such wherever it sits."""
+    task = cfg.get("task", "classification")
+    unknown = [k for k in (cfg.get("data") or {}) if k not in DATA_KEYS[task]]
+    if unknown:
+        hints = [f"{k!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(str(k), DATA_KEYS[task], 1))
+                 else repr(k) for k in unknown]
+        raise ConfigError(f"{where}: unknown data key(s) {', '.join(hints)} for task {task}; its data section reads "
+                          f"{', '.join(DATA_KEYS[task])}")
+
+
 def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> dict:
     """Read a recipe: files in its ``defaults`` list (relative ``.yaml`` paths) first, then the file
     itself, then ``key.sub=value`` overrides (values parsed as YAML, with the same bounds). The result is
-    checked (:func:`check_schema`, :func:`validate`) before it is returned."""
+    checked (:func:`check_schema`, :func:`validate`, :func:`check_data_keys`) before it is returned."""
     cfg = _load_file(Path(path), seen=())
     return apply_overrides(cfg, overrides, str(path))
 
 
 def apply_overrides(cfg: dict, overrides: list[str] | None, where: str) -> dict:
     """``key.sub=value`` overrides (values parsed as bounded YAML) applied to ``cfg`` in place, then the
-    whole config checked (:func:`check_schema`, :func:`validate`); returns ``cfg``."""
+    whole config checked (:func:`check_schema`, :func:`validate`, :func:`check_data_keys`); returns ``cfg``."""
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key.sub=value")
@@ -501,6 +526,7 @@ def apply_overrides(cfg: dict, overrides: list[str] | None, where: str) -> dict:
         set_by_path(cfg, key.lstrip("+"), parse_yaml(value, f"override {key}") if value else None)
     check_schema(cfg, where)
     validate(cfg, where)
+    check_data_keys(cfg, where)
     return cfg
 
 
@@ -519,6 +545,7 @@ def load_run_config(path: str | os.PathLike) -> dict:
         raise ConfigError(f"{path}: a run folder's config.yaml may not include other files (defaults:)")
     check_schema(data, str(path))
     validate(data, str(path))
+    check_data_keys(data, str(path))
     return data
 
 

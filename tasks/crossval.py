@@ -37,7 +37,11 @@ class CrossValError(Exception):
 
 
 def fold_recipe(recipe: str, overrides: list[str], folds: int, fold: int, out: Path) -> dict:
-    """The recipe of fold ``fold``: the user's recipe and overrides, then the fold settings and its folder."""
+    """The recipe of fold ``fold``: the user's recipe and overrides, then the fold settings and its folder.
+    Only a segmentation recipe has folds (other tasks' data sections refuse the fold keys): said first."""
+    task = load_config(recipe, overrides).get("task")
+    if task != "segmentation":
+        raise CrossValError(f"crossval runs segmentation recipes; {recipe} has task {task!r}")
     return load_config(recipe, [*overrides, f"data.folds={folds}", f"data.fold={fold}", f"output_dir={out}"])
 
 
@@ -62,8 +66,6 @@ def train_folds(recipe: str, overrides: list[str], folds: int, out_dir: Path, on
             say(f"crossval: fold {k}: finished earlier ({out}), kept")
             continue
         cfg = fold_recipe(recipe, overrides, folds, k, out)
-        if cfg.get("task") != "segmentation":
-            raise CrossValError(f"crossval runs segmentation recipes; {recipe} has task {cfg.get('task')!r}")
         say(f"crossval: fold {k}: {'resuming' if state == 'partial' else 'training'} in {out}")
         Trainer(cfg, resume=state == "partial", config_path=recipe).fit()
 
@@ -169,8 +171,6 @@ def run_crossval(recipe: str | None, overrides: list[str], folds: int, out_dir: 
     try:
         chosen = parse_only(only, folds)
         cfg = fold_recipe(recipe, overrides, folds, 0, out / "fold0")  # the recipe and overrides are valid
-        if cfg.get("task") != "segmentation":
-            raise CrossValError(f"crossval runs segmentation recipes; {recipe} has task {cfg.get('task')!r}")
         from visionattn.tasks.segmentation import mirror_axes
 
         axes = mirror_axes(cfg.get("data") or {}) if tta else []

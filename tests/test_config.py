@@ -72,3 +72,18 @@ def test_unknown_and_bad_targets_are_named():
         resolve_target("torch.nn.functional")
     with pytest.raises(ConfigError, match="building torch.nn.CrossEntropyLoss failed"):
         instantiate({"_target_": "torch.nn.CrossEntropyLoss", "bogus": 1})
+
+
+def test_data_keys_its_task_does_not_read_are_refused_with_the_nearest_known_one(tmp_path, capsys):
+    """A misspelt or another task's data key was ignored without a word (``data.zom: 4`` trained at zoom 1)."""
+    from visionattn.cli import main
+
+    with pytest.raises(ConfigError, match=r"unknown data key\(s\) 'zom' \(did you mean 'zoom'\?\) for task segmentation"):
+        load_config("configs/segmentation/drive_emcad.yaml", ["data.zom=4"])
+    with pytest.raises(ConfigError, match=r"unknown data key\(s\) 'zoom' for task detection"):
+        load_config("configs/detection/neu_det_dfir_detr.yaml", ["data.zoom=2"])
+    load_config("configs/segmentation/drive_emcad.yaml", ["data.zoom=4"])  # the key it reads
+    assert main(["train", "configs/classification/cifar10_convit.yaml", "data.image_size=64",
+                 f"output_dir={tmp_path / 'run'}"]) == 2
+    assert "'image_size' (did you mean 'img_size'?)" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

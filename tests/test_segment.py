@@ -32,7 +32,8 @@ def voxelwise_model_dir(tmp_path: Path, in_channels: int = 1, task: str = "segme
     cfg = {
         "task": task,
         "data": {"spatial_dims": 3, "in_channels": in_channels, "labels": list(labels), "orientation": "RAS",
-                 "spacing": list(spacing), "intensity": "zscore", "roi_size": [16, 16, 16]},
+                 "spacing": list(spacing), "intensity": "zscore", "roi_size": [16, 16, 16]}
+        if task == "segmentation" else {"img_size": 16},  # another task's run folder, as its trainer writes it
         "inference": {"overlap": 0.25, "mode": "constant", "sw_batch_size": 2},
         "model": {"_target_": "torch.nn.Conv3d", "in_channels": in_channels, "out_channels": 3, "kernel_size": 1},
     }

@@ -159,19 +159,35 @@ class EpochBatches:
         return out
 
 
+CLASSIFICATION_AUGMENT_KEYS = ("crop_padding", "hflip")
+
+
 def build_transforms(img_size: int, mean: Sequence[float], std: Sequence[float], train: bool,
                      augment: dict[str, Any] | None = None, grayscale_to_rgb: bool = False):
-    """torchvision v2 pipeline: (random crop with padding, horizontal flip) for training, then tensor + normalise."""
+    """torchvision v2 pipeline: (random crop with padding, horizontal flip) for training, then tensor + normalise.
+    ``augment`` (``data.augment``): ``crop_padding`` (pixels, default 4; 0: no crop) and ``hflip`` (default true)."""
     from torchvision.transforms import v2
 
+    from visionattn.tasks.config import ConfigError
+
     augment = augment or {}
+    unknown = [k for k in augment if k not in CLASSIFICATION_AUGMENT_KEYS]
+    if unknown:
+        raise ConfigError(f"data.augment: unknown key(s) {unknown} for classification; known: "
+                          f"{list(CLASSIFICATION_AUGMENT_KEYS)}")
+    padding = augment.get("crop_padding", 4)
+    if isinstance(padding, bool) or not isinstance(padding, int) or not 0 <= padding <= img_size:
+        raise ConfigError(f"data.augment.crop_padding must be a whole number of pixels from 0 to data.img_size "
+                          f"({img_size}), got {padding!r}")
+    if not isinstance(augment.get("hflip", True), bool):
+        raise ConfigError(f"data.augment.hflip must be true or false, got {augment['hflip']!r}")
     ops: list = [v2.PILToTensor()]
     if grayscale_to_rgb:
         ops.append(v2.Grayscale(num_output_channels=3))
     ops.append(v2.Resize((img_size, img_size), antialias=True))
     if train:
-        if augment.get("crop_padding", 4):
-            ops.append(v2.RandomCrop(img_size, padding=augment.get("crop_padding", 4), padding_mode="reflect"))
+        if padding:
+            ops.append(v2.RandomCrop(img_size, padding=padding, padding_mode="reflect"))
         if augment.get("hflip", True):
             ops.append(v2.RandomHorizontalFlip())
     ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(mean), std=list(std))]

@@ -87,3 +87,10 @@ def test_data_keys_its_task_does_not_read_are_refused_with_the_nearest_known_one
                  f"output_dir={tmp_path / 'run'}"]) == 2
     assert "'image_size' (did you mean 'img_size'?)" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+    # classification's augment section likewise: two keys, and their values checked
+    for override, says in [("data.augment.mixup=0.2", "unknown key(s) ['mixup'] for classification"),
+                           ("data.augment.crop_padding=-2", "crop_padding must be a whole number of pixels"),
+                           ("data.augment.hflip=0.5", "hflip must be true or false")]:
+        assert main(["train", "configs/classification/cifar10_convit.yaml", override,
+                     f"output_dir={tmp_path / 'run'}"]) == 2
+        assert says in capsys.readouterr().err

@@ -53,7 +53,7 @@ def test_bench_kernels_small_problem(capsys, tmp_path):
     assert rows["visionattn-torch"]["fwd_ratio"] == 1.0 and rows["visionattn-torch"]["bwd_over_fwd"] is not None
     # our backward is timed alone (a kept graph), the alternatives' as (fwd+bwd) - fwd
     ours = rows["visionattn-torch"]
-    assert ours["bwd_timing"] == "alone" and 0 < ours["bwd_ms"] < ours["fwdbwd_ms"]
+    assert ours["bwd_timing"] == "alone" and ours["bwd_ms"] > 0  # (separate minima: under load the order may flip)
     assert abs(ours["bwd_over_fwd"] - ours["bwd_ms"] / ours["fwd_ms"]) < 1e-9
     assert rows["naive-gather"]["bwd_timing"] == "difference"
     for flex in ("flex-attention-compiled", "flex-attention-tiled"):

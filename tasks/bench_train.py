@@ -87,7 +87,7 @@ def _measure(trainer, recipe: str, steps: int, rounds: int, report) -> dict:
 
     def trainer_step() -> None:
         start = time.time()
-        loss = trainer._optimizer_step([next_indices()])
+        loss = trainer._optimizer_step([[trainer.train_set[i] for i in next_indices()]])  # read as fit reads them
         trainer.step += 1
         trainer._progress_step(loss, o["batch_size"], time.time() - start)
 

@@ -60,12 +60,14 @@ class ClassificationTask:
     def build_model(self, cfg: dict, meta: dict) -> torch.nn.Module:
         return build_model_from_recipe(cfg, num_classes=len(meta["classes"]))
 
-    def load_batch(self, dataset, indices: list[int], device):
+    def collate(self, items: list, device):
         """``x [B, 3, H, W]``, ``y [B]`` on ``device``."""
-        items = [dataset[i] for i in indices]
         x = torch.stack([it[0] for it in items]).to(device)
         y = torch.tensor([it[1] for it in items], device=device)
         return x, y
+
+    def load_batch(self, dataset, indices: list[int], device):
+        return self.collate([dataset[i] for i in indices], device)
 
     def training_loss(self, net, x, y, loss_fn: Callable | None) -> torch.Tensor:
         logits = net(x)

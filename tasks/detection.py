@@ -79,11 +79,13 @@ class DetectionTask:
         return build_model_from_recipe(cfg, num_classes=len(meta["classes"]))
 
     def load_batch(self, dataset, indices: list[int], device) -> tuple[list[torch.Tensor], list[dict]]:
+        return self.collate([dataset[i] for i in indices], device)
+
+    def collate(self, items: list, device) -> tuple[list[torch.Tensor], list[dict]]:
         """Images ``[3, H, W]`` and training targets ``{boxes [n, 4], labels [n]}`` on ``device``, difficult
         boxes left out."""
         images, targets = [], []
-        for i in indices:
-            image, target = dataset[i]
+        for image, target in items:
             keep = ~target["difficult"]
             images.append(image.to(device))
             targets.append({"boxes": target["boxes"][keep].to(device), "labels": target["labels"][keep].to(device)})

@@ -538,8 +538,10 @@ class SegmentationTask:
         return build_model_from_recipe(cfg, **defaults)
 
     def load_batch(self, dataset, indices: list[int], device):
+        return self.collate([dataset[i] for i in indices], device)
+
+    def collate(self, items: list, device):
         """``image [B, C, *roi]`` float, ``label [B, 1, *roi]`` long."""
-        items = [dataset[i] for i in indices]
         x = torch.stack([it[0] for it in items]).to(device)
         y = torch.stack([it[1] for it in items]).long().to(device)
         return x, y

@@ -29,8 +29,11 @@ class Task(Protocol):
     def build_model(self, cfg: dict, meta: dict) -> torch.nn.Module:
         """The recipe's model for ``meta`` (e.g. as many outputs as classes)."""
 
+    def collate(self, samples: list, device: torch.device) -> tuple[Any, Any]:
+        """Inputs and targets of a batch of samples (``dataset[i]`` each), on ``device``."""
+
     def load_batch(self, dataset: Any, indices: list[int], device: torch.device) -> tuple[Any, Any]:
-        """Inputs and targets of the samples ``indices``, on ``device``."""
+        """Inputs and targets of the samples ``indices``: :meth:`collate` of ``[dataset[i] for i in indices]``."""
 
     def training_loss(self, net: torch.nn.Module, x: Any, y: Any, loss_fn: Callable | None) -> torch.Tensor:
         """The scalar loss of one batch (``loss_fn``: the recipe's ``loss``, if any)."""

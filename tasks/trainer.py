@@ -101,6 +101,19 @@ def cpu_runs_bf16_natively() -> bool:
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
+def _as_list(samples: list) -> list:
+    """The loader workers' collate function: a batch stays a list of samples (the task collates it)."""
+    return samples
+
+
+def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
+    """In each loader worker: Ctrl-C reaches the whole process group and SLURM signals every process of a job,
+    but a stop is the trainer's to make (it finishes the step, whose later micro-batches the workers may still
+    be loading); the workers end when the trainer drops them, or when it dies."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class Trainer:
     """Trains the recipe's model. ``cfg`` is a loaded recipe (see ``configs/``).
 
@@ -127,10 +140,10 @@ class Trainer:
         unknown = set(self.opts) - set(TRAIN_DEFAULTS)
         if unknown:
             raise ConfigError(f"unknown train options {sorted(unknown)}; known: {sorted(TRAIN_DEFAULTS)}")
-        if self.opts["num_workers"]:  # accepted and ignored before: say so rather than run without them
-            raise ConfigError(f"train.num_workers={self.opts['num_workers']!r}: loader worker processes are not "
-                              "supported; samples are loaded and augmented in the training process from the run's "
-                              "random state, which is what makes --resume exact. Remove train.num_workers (or set 0)")
+        workers = self.opts["num_workers"]
+        if isinstance(workers, bool) or not isinstance(workers, int) or not 0 <= workers <= 256:
+            raise ConfigError(f"train.num_workers must be a whole number from 0 (load in the training process) to "
+                              f"256, got {workers!r}")
         self.device = torch.device(cfg.get("device", "cuda" if torch.cuda.is_available() else "cpu"))
         self.rank, self.world = dist_setup(self.device.type)
         self.is_main = self.rank == 0
@@ -445,8 +458,8 @@ class Trainer:
             bar = progress(todo, desc=f"epoch {self.epoch}", leave=False) if self.is_main else todo
             self._bar = bar
             accum = []
-            for indices in bar:
-                accum.append(indices)
+            for indices, samples in zip(bar, self._samples_of(todo)):
+                accum.append(samples)
                 self.batch_in_epoch += 1
                 last_of_epoch = self.batch_in_epoch == len(epoch_batches)
                 if len(accum) < o["accumulate"] and not last_of_epoch:
@@ -568,18 +581,36 @@ class Trainer:
             return False
         return all_reduce_sum([float(self.train_seconds > 60 * float(limit))], self.device)[0] > 0
 
-    def _optimizer_step(self, accum: list[list[int]]) -> float:
+    def _samples_of(self, batches: list[list[int]]):
+        """The training samples of each batch in ``batches`` (lists of indices), in order: read here, or with
+        ``train.num_workers > 0`` by that many worker processes (torch's ``DataLoader``), which read ahead while
+        the step before runs. The samples are the same either way: each one's augmentation is seeded by
+        ``(seed, epoch, index)`` (:class:`~visionattn.tasks.data.SeededTransform`), so neither the numbers of a
+        run nor ``--resume`` depend on the workers. The workers' CPU time is not in ``budget_clock=cpu``'s count
+        (this process's)."""
+        if not self.opts["num_workers"] or not batches:
+            return ([self.train_set[i] for i in indices] for indices in batches)
+        from torch.utils.data import DataLoader
+
+        # a generator of its own: a loader seeds its workers from the global one, which dropout and the
+        # rest of the run draw from (and the samples are seeded per index anyway)
+        return iter(DataLoader(self.train_set, batch_sampler=batches, num_workers=self.opts["num_workers"],
+                               collate_fn=_as_list, worker_init_fn=_leave_stop_signals_to_the_trainer,
+                               generator=torch.Generator().manual_seed(self.seed)))
+
+    def _optimizer_step(self, accum: list[list]) -> float:
+        """One optimizer step over ``accum``: batches of samples (``dataset[i]`` each), gradients accumulated."""
         o = self.opts
         n_total = sum(len(b) for b in accum)
         total = 0.0
-        for i, indices in enumerate(accum):
-            x, y = self.task.load_batch(self.train_set, indices, self.device)
+        for i, samples in enumerate(accum):
+            x, y = self.task.collate(samples, self.device)
             if self.opts["channels_last"]:
                 x = to_channels_last(x)
             sync = nullcontext() if (self.world == 1 or i == len(accum) - 1) else self.net.no_sync()
             with sync:
                 with self.autocast():
-                    loss = self.task.training_loss(self.net, x, y, self.loss_fn) * (len(indices) / n_total)
+                    loss = self.task.training_loss(self.net, x, y, self.loss_fn) * (len(samples) / n_total)
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
             total += loss.item()
         if self.scaler:

@@ -523,7 +523,7 @@ class Trainer:
                 f.write(line + "\n")
 
     def _start_progress(self, start: float) -> None:
-        self._fit_start, self._fit_start_step = start, self.step
+        self._fit_start, self._fit_start_step, self._fit_start_budget = start, self.step, self.train_seconds
         self._last_line = start
         self._window = [0, 0.0, 0, 0.0]  # steps, summed loss, images, seconds in optimizer steps since the last line
         o = self.opts
@@ -554,7 +554,12 @@ class Trainer:
         done_here = self.step - self._fit_start_step
         eta = (self.total_steps - self.step) * elapsed / max(done_here, 1)
         if self.opts["max_minutes"]:
-            eta = min(eta, max(0.0, 60 * float(self.opts["max_minutes"]) - self.train_seconds))
+            # what is left of the budget, on the wall clock at this sitting's rate so far: the budget's clock runs
+            # slower than the wall's (validations are not counted; budget_clock=cpu counts CPU time divided by the
+            # threads, which a process that keeps its threads half busy, or waits for a core, uses up slowly)
+            left = max(0.0, 60 * float(self.opts["max_minutes"]) - self.train_seconds)
+            used = self.train_seconds - self._fit_start_budget
+            eta = min(eta, left * elapsed / used if used > 0 else left)
         width = len(str(self.total_steps))
         self.say(f"step {self.step:{width}d}/{self.total_steps} epoch {self.epoch + 1}/{self.opts['epochs']} "
                  f"loss {w[1] / w[0]:.4f} lr {self.optimizer.param_groups[0]['lr']:.3g} "

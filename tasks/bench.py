@@ -127,9 +127,12 @@ def bench_models(
     threads: int | None = None,
     min_time: float = 5.0,
     report: Callable[[str], None] | None = None,
+    breakdown: bool = False,
 ) -> tuple[str, list[dict]]:
     """Inference throughput (images/s, eval, ``torch.inference_mode``) of visionattn models, optionally
     beside timm's model of the same name with the same weights (the max abs logit difference is shown).
+    ``breakdown`` (with ``compare='peer'``): also where each model's inference time goes by kind of operator
+    (:func:`op_breakdown`), printed as a second table and kept in each row under ``breakdown``.
 
     ``report`` (e.g. ``print``) receives one line per model as soon as it is measured.
     Returns the printed table and the rows as dicts.
@@ -140,6 +143,8 @@ def bench_models(
 
     if threads:
         torch.set_num_threads(threads)
+    if breakdown and compare != "peer":
+        raise ValueError("--breakdown sets each model beside its peer: add --compare peer")
     results = []
     for name in names:
         entry = visionattn.get_entry(name)
@@ -150,7 +155,7 @@ def bench_models(
             spatial = entry.default_input_size[1:]
             size = tuple(spatial) if img_size is None else (img_size,) * len(spatial)
             x = torch.randn(batch_size, entry.default_input_size[0], *size)
-            _bench_segmentation_against_peer(entry, x, min_time, results, report)
+            _bench_segmentation_against_peer(entry, x, min_time, results, report, breakdown)
             continue
         kwargs = {} if img_size is None else {"img_size": img_size}
         ours = visionattn.create_model(entry.name, **kwargs).eval()
@@ -165,7 +170,7 @@ def bench_models(
             theirs.load_state_dict(ours.state_dict())
             fns["gather"] = lambda m=theirs: m(x)
         if compare == "peer":
-            _bench_against_peer(entry, ours, x, size, batch_size, min_time, results, report)
+            _bench_against_peer(entry, ours, x, size, batch_size, min_time, results, report, breakdown)
             continue
         if compare == "timm":
             if not timm.is_model(entry.name):
@@ -197,8 +202,13 @@ def bench_models(
         results.append(row)
         if report is not None:
             report(f"{row['model']}: " + "  ".join(f"{k} {_cell(v)}" for k, v in row.items() if k != "model"))
-    headers = list(results[0].keys()) if results else []
+    headers = [h for h in (results[0].keys() if results else []) if h != "breakdown"]
     table = format_table(headers, [[r.get(h, "") for h in headers] for r in results])
+    parts = [r["breakdown"] for r in results if "breakdown" in r]
+    if parts:
+        rows = [row for part in parts for row in part]
+        table += ("\n\nWhere inference time goes (profiled self time per category; GFLOP/s = 2 x GMACs / that time):\n"
+                  + format_table(list(rows[0]), [list(r.values()) for r in rows]))
     return table, results
 
 
@@ -236,7 +246,7 @@ def _train_step(model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor) -
     F.cross_entropy(model(x), labels).backward()
 
 
-def _bench_against_peer(entry, ours, x, size, batch_size, min_time, results, report) -> None:
+def _bench_against_peer(entry, ours, x, size, batch_size, min_time, results, report, breakdown=False) -> None:
     """``--compare peer``: images/s of ``ours`` and of its timm peer (:data:`PEERS`) in inference and in a
     training step (forward + cross-entropy + backward), interleaved, and the same per GMAC (images/s times the
     forward GMACs of one image, counted by ``torch.utils.flop_counter``): a per-GMAC ratio of 1 means both
@@ -256,6 +266,9 @@ def _bench_against_peer(entry, ours, x, size, batch_size, min_time, results, rep
            "threads": torch.get_num_threads(), "gmacs": ours_gmacs, "peer_gmacs": peer_gmacs}
     labels = torch.randint(0, max(getattr(ours, "num_classes", 1), 1), (x.shape[0],))
     _time_beside_peer(row, ours, peer, x, lambda m: _train_step(m, x, labels), min_time)
+    if breakdown:
+        row["breakdown"] = breakdown_rows(entry.name, op_breakdown(ours, x, min_time), op_breakdown(peer, x, min_time),
+                                          peer_name)
     results.append(row)
     if report is not None:
         report(f"{row['model']}: " + "  ".join(f"{k} {_cell(v)}" for k, v in row.items() if k != "model"))
@@ -280,6 +293,74 @@ def _time_beside_peer(row: dict, ours, peer, x, train_step, min_time: float) -> 
         row[f"{tag}_per_gmac_ratio"] = row[f"{tag}_ratio"] * ours_gmacs / peer_gmacs
     row["infer_gflop_s"] = 2 * row["infer_img_s"] * ours_gmacs
     row["infer_peer_gflop_s"] = 2 * row["infer_peer_img_s"] * peer_gmacs
+
+
+# ``--breakdown``: where a model's inference time goes, by kind of operator. A profiled op's self time and a
+# counted op's multiply-adds fall into one of these by the aten name (what matches none is "other": elementwise
+# ops, normalisations, copies, reductions); every counted op that is neither a linear layer nor a convolution
+# is an attention product (bmm, baddbmm, SDPA, and our kernels' registered counts).
+BREAKDOWN_CATEGORIES = ("linear", "convolution", "attention products", "other")
+_LINEAR_OPS = {"addmm", "mm", "linear", "matmul", "_addmm_activation"}
+_ATTENTION_OPS = {"bmm", "baddbmm"}
+
+
+def _op_category(name: str, counted: bool = False) -> str:
+    """The :data:`BREAKDOWN_CATEGORIES` entry of an op named ``aten::addmm``, ``aten.addmm.default`` or
+    ``addmm``; ``counted``: the op has a multiply-add count (so it is at least an attention product)."""
+    op = name.replace("::", ".").split(".")
+    op = op[1] if len(op) > 1 and op[0] == "aten" else op[0]
+    if op in _LINEAR_OPS:
+        return "linear"
+    if "conv" in op:
+        return "convolution"
+    if counted or op in _ATTENTION_OPS or "scaled_dot_product" in op:
+        return "attention products"
+    return "other"
+
+
+def op_breakdown(model: torch.nn.Module, x: torch.Tensor, min_time: float = 1.0) -> dict[str, dict[str, float]]:
+    """Inference (eval, ``torch.inference_mode``) of ``model`` on ``x`` under ``torch.profiler``, repeated for
+    at least ``min_time`` seconds (at least 3 times): per category, ``seconds`` (profiled self time per call,
+    profiler overhead included, which falls mostly on the many small ops of "other") and ``gmacs`` (multiply-adds
+    per call, ``torch.utils.flop_counter``)."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from visionattn.registry import _register_cpu_sdpa_flops
+
+    _register_cpu_sdpa_flops()
+    model.eval()
+    out = {c: {"seconds": 0.0, "gmacs": 0.0} for c in BREAKDOWN_CATEGORIES}
+    with torch.inference_mode():
+        model(x)  # warm-up: first-call allocations and compilations are not what the breakdown is about
+        with FlopCounterMode(display=False) as counter:
+            model(x)
+        for op, flops in counter.get_flop_counts()["Global"].items():
+            out[_op_category(str(op), counted=True)]["gmacs"] += flops / 2e9
+        calls, start = 0, time.perf_counter()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            while calls < 3 or time.perf_counter() - start < min_time:
+                model(x)
+                calls += 1
+    for event in prof.key_averages():
+        out[_op_category(event.key)]["seconds"] += event.self_cpu_time_total / 1e6 / calls
+    return out
+
+
+def breakdown_rows(model_name: str, ours: dict, peer: dict, peer_name: str) -> list[dict]:
+    """One row per category: time share, GMACs and GFLOP/s of ``ours`` beside ``peer``
+    (both :func:`op_breakdown` results)."""
+    rows = []
+    totals = {side: sum(v["seconds"] for v in b.values()) for side, b in (("ours", ours), ("peer", peer))}
+    for c in BREAKDOWN_CATEGORIES:
+        row = {"model": model_name, "peer": peer_name, "category": c}
+        for side, b in (("ours", ours), ("peer", peer)):
+            secs, gmacs = b[c]["seconds"], b[c]["gmacs"]
+            row[f"{side}_time_share"] = secs / totals[side] if totals[side] else 0.0
+            row[f"{side}_gmacs"] = gmacs
+            row[f"{side}_gflop_s"] = 2 * gmacs / secs if secs and gmacs else None
+        rows.append(row)
+    return rows
 
 
 # MONAI networks that a visionattn segmentation network is measured against with ``--compare peer`` (timm
@@ -322,7 +403,7 @@ def _segmentation_train_step(model: torch.nn.Module, x: torch.Tensor) -> None:
     loss.backward()
 
 
-def _bench_segmentation_against_peer(entry, x, min_time, results, report) -> None:
+def _bench_segmentation_against_peer(entry, x, min_time, results, report, breakdown=False) -> None:
     """``--compare peer`` for a segmentation network: as :func:`_bench_against_peer`, beside its MONAI peer
     (:data:`SEGMENTATION_PEERS`), built with the same input and output channels; images (volumes) per second."""
     import visionattn
@@ -343,6 +424,9 @@ def _bench_segmentation_against_peer(entry, x, min_time, results, report) -> Non
            "peer_params_m": sum(p.numel() for p in peer.parameters()) / 1e6, "gmacs": ours_gmacs,
            "peer_gmacs": peer_gmacs}
     _time_beside_peer(row, ours, peer, x, lambda m: _segmentation_train_step(m, x), min_time)
+    if breakdown:
+        row["breakdown"] = breakdown_rows(entry.name, op_breakdown(ours, x, min_time), op_breakdown(peer, x, min_time),
+                                          peer_label)
     results.append(row)
     if report is not None:
         report(f"{row['model']}: " + "  ".join(f"{k} {_cell(v)}" for k, v in row.items() if k != "model"))

@@ -240,3 +240,41 @@ def test_bench_json_is_not_overwritten_without_asking(capsys, tmp_path, monkeypa
     (row,) = json.loads(earlier.read_text())
     assert row["impl"] == "x" and "machine" in row
     assert sorted(p.name for p in tmp_path.iterdir()) == ["k.json"]  # no temporary left beside it
+
+
+def test_bench_models_breakdown_by_kind_of_operator(capsys, tmp_path):
+    """``--breakdown``: per kind of operator, each model's share of inference time, multiply-adds and GFLOP/s.
+    The shares sum to 1 and the categories' multiply-adds to the model's count; Swin-T's multiply-adds are nearly
+    all in linear layers, while a real part of Gated-SwinRMT's are in its depthwise convolutions (a categorisation
+    that put every counted op in one bin, or missed the convolutions, would fail here)."""
+    out_json = tmp_path / "b.json"
+    rc = main(["bench", "models", "gated_swinrmt_swat_tiny", "--compare", "peer", "--img-size", "64",
+               "--batch-size", "1", "--min-time", "0.05", "--threads", "1", "--breakdown", "--json", str(out_json)])
+    assert rc == 0
+    assert "Where inference time goes" in capsys.readouterr().out
+    (row,) = json.loads(out_json.read_text())
+    parts = {r["category"]: r for r in row["breakdown"]}
+    assert list(parts) == ["linear", "convolution", "attention products", "other"]
+    for side, total in (("ours", row["gmacs"]), ("peer", row["peer_gmacs"])):
+        assert abs(sum(r[f"{side}_time_share"] for r in parts.values()) - 1) < 1e-9
+        assert abs(sum(r[f"{side}_gmacs"] for r in parts.values()) - total) < 1e-6 * total
+        assert parts["other"][f"{side}_gmacs"] == 0 and parts["linear"][f"{side}_gflop_s"] > 0
+    assert parts["linear"]["peer_gmacs"] > 0.9 * row["peer_gmacs"]
+    assert parts["convolution"]["ours_gmacs"] > 0.1 * row["gmacs"]
+    assert parts["attention products"]["ours_gmacs"] > 0 and parts["attention products"]["peer_gmacs"] > 0
+
+
+def test_bench_breakdown_categories_and_its_flag():
+    import pytest
+
+    from visionattn.tasks.bench import _op_category
+
+    for name, category in [("aten::addmm", "linear"), ("aten.mm.default", "linear"), ("aten::mkldnn_convolution", "convolution"),
+                           ("aten::_slow_conv2d_forward", "convolution"), ("aten.convolution", "convolution"),
+                           ("aten::bmm", "attention products"),
+                           ("aten::_scaled_dot_product_flash_attention_for_cpu", "attention products"),
+                           ("aten::add", "other"), ("aten::native_group_norm", "other"), ("aten::copy_", "other")]:
+        assert _op_category(name) == category, name
+    assert _op_category("visionattn.na2d_forward", counted=True) == "attention products"
+    with pytest.raises(ValueError, match="--compare peer"):
+        main(["bench", "models", "gated_swinrmt_swat_tiny", "--breakdown", "--img-size", "64"])

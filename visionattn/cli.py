@@ -114,7 +114,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             return 2
         table, rows = bench_models(
             args.names, compare=args.compare, batch_size=args.batch_size, img_size=args.img_size,
-            threads=args.threads, min_time=args.min_time or 5.0, report=_print_now,
+            threads=args.threads, min_time=args.min_time or 5.0, report=_print_now, breakdown=args.breakdown,
         )
     elif args.what == "kernels":
         from visionattn.tasks.bench import bench_kernels
@@ -355,6 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="models: time timm's model of the same name (same weights), or for BiFormer the official "
                         "full-gather routed attention (time and peak memory), or (peer) the timm model of the same "
                         "design (Gated-SwinRMT: Swin-T) in inference and a training step, images/s and per GMAC")
+    p.add_argument("--breakdown", action="store_true",
+                   help="models, with --compare peer: also where each model's inference time goes (linear layers, "
+                        "convolutions, attention products, the rest): time share, GMACs and GFLOP/s beside the peer's")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--img-size", type=int, default=None)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")

@@ -298,7 +298,8 @@ def _time_beside_peer(row: dict, ours, peer, x, train_step, min_time: float) -> 
 # ``--breakdown``: where a model's inference time goes, by kind of operator. A profiled op's self time and a
 # counted op's multiply-adds fall into one of these by the aten name (what matches none is "other": elementwise
 # ops, normalisations, copies, reductions); every counted op that is neither a linear layer nor a convolution
-# is an attention product (bmm, baddbmm, SDPA, and our kernels' registered counts).
+# is an attention product (bmm, baddbmm, SDPA, and our kernels' registered counts), and so is the self time of
+# our kernels' custom ops (``visionattn::...``: their compiled loops call no aten op).
 BREAKDOWN_CATEGORIES = ("linear", "convolution", "attention products", "other")
 _LINEAR_OPS = {"addmm", "mm", "linear", "matmul", "_addmm_activation"}
 _ATTENTION_OPS = {"bmm", "baddbmm"}
@@ -307,8 +308,10 @@ _ATTENTION_OPS = {"bmm", "baddbmm"}
 def _op_category(name: str, counted: bool = False) -> str:
     """The :data:`BREAKDOWN_CATEGORIES` entry of an op named ``aten::addmm``, ``aten.addmm.default`` or
     ``addmm``; ``counted``: the op has a multiply-add count (so it is at least an attention product)."""
-    op = name.replace("::", ".").split(".")
-    op = op[1] if len(op) > 1 and op[0] == "aten" else op[0]
+    parts = name.replace("::", ".").split(".")
+    if parts[0] == "visionattn":
+        return "attention products"
+    op = parts[1] if len(parts) > 1 and parts[0] == "aten" else parts[0]
     if op in _LINEAR_OPS:
         return "linear"
     if "conv" in op:

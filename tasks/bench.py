@@ -207,7 +207,8 @@ def bench_models(
     parts = [r["breakdown"] for r in results if "breakdown" in r]
     if parts:
         rows = [row for part in parts for row in part]
-        table += ("\n\nWhere inference time goes (profiled self time per category; GFLOP/s = 2 x GMACs / that time):\n"
+        table += ("\n\nWhere inference time goes (profiled self time per category, multiply-adds per image; GFLOP/s = "
+                  "2 x GMACs x batch / that time):\n"
                   + format_table(list(rows[0]), [list(r.values()) for r in rows]))
     return table, results
 
@@ -268,7 +269,7 @@ def _bench_against_peer(entry, ours, x, size, batch_size, min_time, results, rep
     _time_beside_peer(row, ours, peer, x, lambda m: _train_step(m, x, labels), min_time)
     if breakdown:
         row["breakdown"] = breakdown_rows(entry.name, op_breakdown(ours, x, min_time), op_breakdown(peer, x, min_time),
-                                          peer_name)
+                                          peer_name, batch_size)
     results.append(row)
     if report is not None:
         report(f"{row['model']}: " + "  ".join(f"{k} {_cell(v)}" for k, v in row.items() if k != "model"))
@@ -350,9 +351,9 @@ def op_breakdown(model: torch.nn.Module, x: torch.Tensor, min_time: float = 1.0)
     return out
 
 
-def breakdown_rows(model_name: str, ours: dict, peer: dict, peer_name: str) -> list[dict]:
-    """One row per category: time share, GMACs and GFLOP/s of ``ours`` beside ``peer``
-    (both :func:`op_breakdown` results)."""
+def breakdown_rows(model_name: str, ours: dict, peer: dict, peer_name: str, batch: int) -> list[dict]:
+    """One row per category: time share, GMACs per image and GFLOP/s of ``ours`` beside ``peer`` (both
+    :func:`op_breakdown` results for a batch of ``batch``)."""
     rows = []
     totals = {side: sum(v["seconds"] for v in b.values()) for side, b in (("ours", ours), ("peer", peer))}
     for c in BREAKDOWN_CATEGORIES:
@@ -360,7 +361,7 @@ def breakdown_rows(model_name: str, ours: dict, peer: dict, peer_name: str) -> l
         for side, b in (("ours", ours), ("peer", peer)):
             secs, gmacs = b[c]["seconds"], b[c]["gmacs"]
             row[f"{side}_time_share"] = secs / totals[side] if totals[side] else 0.0
-            row[f"{side}_gmacs"] = gmacs
+            row[f"{side}_gmacs"] = gmacs / batch
             row[f"{side}_gflop_s"] = 2 * gmacs / secs if secs and gmacs else None
         rows.append(row)
     return rows
@@ -429,7 +430,7 @@ def _bench_segmentation_against_peer(entry, x, min_time, results, report, breakd
     _time_beside_peer(row, ours, peer, x, lambda m: _segmentation_train_step(m, x), min_time)
     if breakdown:
         row["breakdown"] = breakdown_rows(entry.name, op_breakdown(ours, x, min_time), op_breakdown(peer, x, min_time),
-                                          peer_label)
+                                          peer_label, batch)
     results.append(row)
     if report is not None:
         report(f"{row['model']}: " + "  ".join(f"{k} {_cell(v)}" for k, v in row.items() if k != "model"))

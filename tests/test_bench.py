@@ -244,12 +244,12 @@ def test_bench_json_is_not_overwritten_without_asking(capsys, tmp_path, monkeypa
 
 def test_bench_models_breakdown_by_kind_of_operator(capsys, tmp_path):
     """``--breakdown``: per kind of operator, each model's share of inference time, multiply-adds and GFLOP/s.
-    The shares sum to 1 and the categories' multiply-adds to the model's count; Swin-T's multiply-adds are nearly
+    The shares sum to 1 and the categories' multiply-adds per image to the model's count; Swin-T's multiply-adds are nearly
     all in linear layers, while a real part of Gated-SwinRMT's are in its depthwise convolutions (a categorisation
     that put every counted op in one bin, or missed the convolutions, would fail here)."""
     out_json = tmp_path / "b.json"
     rc = main(["bench", "models", "gated_swinrmt_swat_tiny", "--compare", "peer", "--img-size", "64",
-               "--batch-size", "1", "--min-time", "0.05", "--threads", "1", "--breakdown", "--json", str(out_json)])
+               "--batch-size", "2", "--min-time", "0.05", "--threads", "1", "--breakdown", "--json", str(out_json)])
     assert rc == 0
     assert "Where inference time goes" in capsys.readouterr().out
     (row,) = json.loads(out_json.read_text())

@@ -201,7 +201,7 @@ def bench_models(
             ours.eval(), theirs.eval()
         results.append(row)
         if report is not None:
-            report(f"{row['model']}: " + "  ".join(f"{k} {_cell(v)}" for k, v in row.items() if k != "model"))
+            report(f"{row['model']}: " + "  ".join(f"{k} {_cell(v)}" for k, v in row.items() if k not in ("model", "breakdown")))
     headers = [h for h in (results[0].keys() if results else []) if h != "breakdown"]
     table = format_table(headers, [[r.get(h, "") for h in headers] for r in results])
     parts = [r["breakdown"] for r in results if "breakdown" in r]
@@ -272,7 +272,7 @@ def _bench_against_peer(entry, ours, x, size, batch_size, min_time, results, rep
                                           peer_name, batch_size)
     results.append(row)
     if report is not None:
-        report(f"{row['model']}: " + "  ".join(f"{k} {_cell(v)}" for k, v in row.items() if k != "model"))
+        report(f"{row['model']}: " + "  ".join(f"{k} {_cell(v)}" for k, v in row.items() if k not in ("model", "breakdown")))
 
 
 def _time_beside_peer(row: dict, ours, peer, x, train_step, min_time: float) -> None:
@@ -433,7 +433,7 @@ def _bench_segmentation_against_peer(entry, x, min_time, results, report, breakd
                                           peer_label, batch)
     results.append(row)
     if report is not None:
-        report(f"{row['model']}: " + "  ".join(f"{k} {_cell(v)}" for k, v in row.items() if k != "model"))
+        report(f"{row['model']}: " + "  ".join(f"{k} {_cell(v)}" for k, v in row.items() if k not in ("model", "breakdown")))
 
 
 # ---------------------------------------------------------------------------------------------------

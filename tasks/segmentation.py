@@ -570,10 +570,14 @@ class SegmentationTask:
         return loss_fn(out, y)
 
     @torch.no_grad()
-    def evaluate(self, model, dataset, rank: int, world: int, device, autocast, batch_size: int) -> dict[str, float]:
+    def evaluate(self, model, dataset, rank: int, world: int, device, autocast, batch_size: int,
+                 per_case: list | None = None) -> dict[str, float]:
         """Whole-case sliding-window inference; Dice and normalised surface Dice (NSD) per foreground label and
         their means, over this rank's cases (every ``world``-th), summed across ranks. A label absent from both
         prediction and truth in a case is skipped for that case (not counted as 1 or 0).
+
+        ``per_case``: a list that receives one row per case of this rank, ``{"case": name, "dice_LABEL": ..,
+        "nsd_LABEL": ..}`` (nan where the label is absent from both), as nnU-Net's ``metric_per_case``.
 
         NSD (MONAI's ``SurfaceDiceMetric``): the fraction of both boundaries within ``inference.nsd_tolerance``
         (default 1, in the units of ``data.spacing``: mm for the MSD recipes, pixels without a spacing) of the
@@ -608,6 +612,12 @@ class SegmentationTask:
                 warnings.filterwarnings("ignore", message=".*is all 0, this may result in nan/inf distance")
                 warnings.filterwarnings("ignore", message=".*always_return_as_numpy", category=FutureWarning)
                 nsd = surface(*one_hot, spacing=[float(v) for v in spacing])[0]
+            if per_case is not None:
+                names = dataset_classes(dataset)[1:]
+                row = {"case": _case_name(dataset, i)}
+                row.update({f"dice_{name}": float(s) for name, s in zip(names, scores.tolist())})
+                row.update({f"nsd_{name}": float(n) for name, n in zip(names, nsd.tolist())})
+                per_case.append(row)
             for c, (s, n) in enumerate(zip(scores.tolist(), nsd.tolist())):
                 if not math.isnan(s):
                     sums[c] += s
@@ -636,6 +646,15 @@ def dataset_roi(dataset) -> list[int]:
 
 def dataset_classes(dataset) -> list[str]:
     return list(_base(dataset).data_cfg["labels"])
+
+
+def _case_name(dataset, index: int) -> str:
+    """The recipe's name of case ``index`` (its ``case`` entry), or ``case INDEX`` for other datasets."""
+    cases = getattr(_base(dataset), "cases", None)
+    try:
+        return str(cases[index]["case"])
+    except (TypeError, KeyError, IndexError):
+        return f"case {index}"
 
 
 def _base(dataset):

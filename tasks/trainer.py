@@ -637,15 +637,18 @@ class Trainer:
         return all_reduce_sum([total], self.device)[0] / self.world
 
     @torch.no_grad()
-    def evaluate(self, model: torch.nn.Module | None = None, dataset=None) -> dict[str, float]:
-        """The task's validation metrics (the same on every process)."""
+    def evaluate(self, model: torch.nn.Module | None = None, dataset=None, per_case: list | None = None
+                 ) -> dict[str, float]:
+        """The task's validation metrics (the same on every process); ``per_case`` (segmentation only): a list
+        that receives this process's rows of metrics per case."""
         model = model or (self.ema.module if self.ema else self.model)
         dataset = dataset if dataset is not None else self.val_set
         if dataset is None:
             return {}
         model.eval()
+        extra = {} if per_case is None else {"per_case": per_case}
         return self.task.evaluate(model, dataset, self.rank, self.world, self.device, self.autocast,
-                                  self.opts["eval_batch_size"])
+                                  self.opts["eval_batch_size"], **extra)
 
     def evaluate_and_track(self) -> dict[str, float]:
         metrics = self.evaluate()

@@ -16,6 +16,11 @@ def test_user_errors_are_one_line(capsys, tmp_path):
                       f"output_dir: {tmp_path / 'run'}\ndata: {{kind: npz, path: {tmp_path / 'none.npz'}}}\n")
     assert cli.main(["evaluate", str(recipe)]) == 2
     assert "--checkpoint" in capsys.readouterr().err
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"")
+    assert cli.main(["evaluate", str(recipe), "--checkpoint", str(weights), "--per-case"]) == 2
+    err = capsys.readouterr().err
+    assert "--per-case reports segmentation recipes'" in err and "'classification'" in err
 
 
 def test_bugs_keep_their_traceback(monkeypatch):

@@ -2,6 +2,7 @@
 direct reads, deep-supervision losses, Dice against MONAI's own pipeline, and the recipes end to end
 (train a few steps, evaluate, segment with the run folder)."""
 import json
+import math
 import shutil
 from contextlib import nullcontext
 from pathlib import Path
@@ -15,6 +16,7 @@ import visionattn
 from visionattn.cli import main
 from visionattn.tasks.config import ConfigError
 from visionattn.tasks.data import DataError
+from visionattn.tasks.run import Run
 from visionattn.tasks.segmentation import (
     SegmentationCases,
     SegmentationTask,
@@ -23,6 +25,7 @@ from visionattn.tasks.segmentation import (
     fixed_case_split,
     sliding_window_predict,
 )
+from visionattn.tasks.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 HIPPO = dict(kind="msd", spatial_dims=3, in_channels=1, labels=["background", "anterior", "posterior"],
@@ -417,7 +420,18 @@ def test_hippocampus_recipe_trains_evaluates_and_segments(shared_data, tmp_path,
     assert main(["evaluate", "configs/segmentation/hippocampus_agunet.yaml", "--checkpoint", str(out / "last.pt"),
                  f"output_dir={tmp_path / 'eval'}", "model.kwargs.filters=[4,8,16]", "data.val_fraction=0.02",
                  "data.max_train_cases=4"]) == 0
-    assert "dice_posterior" in json.loads(capsys.readouterr().out)
+    means = json.loads(capsys.readouterr().out)
+    assert "dice_posterior" in means and "per_case" not in means
+    # --per-case: each validation case's row, whose means are the metrics printed beside them
+    assert main(["evaluate", str(out), "--per-case"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    rows = report["per_case"]
+    cfg = dict(Run.load(out).config, train={"epochs": 0})
+    assert [r["case"] for r in rows] == Trainer(cfg, write_outputs=False).meta["val_cases"]
+    for name in ("dice_anterior", "dice_posterior", "nsd_anterior", "nsd_posterior"):
+        values = [r[name] for r in rows if not math.isnan(r[name])]
+        assert report[name] == pytest.approx(sum(values) / len(values), rel=1e-6)
+        assert report[name] == pytest.approx(means[name], rel=1e-6)  # the run folder holds the same weights
     # the run folder is a model for `segment`; the recipe's validation cases have reference labels
     val_case = "hippocampus_015"
     images = shared_data / "msd_hippocampus" / "imagesTr"

@@ -192,15 +192,20 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from visionattn.tasks.trainer import Trainer
 
     cfg, weights, config_path = recipe_and_weights(args.config, args.checkpoint, args.overrides)
+    if args.per_case and cfg.get("task") != "segmentation":
+        print(f"evaluate: --per-case reports segmentation recipes' metrics case by case; this recipe's task is "
+              f"{cfg.get('task', 'classification')!r} (leave --per-case out)", file=sys.stderr)
+        return 2
     cfg.setdefault("train", {})["epochs"] = 0
     trainer = Trainer(cfg, config_path=config_path, write_outputs=False)  # evaluating leaves the run folder as it is
     model = load_model_for_eval(cfg, weights, trainer.meta).to(trainer.device)
-    metrics = trainer.evaluate(model)
+    per_case: list | None = [] if args.per_case else None
+    metrics = trainer.evaluate(model, per_case=per_case)
     if not metrics:
         print("evaluate: the recipe defines no validation data (e.g. data.val_per_class, data.val_root, an npz val "
               "split, or data.val_fraction)", file=sys.stderr)
         return 2
-    print(json.dumps(metrics, indent=2))
+    print(json.dumps(metrics if per_case is None else dict(metrics, per_case=per_case), indent=2))
     return 0
 
 
@@ -383,6 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", metavar="RUN_OR_RECIPE", help="a run folder (or its weights file), or a recipe .yaml")
     p.add_argument("overrides", nargs="*")
     p.add_argument("--checkpoint", help=".safetensors weights or a trainer last.pt (with a recipe: required)")
+    p.add_argument("--per-case", action="store_true", help="segmentation: also each validation case's metrics "
+                                                          "(a 'per_case' list in the JSON)")
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("crossval", help="k-fold cross-validation of a segmentation recipe: `crossval RECIPE "

@@ -71,8 +71,9 @@ def train_folds(recipe: str, overrides: list[str], folds: int, out_dir: Path, on
 
 
 def evaluate_fold(out: Path, tta: bool = False) -> dict:
-    """The fold's final weights on its validation cases: ``{metrics..., cases, steps, train_minutes}``; with
-    ``tta``, each prediction averaged over the mirrorings along the axes the recipe flipped in training."""
+    """The fold's final weights on its validation cases: ``{metrics..., cases, steps, train_minutes, per_case}``
+    (``per_case``: one row of metrics per validation case); with ``tta``, each prediction averaged over the
+    mirrorings along the axes the recipe flipped in training."""
     from visionattn.tasks.run import Run, load_model_for_eval
     from visionattn.tasks.trainer import Trainer
 
@@ -83,10 +84,11 @@ def evaluate_fold(out: Path, tta: bool = False) -> dict:
         cfg["inference"] = dict(cfg.get("inference") or {}, tta=True)
     trainer = Trainer(cfg, write_outputs=False)
     model = load_model_for_eval(cfg, str(run.weights), trainer.meta).to(trainer.device)
-    metrics = trainer.evaluate(model)
+    per_case: list = []
+    metrics = trainer.evaluate(model, per_case=per_case)
     summary = json.loads((out / "summary.json").read_text())
     return dict(metrics, cases=len(trainer.meta["val_cases"]), steps=int(summary.get("steps", 0)),
-                train_minutes=float(summary.get("train_seconds", 0.0)) / 60)
+                train_minutes=float(summary.get("train_seconds", 0.0)) / 60, per_case=per_case)
 
 
 def summarise(per_fold: dict[int, dict]) -> dict:
@@ -193,8 +195,10 @@ def run_crossval(recipe: str | None, overrides: list[str], folds: int, out_dir: 
         print(f"crossval: evaluating fold {k} ({out / f'fold{k}'}){' with test-time mirroring' if tta else ''}",
               flush=True)
         per_fold[k] = evaluate_fold(out / f"fold{k}", tta=tta)
+    # every validated case once, with its fold (nnU-Net's metric_per_case); the folds' entries keep the means
+    per_case = [dict(row, fold=k) for k in chosen for row in per_fold[k].pop("per_case")]
     report = dict(summarise(per_fold), recipe=str(recipe), overrides=list(overrides), num_folds=folds,
-                  tta_mirror_axes=axes)
+                  tta_mirror_axes=axes, per_case=per_case)
     # a report of some folds only, or with TTA, is its own file: it never replaces the report of all of them
     stem = "crossval" if len(chosen) == folds else f"crossval_folds_{'_'.join(map(str, chosen))}"
     path = out / f"{stem}{'_tta' if tta else ''}.json"

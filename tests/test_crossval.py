@@ -1,6 +1,7 @@
 """`visionattn crossval`: every case validated by exactly one fold, finished folds kept, unfinished ones resumed,
 the report's figures equal to evaluating each fold's weights, and the Dice-versus-time plot."""
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -61,6 +62,14 @@ def test_three_folds_train_resume_report_and_plot(small_msd, tmp_path, monkeypat
     cases = find_msd_cases(cfg["data"]["root"])
     seen = [c["case"] for k in range(3) for c in fixed_case_split(cases, 0.2, 0, folds=3, fold=k)[1]]
     assert sorted(seen) == sorted(c["case"] for c in cases)
+    # the report lists every case once with its fold and metrics; a fold's cases average to its figures
+    assert sorted(r["case"] for r in report["per_case"]) == sorted(seen)
+    for k in range(3):
+        rows = [r for r in report["per_case"] if r["fold"] == k]
+        assert len(rows) == report["folds"][str(k)]["cases"] and "per_case" not in report["folds"][str(k)]
+        for name in ("dice_anterior", "dice_posterior"):
+            values = [r[name] for r in rows if not math.isnan(r[name])]
+            assert report["folds"][str(k)][name] == pytest.approx(sum(values) / len(values)), (k, name)
     # the report's fold figures are those of `visionattn evaluate` on the fold's weights
     for k in range(3):
         capsys.readouterr()

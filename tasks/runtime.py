@@ -60,6 +60,16 @@ def all_reduce_sum(values: list[float], device) -> list[float]:
     return t.tolist()
 
 
+def all_gather_lists(items: list) -> list:
+    """Every process's ``items`` (picklable), concatenated in rank order; ``items`` itself outside
+    ``torch.distributed``."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return items
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, items)
+    return [x for part in parts for x in part]
+
+
 def machine_info(device: str = "cpu") -> dict[str, Any]:
     """What a timing depends on, recorded beside it: the CPU's model name (``/proc/cpuinfo`` where there is
     one, else the platform's processor string), the vector instruction set PyTorch's CPU kernels dispatch to

@@ -33,7 +33,7 @@ from visionattn.tasks.data import IMAGE_SUFFIXES, DataError, SeededTransform
 from visionattn.tasks.errors import SegmentError
 from visionattn.tasks.imageio import image_size, pixel_limit
 from visionattn.tasks.niftiio import DEFAULT_MAX_VOXELS, check_header, verify_gzip_stream
-from visionattn.tasks.runtime import all_reduce_sum, build_model_from_recipe
+from visionattn.tasks.runtime import all_gather_lists, all_reduce_sum, build_model_from_recipe
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 INTENSITY_MODES = ("zscore", "zscore_nonzero", "scale01", "none")
@@ -576,8 +576,9 @@ class SegmentationTask:
         their means, over this rank's cases (every ``world``-th), summed across ranks. A label absent from both
         prediction and truth in a case is skipped for that case (not counted as 1 or 0).
 
-        ``per_case``: a list that receives one row per case of this rank, ``{"case": name, "dice_LABEL": ..,
-        "nsd_LABEL": ..}`` (nan where the label is absent from both), as nnU-Net's ``metric_per_case``.
+        ``per_case``: a list that receives one row per case, in the dataset's order, gathered from every process:
+        ``{"case": name, "dice_LABEL": .., "nsd_LABEL": ..}`` (nan where the label is absent from both), as
+        nnU-Net's ``metric_per_case``.
 
         NSD (MONAI's ``SurfaceDiceMetric``): the fraction of both boundaries within ``inference.nsd_tolerance``
         (default 1, in the units of ``data.spacing``: mm for the MSD recipes, pixels without a spacing) of the
@@ -598,6 +599,7 @@ class SegmentationTask:
         surface = SurfaceDiceMetric([tolerance] * (n_classes - 1), include_background=False, reduction="none")
         sums, counts = [0.0] * (n_classes - 1), [0.0] * (n_classes - 1)
         nsd_sums, nsd_counts = [0.0] * (n_classes - 1), [0.0] * (n_classes - 1)
+        rows: list[tuple[int, dict]] = []  # (case index, its metrics) for per_case
         for i in range(rank, len(dataset), world):
             image, label = dataset[i]
             probs = sliding_window_predict(model, image[None], roi, float(inference.get("overlap", 0.5)),
@@ -617,7 +619,7 @@ class SegmentationTask:
                 row = {"case": _case_name(dataset, i)}
                 row.update({f"dice_{name}": float(s) for name, s in zip(names, scores.tolist())})
                 row.update({f"nsd_{name}": float(n) for name, n in zip(names, nsd.tolist())})
-                per_case.append(row)
+                rows.append((i, row))
             for c, (s, n) in enumerate(zip(scores.tolist(), nsd.tolist())):
                 if not math.isnan(s):
                     sums[c] += s
@@ -625,6 +627,9 @@ class SegmentationTask:
                 if not math.isnan(n):
                     nsd_sums[c] += n
                     nsd_counts[c] += 1
+        if per_case is not None:
+            gathered = all_gather_lists(rows) if world > 1 else rows  # (world 1: this process validated all)
+            per_case.extend(row for _, row in sorted(gathered, key=lambda r: r[0]))
         k = n_classes - 1
         reduced = all_reduce_sum(sums + counts + nsd_sums + nsd_counts, device)
         names = dataset_classes(dataset)[1:]

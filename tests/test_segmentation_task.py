@@ -452,3 +452,60 @@ def test_drive_recipe_trains_two_steps(shared_data, tmp_path, monkeypatch):
     assert summary["steps"] == 1 and "dice_vessel" in summary["best"]
     model = visionattn.create_model("emcad_pvt_v2_b0", in_channels=3, out_channels=2)
     visionattn.load_checkpoint(model, str(out / "model.safetensors"))  # shared tensors load strictly
+
+
+DDP_PER_CASE = """
+import json, sys
+import torch
+import torch.distributed as dist
+from visionattn.tasks.segmentation import SegmentationTask
+
+class ReadsLabelFromImage(torch.nn.Module):  # the image holds the prediction's label map
+    def forward(self, x):
+        return torch.nn.functional.one_hot(x[:, 0].round().long(), 2).movedim(-1, 1).float() * 10
+
+class Cases(torch.utils.data.Dataset):  # case k: a 4x(4+k) square predicted one pixel off
+    data_cfg = dict(spatial_dims=2, labels=["background", "vessel"], roi_size=[16, 16])
+    cases = [dict(case=f"case_{{k}}") for k in range(5)]
+    def __len__(self):
+        return 5
+    def __getitem__(self, k):
+        truth = torch.zeros(1, 20, 20, dtype=torch.uint8)
+        truth[0, 4:8, 4:8 + k] = 1
+        return torch.roll(truth, 1, dims=2).float(), truth
+
+def evaluate(rank, world):
+    rows = []
+    task = SegmentationTask()
+    task.inference = dict(overlap=0.5, mode="constant", sw_batch_size=2)
+    metrics = task.evaluate(ReadsLabelFromImage(), Cases(), rank, world, "cpu", None, 2, per_case=rows)
+    return metrics, rows
+
+dist.init_process_group("gloo")
+both = evaluate(dist.get_rank(), dist.get_world_size())
+alone = evaluate(0, 1)
+ok = (both[1] == alone[1] and [r["case"] for r in both[1]] == [f"case_{{k}}" for k in range(5)]
+      and all(abs(both[0][name] - alone[0][name]) < 1e-9 for name in alone[0]))  # sums in another order
+open(f"{out}/rank{{dist.get_rank()}}.txt", "w").write(json.dumps([ok, both[1]]))
+dist.destroy_process_group()
+"""
+
+
+def test_per_case_rows_are_gathered_across_two_processes(tmp_path):
+    """Under torchrun each process validates every other case: the per-case rows are every case's, in order, on
+    each process, the same as one process's."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "ddp_per_case.py"
+    script.write_text(DDP_PER_CASE.format(out=str(tmp_path)))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(script)], env=env, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    for rank in (0, 1):
+        ok, rows = json.loads((tmp_path / f"rank{rank}.txt").read_text())
+        assert ok, rows
+        # Dice of a 4 x w square shifted by one pixel along w: 2 (w - 1) / 2w
+        assert [row["dice_vessel"] for row in rows] == pytest.approx([(w - 1) / w for w in range(4, 9)])

@@ -200,8 +200,7 @@ def bench_models(
                 row[f"gather_{tag}_peak_mib"] = peak_memory_mib(theirs, x, train)
             ours.eval(), theirs.eval()
         results.append(row)
-        if report is not None:
-            report(f"{row['model']}: " + "  ".join(f"{k} {_cell(v)}" for k, v in row.items() if k not in ("model", "breakdown")))
+        _report_row(report, row)
     headers = [h for h in (results[0].keys() if results else []) if h != "breakdown"]
     table = format_table(headers, [[r.get(h, "") for h in headers] for r in results])
     parts = [r["breakdown"] for r in results if "breakdown" in r]
@@ -271,6 +270,11 @@ def _bench_against_peer(entry, ours, x, size, batch_size, min_time, results, rep
         row["breakdown"] = breakdown_rows(entry.name, op_breakdown(ours, x, min_time), op_breakdown(peer, x, min_time),
                                           peer_name, batch_size)
     results.append(row)
+    _report_row(report, row)
+
+
+def _report_row(report, row: dict) -> None:
+    """The line printed as a model is measured: its row's cells, without the breakdown list (its own table)."""
     if report is not None:
         report(f"{row['model']}: " + "  ".join(f"{k} {_cell(v)}" for k, v in row.items() if k not in ("model", "breakdown")))
 
@@ -432,8 +436,7 @@ def _bench_segmentation_against_peer(entry, x, min_time, results, report, breakd
         row["breakdown"] = breakdown_rows(entry.name, op_breakdown(ours, x, min_time), op_breakdown(peer, x, min_time),
                                           peer_label, batch)
     results.append(row)
-    if report is not None:
-        report(f"{row['model']}: " + "  ".join(f"{k} {_cell(v)}" for k, v in row.items() if k not in ("model", "breakdown")))
+    _report_row(report, row)
 
 
 # ---------------------------------------------------------------------------------------------------

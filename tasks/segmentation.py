@@ -597,6 +597,7 @@ class SegmentationTask:
         tta = mirror_axes(data_cfg) if inference.get("tta") else False
         metric = DiceMetric(include_background=False, reduction="none", ignore_empty=True, num_classes=n_classes)
         surface = SurfaceDiceMetric([tolerance] * (n_classes - 1), include_background=False, reduction="none")
+        names = dataset_classes(dataset)[1:]
         sums, counts = [0.0] * (n_classes - 1), [0.0] * (n_classes - 1)
         nsd_sums, nsd_counts = [0.0] * (n_classes - 1), [0.0] * (n_classes - 1)
         rows: list[tuple[int, dict]] = []  # (case index, its metrics) for per_case
@@ -615,7 +616,6 @@ class SegmentationTask:
                 warnings.filterwarnings("ignore", message=".*always_return_as_numpy", category=FutureWarning)
                 nsd = surface(*one_hot, spacing=[float(v) for v in spacing])[0]
             if per_case is not None:
-                names = dataset_classes(dataset)[1:]
                 row = {"case": _case_name(dataset, i)}
                 row.update({f"dice_{name}": float(s) for name, s in zip(names, scores.tolist())})
                 row.update({f"nsd_{name}": float(n) for name, n in zip(names, nsd.tolist())})
@@ -632,7 +632,6 @@ class SegmentationTask:
             per_case.extend(row for _, row in sorted(gathered, key=lambda r: r[0]))
         k = n_classes - 1
         reduced = all_reduce_sum(sums + counts + nsd_sums + nsd_counts, device)
-        names = dataset_classes(dataset)[1:]
         dice = {f"dice_{name}": (s / c if c else float("nan"))
                 for name, s, c in zip(names, reduced[:k], reduced[k:2 * k])}
         nsd = {f"nsd_{name}": (s / c if c else float("nan"))

@@ -35,6 +35,8 @@ SLOT_BUCKETS = (3, 9, 27)  # windows are padded to one of these, so at most thre
 ENV_VAR = "VISIONATTN_NA_COMPILE"
 _FAMILY = tuple((name, slots) for name in ("forward", "backward") for slots in SLOT_BUCKETS)
 _COMPILED: dict = {}  # (pass, slots) -> compiled function, or None (see kernels.compiled)
+STATIC_HEAD_SHAPES = 3  # per pass, head shapes compiled in as constants (see _run)
+_STATIC_HEAD_SHAPES_SEEN: dict = {}  # (pass, slots) -> the head shapes compiled in so far
 
 
 def small_window_applies(params: NAParams, q: torch.Tensor) -> bool:
@@ -166,7 +168,29 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0], -1, *x.shape[-2:]).float().detach()
 
 
+def _constant_dims(t: torch.Tensor) -> tuple[int, ...]:
+    """The dims of a pass's argument compiled in as constants: heads and channels of ``[B, N, h, D]`` and
+    ``[B, N, h]`` and of the bias ``[h, R]``, and the slots of the window tables ``[N, S]``."""
+    if not t.is_floating_point():
+        return (1,) if t.dim() == 2 else ()
+    return {4: (2, 3), 3: (2,), 2: (0,)}.get(t.dim(), ())
+
+
 def _run(name: tuple, fn, *args):
+    """One compiled pass. Batch and token counts are symbolic (one compilation serves every image size);
+    head count, head dims and slots are compiled in as constants, so the loops over them unroll and
+    vectorise (2-D 56x56, K=3, 4 heads of 32: forward 1.8 ms against 2.9 ms with all sizes symbolic,
+    forward+backward 6.2 against 9.5 ms). Past :data:`STATIC_HEAD_SHAPES` distinct head shapes in one pass
+    the others share a symbolic compilation, which keeps a pass under dynamo's recompile limit (8; a head
+    shape may compile twice, since a batch of 1 is specialised)."""
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    shape = tuple(t.shape[d] for t in tensors for d in _constant_dims(t))
+    seen = _STATIC_HEAD_SHAPES_SEEN.setdefault(name, set())
+    if shape in seen or len(seen) < STATIC_HEAD_SHAPES:
+        seen.add(shape)
+        for t in tensors:
+            for d in _constant_dims(t):
+                torch._dynamo.mark_static(t, d)
     return run_compiled(_COMPILED, _FAMILY, name, fn, args, env_var=ENV_VAR, dynamic=True,
                         what="neighborhood attention: the small-window CPU passes")
 

@@ -74,7 +74,7 @@ def test_window_tables_match_the_reference_mask(case):
     assert pairs == want
 
 
-def _run(case, backend, dtype, with_rpb=True, seed=0):
+def _run(case, backend, dtype, with_rpb=True, seed=0, heads=3, dim=8):
     spatial, k, d, s, c = case
     ks = _tuple(k, len(spatial))
     g = torch.Generator().manual_seed(seed)
@@ -82,10 +82,10 @@ def _run(case, backend, dtype, with_rpb=True, seed=0):
     def make(*shape, scale=1.0):
         return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)
 
-    q, kk, v = (make(2, *spatial, 3, 8).requires_grad_() for _ in range(3))
-    rpb = make(3, *(2 * x - 1 for x in ks)).requires_grad_() if with_rpb else None
-    dout = make(2, *spatial, 3, 8, scale=0.05)
-    dlse = make(2, *spatial, 3, scale=0.05)
+    q, kk, v = (make(2, *spatial, heads, dim).requires_grad_() for _ in range(3))
+    rpb = make(heads, *(2 * x - 1 for x in ks)).requires_grad_() if with_rpb else None
+    dout = make(2, *spatial, heads, dim, scale=0.05)
+    dlse = make(2, *spatial, heads, scale=0.05)
     out, lse = FNS[len(spatial)](q, kk, v, k, stride=s, dilation=d, is_causal=c, rpb=rpb, return_lse=True,
                                  backend=backend)
     inputs = (q, kk, v) + ((rpb,) if with_rpb else ())
@@ -118,6 +118,22 @@ def test_bfloat16_inputs_are_computed_in_float32(small_path_only):
     want = _run(case, "reference", torch.bfloat16)
     assert got[0].dtype == torch.bfloat16 and got[1].dtype == torch.float32
     _assert_close(got, want, atol=2e-2)
+
+
+def test_head_shapes_past_the_constant_ones_share_a_symbolic_compilation(monkeypatch, small_path_only):
+    """The first head shapes of a pass are compiled in as constants, the ones after that share one
+    compilation with symbolic sizes (kernels.small_window._run); both give the reference's results."""
+    monkeypatch.setattr(small_window, "STATIC_HEAD_SHAPES", 1)
+    monkeypatch.setattr(small_window, "_STATIC_HEAD_SHAPES_SEEN", {})
+    marked = []
+    real_mark_static = torch._dynamo.mark_static
+    monkeypatch.setattr(torch._dynamo, "mark_static", lambda t, d: marked.append(d) or real_mark_static(t, d))
+    case = CASES[0]
+    for i, (heads, dim) in enumerate(((2, 4), (5, 16))):
+        count = len(marked)
+        got = _run(case, "torch", torch.float32, heads=heads, dim=dim)
+        _assert_close(got, _run(case, "reference", torch.float64, heads=heads, dim=dim), atol=1e-4)
+        assert (len(marked) > count) == (i == 0)  # the first head shape is compiled in, the second is not
 
 
 def test_switched_off_and_float64_take_the_tiled_path(monkeypatch):

@@ -723,7 +723,11 @@ def bench_kernels(
         if pname not in KERNEL_PROBLEMS and pname not in OTHER_KERNEL_PROBLEMS:
             raise InvalidInputError(f"unknown problem {pname!r}; choose from "
                                     f"{', '.join([*KERNEL_PROBLEMS, *OTHER_KERNEL_PROBLEMS])}")
-    lines = [f"device {device}, {torch.get_num_threads()} threads; times are the best of interleaved rounds"
+    from visionattn.tasks.runtime import memory_allocator
+
+    # the allocator decides whether the alternatives' large temporaries page-fault in afresh on every call
+    lines = [f"device {device}, {torch.get_num_threads()} threads, {memory_allocator()}; times are the best of "
+             "interleaved rounds"
              + ("; CPU time of the calling thread" if clock == "cpu" else "")]
     rows: list[dict] = []
 

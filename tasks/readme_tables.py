@@ -49,6 +49,9 @@ BENCH_DIR = README.parent / "docs" / "bench"
 BENCH_TABLES = {
     "kernels-cpu": ("kernels-cpu.json",
                     "visionattn bench kernels --threads 1 --json docs/bench/kernels-cpu.json --overwrite"),
+    "kernels-cpu-malloc": ("kernels-cpu-malloc.json",
+                           "GLIBC_TUNABLES=glibc.malloc.mmap_threshold=268435456:glibc.malloc.trim_threshold=1073741824 "
+                           "visionattn bench kernels --threads 1 --json docs/bench/kernels-cpu-malloc.json --overwrite"),
     "linear-cpu": ("linear-cpu.json", "visionattn bench kernels --threads 1 --problems linear-4096,linear-16384 "
                                       "--json docs/bench/linear-cpu.json --overwrite"),
     "detectors-cpu": ("detectors-cpu.json",
@@ -250,8 +253,8 @@ def render_detectors_table(rows: Sequence[dict[str, Any]], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-RENDERERS = {"kernels-cpu": render_kernels_table, "linear-cpu": render_linear_table,
-             "detectors-cpu": render_detectors_table}
+RENDERERS = {"kernels-cpu": render_kernels_table, "kernels-cpu-malloc": render_kernels_table,
+             "linear-cpu": render_linear_table, "detectors-cpu": render_detectors_table}
 
 
 def bench_tables() -> dict[str, str]:

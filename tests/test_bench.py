@@ -1,7 +1,12 @@
 """The benchmark commands run and print their comparison tables (no timing assertions: targets are
 checked by reading the benchmark, not by unit tests)."""
 import json
+import os
+import platform
+import subprocess
+import sys
 
+import pytest
 import torch
 
 from visionattn.cli import main
@@ -21,6 +26,25 @@ def test_bench_models_compare_timm(capsys, tmp_path):
     (row,) = json.loads(out_json.read_text())
     assert row["ours_img_s"] > 0 and row["timm_img_s"] > 0
     assert row["max_abs_diff"] <= 1e-5  # same weights, same outputs
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc thresholds")
+def test_machine_record_names_the_memory_allocator_and_its_thresholds():
+    """Whether a freed large block goes back to the system (and the next one page-faults in afresh) can
+    change a timing several times over, so a benchmark row records the allocator and its thresholds."""
+    code = "from visionattn.tasks.runtime import machine_info; print(machine_info()['allocator'])"
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("GLIBC_TUNABLES", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "LD_PRELOAD")}
+
+    def allocator(**extra):
+        run = subprocess.run([sys.executable, "-c", code], env=dict(env, **extra), capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr
+        return run.stdout.strip()
+
+    assert allocator().endswith(" malloc (default thresholds)")
+    tuned = "glibc.malloc.mmap_threshold=268435456:glibc.malloc.trim_threshold=1073741824"
+    assert allocator(GLIBC_TUNABLES=tuned).endswith(" malloc (mmap_threshold=268435456, trim_threshold=1073741824)")
+    assert allocator(MALLOC_TRIM_THRESHOLD_="65536").endswith(" malloc (trim_threshold=65536)")
 
 
 def test_bench_models_needs_a_name(capsys):
@@ -49,6 +73,7 @@ def test_bench_kernels_small_problem(capsys, tmp_path):
         machine = r["machine"]
         assert machine["cpu"] and machine["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
         assert machine["torch_threads"] == torch.get_num_threads() and machine["torch"] == torch.__version__
+        assert "malloc" in machine["allocator"] or machine["allocator"] in ("jemalloc", "tcmalloc", "mimalloc")
     assert rows["naive-gather"]["fwdbwd_ms"] > 0 and rows["naive-gather"]["bwd_ms"] is not None
     assert rows["visionattn-torch"]["fwd_ratio"] == 1.0 and rows["visionattn-torch"]["bwd_over_fwd"] is not None
     # our backward is timed alone (a kept graph), the alternatives' as (fwd+bwd) - fwd

@@ -152,6 +152,11 @@ def test_benchmark_tables_are_the_rendered_benchmark_json():
     for problem in DEFAULT_KERNEL_PROBLEMS:
         assert (problem, "visionattn-torch") in measured and (problem, "naive-gather") in measured, problem
     assert all(0 < r["fwd_ms"] for r in rows)
+    # the two kernel tables differ only in the allocator's thresholds, which their rows record
+    assert all(r["machine"]["allocator"].endswith("(default thresholds)") for r in rows)
+    tuned = json.loads((readme_tables.BENCH_DIR / "kernels-cpu-malloc.json").read_text())
+    assert {(r["problem"], r["impl"]) for r in tuned} == measured
+    assert all("mmap_threshold=268435456, trim_threshold=1073741824" in r["machine"]["allocator"] for r in tuned)
 
 
 def test_kernels_table_rendering_reads_the_fields_it_names():
@@ -177,3 +182,6 @@ def test_tables_name_the_machine_their_rows_were_measured_on():
     other = dict(machine, cpu_capability="AVX512", torch_threads=2)
     assert readme_tables.machine_line([rows[0], dict(model="x", machine=other)]).count("logical CPUs") == 2
     assert readme_tables.machine_line([dict(model="rtdetr_r18")]) == ""
+    tuned = dict(machine, allocator="glibc 2.36 malloc (mmap_threshold=268435456)")
+    assert readme_tables.machine_line([dict(model="x", machine=tuned)]).endswith(
+        "torch 2.14.1, glibc 2.36 malloc (mmap_threshold=268435456).\n")

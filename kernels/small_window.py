@@ -16,7 +16,8 @@ three times its forward. With few keys per query it is cheaper to visit the wind
 Every pass is written as gathers and elementwise products that ``torch.compile``'s C++ backend fuses into
 loops over rows, so no ``[N, S, D]`` gather is ever materialised. Compiled on first use per slot bucket
 and head shape (batch and token counts symbolic: see ``_run``), computed in fp32 (fp16/bf16 inputs are
-upcast; fp64 stays on the tiled path, whose double-precision gradients the tests check). Softmax scores only; sigmoid scores take the tiled path.
+upcast; fp64 stays on the tiled path, whose double-precision gradients the tests check). Softmax scores
+only; sigmoid scores take the tiled path.
 Without a working compiler, or with ``VISIONATTN_NA_COMPILE=0``, the tiled path runs instead.
 """
 from __future__ import annotations

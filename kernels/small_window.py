@@ -231,8 +231,8 @@ def small_window_backward(dout, dlse, q, k, v, rpb, out, lse, params: NAParams):
     h = q.shape[-2]
     if dlse is not None:
         dlse_flat = dlse.reshape(B, -1, h).float().detach()
-    else:
-        dlse_flat = q.new_zeros(B, 1, h, dtype=torch.float32)
+    else:  # full size, not [B, 1, h]: a size-1 axis would be compiled apart, doubling the pass's compilations
+        dlse_flat = q.new_zeros(B, tables.key.shape[0], h, dtype=torch.float32)
     with torch.no_grad():
         res = _run(("backward", S), _backward_pass, _flat(dout), dlse_flat, _flat(q), _flat(k), _flat(v), _flat(out),
                    lse.reshape(B, -1, h).float().detach(), tables.key, tables.valid, bias, tables.rel, scale,

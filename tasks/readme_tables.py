@@ -39,6 +39,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from visionattn import registry
 from visionattn.registry import TASKS, ReportedFigures
+from visionattn.tasks.runtime import KEEP_MEMORY_TUNABLES
 
 START = "<!-- models-table:start -->"
 END = "<!-- models-table:end -->"
@@ -49,9 +50,8 @@ BENCH_DIR = README.parent / "docs" / "bench"
 BENCH_TABLES = {
     "kernels-cpu": ("kernels-cpu.json",
                     "visionattn bench kernels --threads 1 --json docs/bench/kernels-cpu.json --overwrite"),
-    "kernels-cpu-malloc": ("kernels-cpu-malloc.json",
-                           "GLIBC_TUNABLES=glibc.malloc.mmap_threshold=268435456:glibc.malloc.trim_threshold=1073741824 "
-                           "visionattn bench kernels --threads 1 --json docs/bench/kernels-cpu-malloc.json --overwrite"),
+    "kernels-cpu-malloc": ("kernels-cpu-malloc.json", f"GLIBC_TUNABLES={KEEP_MEMORY_TUNABLES} visionattn bench kernels "
+                                                      "--threads 1 --json docs/bench/kernels-cpu-malloc.json --overwrite"),
     "linear-cpu": ("linear-cpu.json", "visionattn bench kernels --threads 1 --problems linear-4096,linear-16384 "
                                       "--json docs/bench/linear-cpu.json --overwrite"),
     "detectors-cpu": ("detectors-cpu.json",

@@ -70,13 +70,18 @@ def all_gather_lists(items: list) -> list:
     return [x for part in parts for x in part]
 
 
+# glibc told to keep freed memory (large blocks from its heap, none handed back under 1 GiB): the setting
+# the README's second kernel table was measured with
+KEEP_MEMORY_TUNABLES = "glibc.malloc.mmap_threshold=268435456:glibc.malloc.trim_threshold=1073741824"
+
+
 def memory_allocator() -> str:
     """The C allocator behind PyTorch's CPU tensors, as timings depend on it: a jemalloc, tcmalloc or mimalloc
     mapped into the process (``LD_PRELOAD``), else glibc's malloc with the thresholds the environment sets.
     With glibc's defaults a freed block of more than a few MiB goes back to the system and the next one
     page-faults in afresh, which can dominate code that allocates large temporaries (the naive gather's
     forward+backward at 56x56, K=7, one thread: 552 ms with the defaults, 143 ms with
-    ``GLIBC_TUNABLES=glibc.malloc.mmap_threshold=268435456:glibc.malloc.trim_threshold=1073741824``)."""
+    ``GLIBC_TUNABLES=`` :data:`KEEP_MEMORY_TUNABLES`)."""
     import platform
 
     try:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from visionattn.cli import main
+from visionattn.tasks.runtime import KEEP_MEMORY_TUNABLES
 
 
 def test_bench_models_compare_timm(capsys, tmp_path):
@@ -42,8 +43,7 @@ def test_machine_record_names_the_memory_allocator_and_its_thresholds():
         return run.stdout.strip()
 
     assert allocator().endswith(" malloc (default thresholds)")
-    tuned = "glibc.malloc.mmap_threshold=268435456:glibc.malloc.trim_threshold=1073741824"
-    assert allocator(GLIBC_TUNABLES=tuned).endswith(" malloc (mmap_threshold=268435456, trim_threshold=1073741824)")
+    assert allocator(GLIBC_TUNABLES=KEEP_MEMORY_TUNABLES).endswith(" malloc (mmap_threshold=268435456, trim_threshold=1073741824)")
     assert allocator(MALLOC_TRIM_THRESHOLD_="65536").endswith(" malloc (trim_threshold=65536)")
 
 

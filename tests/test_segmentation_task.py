@@ -458,6 +458,7 @@ DDP_PER_CASE = """
 import json, sys
 import torch
 import torch.distributed as dist
+from visionattn.tasks.runtime import dist_setup
 from visionattn.tasks.segmentation import SegmentationTask
 
 class ReadsLabelFromImage(torch.nn.Module):  # the image holds the prediction's label map
@@ -481,13 +482,12 @@ def evaluate(rank, world):
     metrics = task.evaluate(ReadsLabelFromImage(), Cases(), rank, world, "cpu", None, 2, per_case=rows)
     return metrics, rows
 
-dist.init_process_group("gloo")
+dist_setup("cpu")  # the trainer's set-up: gloo, and a barrier before the group is torn down at exit
 both = evaluate(dist.get_rank(), dist.get_world_size())
 alone = evaluate(0, 1)
 ok = (both[1] == alone[1] and [r["case"] for r in both[1]] == [f"case_{{k}}" for k in range(5)]
       and all(abs(both[0][name] - alone[0][name]) < 1e-9 for name in alone[0]))  # sums in another order
 open(f"{out}/rank{{dist.get_rank()}}.txt", "w").write(json.dumps([ok, both[1]]))
-dist.destroy_process_group()
 """
 
 

@@ -584,6 +584,10 @@ class SegmentationTask:
         (default 1, in the units of ``data.spacing``: mm for the MSD recipes, pixels without a spacing) of the
         other boundary.
 
+        ``dice_pooled_LABEL`` (and their mean, ``dice_pooled``): Dice of the voxels of all cases taken together,
+        ``2 TP / (2 TP + FP + FN)`` with the counts summed over cases, as the retinal-vessel literature reports
+        its F1 over a test set (large cases weigh more; a hard small case weighs less than in the mean).
+
         ``inference.tta: true`` averages each case's prediction over the mirrorings along the axes the recipe
         flipped in training (:func:`mirror_axes`), as ``segment --tta`` does (nnU-Net validates this way).
         """
@@ -600,6 +604,7 @@ class SegmentationTask:
         names = dataset_classes(dataset)[1:]
         sums, counts = [0.0] * (n_classes - 1), [0.0] * (n_classes - 1)
         nsd_sums, nsd_counts = [0.0] * (n_classes - 1), [0.0] * (n_classes - 1)
+        overlap, sizes = [0.0] * (n_classes - 1), [0.0] * (n_classes - 1)  # pooled: sum of TP, of |pred| + |truth|
         rows: list[tuple[int, dict]] = []  # (case index, its metrics) for per_case
         for i in range(rank, len(dataset), world):
             image, label = dataset[i]
@@ -610,6 +615,10 @@ class SegmentationTask:
                 probs = torch.nn.functional.interpolate(probs.float(), size=list(label.shape[1:]), mode="area")
             pred = probs.argmax(1, keepdim=True)
             scores = metric(pred, label[None].long())[0]
+            for c in range(1, n_classes):
+                in_pred, in_truth = pred == c, label[None] == c
+                overlap[c - 1] += float((in_pred & in_truth).sum())
+                sizes[c - 1] += float(in_pred.sum() + in_truth.sum())
             one_hot = [torch.nn.functional.one_hot(t[:, 0].long(), n_classes).movedim(-1, 1) for t in (pred, label[None])]
             with warnings.catch_warnings():  # an empty label in a case is expected (its NSD is nan, skipped)
                 warnings.filterwarnings("ignore", message=".*is all 0, this may result in nan/inf distance")
@@ -631,17 +640,19 @@ class SegmentationTask:
             gathered = all_gather_lists(rows) if world > 1 else rows  # (world 1: this process validated all)
             per_case.extend(row for _, row in sorted(gathered, key=lambda r: r[0]))
         k = n_classes - 1
-        reduced = all_reduce_sum(sums + counts + nsd_sums + nsd_counts, device)
+        reduced = all_reduce_sum(sums + counts + nsd_sums + nsd_counts + overlap + sizes, device)
         dice = {f"dice_{name}": (s / c if c else float("nan"))
                 for name, s, c in zip(names, reduced[:k], reduced[k:2 * k])}
         nsd = {f"nsd_{name}": (s / c if c else float("nan"))
-               for name, s, c in zip(names, reduced[2 * k:3 * k], reduced[3 * k:])}
+               for name, s, c in zip(names, reduced[2 * k:3 * k], reduced[3 * k:4 * k])}
+        pooled = {f"dice_pooled_{name}": (2 * o / n if n else float("nan"))
+                  for name, o, n in zip(names, reduced[4 * k:5 * k], reduced[5 * k:])}
 
         def mean(values: dict) -> float:
             valid = [v for v in values.values() if not math.isnan(v)]
             return sum(valid) / len(valid) if valid else 0.0
 
-        return {"dice": mean(dice), **dice, "nsd": mean(nsd), **nsd}
+        return {"dice": mean(dice), **dice, "nsd": mean(nsd), **nsd, "dice_pooled": mean(pooled), **pooled}
 
 
 def dataset_roi(dataset) -> list[int]:

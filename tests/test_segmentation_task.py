@@ -393,6 +393,49 @@ def test_validation_surface_dice_matches_its_definition(tolerance):
     assert got["dice"] < 1
 
 
+def test_pooled_dice_counts_the_voxels_of_all_cases_together():
+    """``dice_pooled_LABEL``: 2 TP / (|pred| + |truth|) with the counts summed over cases. A small case predicted
+    badly and a large one predicted well: the pooled figure is near the large case's, the mean of the cases'
+    Dice is not; both against counts taken here with numpy."""
+    class ReadsLabelFromImage(torch.nn.Module):  # the image holds a label map: logits are its one-hot
+        def forward(self, x):
+            return torch.nn.functional.one_hot(x[:, 0].round().long(), 3).movedim(-1, 1).float() * 10
+
+    big_truth = torch.zeros(1, 20, 24, 18, dtype=torch.uint8)
+    big_truth[0, 2:18, 2:22, 2:16] = 1
+    big_truth[0, 8:12, 8:12, 8:12] = 2
+    big_pred = big_truth.clone()
+    big_pred[0, 2:4] = 0  # two slices of label 1 missed
+    small_truth = torch.zeros(1, 16, 16, 16, dtype=torch.uint8)
+    small_truth[0, 4:8, 4:8, 4:8] = 1
+    small_truth[0, 10:12, 10:12, 10:12] = 2
+    small_pred = torch.roll(small_truth, shifts=(2, 1), dims=(1, 2))  # half of label 1 overlaps, label 2: 1/4
+    cases = [(big_pred, big_truth), (small_pred, small_truth)]
+
+    class Cases(torch.utils.data.Dataset):
+        data_cfg = dict(HIPPO, roi_size=[16, 16, 16])
+
+        def __len__(self):
+            return len(cases)
+
+        def __getitem__(self, i):
+            return cases[i][0].float(), cases[i][1]
+
+    task = SegmentationTask()
+    task.inference = {"overlap": 0.5, "mode": "constant", "sw_batch_size": 2}
+    got = task.evaluate(ReadsLabelFromImage(), Cases(), 0, 1, "cpu", nullcontext, 2)
+    for c, name in ((1, "anterior"), (2, "posterior")):
+        preds = [(p[0] == c).numpy() for p, _ in cases]
+        truths = [(t[0] == c).numpy() for _, t in cases]
+        tp = sum(int((p & t).sum()) for p, t in zip(preds, truths))
+        size = sum(int(p.sum() + t.sum()) for p, t in zip(preds, truths))
+        per_case = [2 * (p & t).sum() / (p.sum() + t.sum()) for p, t in zip(preds, truths)]
+        assert got[f"dice_pooled_{name}"] == pytest.approx(2 * tp / size, abs=1e-9)
+        assert got[f"dice_{name}"] == pytest.approx(float(np.mean(per_case)), abs=1e-6)
+        assert got[f"dice_pooled_{name}"] > got[f"dice_{name}"] + 0.1  # the large, good case weighs more
+    assert got["dice_pooled"] == pytest.approx((got["dice_pooled_anterior"] + got["dice_pooled_posterior"]) / 2)
+
+
 def test_mirroring_tta_is_exact_for_a_mirror_symmetric_network():
     net = torch.nn.Conv3d(1, 3, 1).eval()
     x = torch.randn(1, 1, 20, 24, 18)

@@ -359,14 +359,17 @@ def _brute_force_nsd(pred: np.ndarray, truth: np.ndarray, tolerance: float, spac
     return float(((to_t[bp] <= tolerance).sum() + (to_p[bt] <= tolerance).sum()) / (bp.sum() + bt.sum()))
 
 
+class _ReadsLabelFromImage(torch.nn.Module):
+    """A "network" whose image holds a label map (3 labels): its logits are that map's one-hot."""
+
+    def forward(self, x):
+        return torch.nn.functional.one_hot(x[:, 0].round().long(), 3).movedim(-1, 1).float() * 10
+
+
 @pytest.mark.parametrize("tolerance", [1.0, 2.0])
 def test_validation_surface_dice_matches_its_definition(tolerance):
     """NSD in the validation metrics against a brute-force surface Dice, for a prediction that is the label
     shifted by one voxel along one axis and two along another (anisotropic spacing)."""
-    class ReadsLabelFromImage(torch.nn.Module):  # the image holds a label map: logits are its one-hot
-        def forward(self, x):
-            return torch.nn.functional.one_hot(x[:, 0].round().long(), 3).movedim(-1, 1).float() * 10
-
     truth = torch.zeros(1, 20, 24, 18, dtype=torch.uint8)
     truth[0, 4:12, 5:15, 4:12] = 1
     truth[0, 12:16, 8:20, 6:14] = 2
@@ -383,7 +386,7 @@ def test_validation_surface_dice_matches_its_definition(tolerance):
 
     task = SegmentationTask()
     task.inference = {"overlap": 0.5, "mode": "constant", "sw_batch_size": 2, "nsd_tolerance": tolerance}
-    got = task.evaluate(ReadsLabelFromImage(), Cases(), 0, 1, "cpu", nullcontext, 2)
+    got = task.evaluate(_ReadsLabelFromImage(), Cases(), 0, 1, "cpu", nullcontext, 2)
     spacing = (1.0, 0.7, 1.5)
     want = [_brute_force_nsd((pred[0] == c).numpy(), (truth[0] == c).numpy(), tolerance, spacing) for c in (1, 2)]
     assert all(0 < w <= 1 for w in want) and (tolerance > 1 or max(want) < 1)
@@ -397,10 +400,6 @@ def test_pooled_dice_counts_the_voxels_of_all_cases_together():
     """``dice_pooled_LABEL``: 2 TP / (|pred| + |truth|) with the counts summed over cases. A small case predicted
     badly and a large one predicted well: the pooled figure is near the large case's, the mean of the cases'
     Dice is not; both against counts taken here with numpy."""
-    class ReadsLabelFromImage(torch.nn.Module):  # the image holds a label map: logits are its one-hot
-        def forward(self, x):
-            return torch.nn.functional.one_hot(x[:, 0].round().long(), 3).movedim(-1, 1).float() * 10
-
     big_truth = torch.zeros(1, 20, 24, 18, dtype=torch.uint8)
     big_truth[0, 2:18, 2:22, 2:16] = 1
     big_truth[0, 8:12, 8:12, 8:12] = 2
@@ -423,7 +422,7 @@ def test_pooled_dice_counts_the_voxels_of_all_cases_together():
 
     task = SegmentationTask()
     task.inference = {"overlap": 0.5, "mode": "constant", "sw_batch_size": 2}
-    got = task.evaluate(ReadsLabelFromImage(), Cases(), 0, 1, "cpu", nullcontext, 2)
+    got = task.evaluate(_ReadsLabelFromImage(), Cases(), 0, 1, "cpu", nullcontext, 2)
     for c, name in ((1, "anterior"), (2, "posterior")):
         preds = [(p[0] == c).numpy() for p, _ in cases]
         truths = [(t[0] == c).numpy() for _, t in cases]

@@ -496,6 +496,24 @@ def test_drive_recipe_trains_two_steps(shared_data, tmp_path, monkeypatch):
     visionattn.load_checkpoint(model, str(out / "model.safetensors"))  # shared tensors load strictly
 
 
+
+def test_drive_monai_unet_baseline_recipe_trains_one_step(shared_data, tmp_path, monkeypatch):
+    """The DRIVE baseline recipe: the EMCAD recipe's data and training with MONAI's UNet in place of the model,
+    at full resolution (data.zoom 1), its weights a MONAI UNet's."""
+    from monai.networks.nets import UNet
+
+    monkeypatch.chdir(REPO)
+    out = tmp_path / "drive_unet"
+    assert main(["train", "configs/segmentation/drive_monai_unet.yaml", f"output_dir={out}", "train.max_steps=1",
+                 "train.max_minutes=null", "train.schedule_by_time=false", "train.batch_size=2",
+                 "data.roi_size=[128,128]", "data.max_train_cases=2"]) == 0
+    config = Run.load(out).config
+    assert config["data"]["zoom"] == 1 and config["data"]["labels"] == ["background", "vessel"]
+    assert "dice_pooled_vessel" in json.loads((out / "summary.json").read_text())["best"]
+    unet = UNet(spatial_dims=2, in_channels=3, out_channels=2, channels=[32, 64, 128, 256], strides=[2, 2, 2],
+                num_res_units=2)
+    visionattn.load_checkpoint(unet, str(out / "model.safetensors"))
+
 DDP_PER_CASE = """
 import json, sys
 import torch

@@ -615,11 +615,12 @@ class SegmentationTask:
                 probs = torch.nn.functional.interpolate(probs.float(), size=list(label.shape[1:]), mode="area")
             pred = probs.argmax(1, keepdim=True)
             scores = metric(pred, label[None].long())[0]
-            for c in range(1, n_classes):
-                in_pred, in_truth = pred == c, label[None] == c
-                overlap[c - 1] += float((in_pred & in_truth).sum())
-                sizes[c - 1] += float(in_pred.sum() + in_truth.sum())
             one_hot = [torch.nn.functional.one_hot(t[:, 0].long(), n_classes).movedim(-1, 1) for t in (pred, label[None])]
+            voxels = tuple(range(2, one_hot[0].dim()))  # pooled Dice: this case's TP and |pred| + |truth| per label
+            tp = (one_hot[0] & one_hot[1]).sum(voxels)[0, 1:].tolist()
+            both = (one_hot[0] + one_hot[1]).sum(voxels)[0, 1:].tolist()
+            overlap = [a + b for a, b in zip(overlap, tp)]
+            sizes = [a + b for a, b in zip(sizes, both)]
             with warnings.catch_warnings():  # an empty label in a case is expected (its NSD is nan, skipped)
                 warnings.filterwarnings("ignore", message=".*is all 0, this may result in nan/inf distance")
                 warnings.filterwarnings("ignore", message=".*always_return_as_numpy", category=FutureWarning)

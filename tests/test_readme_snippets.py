@@ -384,11 +384,13 @@ COMMANDS: dict[str, Cmd] = {
         Cmd("run", expect=(r"wrote docs/hippocampus_segresnet_dice_vs_time\.png",), setup=("results_tree",),
             files=("docs/hippocampus_segresnet_dice_vs_time.png",)),
     "visionattn curves docs/results/neu_det_rtdetr_r18 docs/results/neu_det_dfir_detr "
-    "docs/results/neu_det_rtdetr_r18_2threads docs/results/neu_det_dfir_detr_2threads -o docs/neu_det_map_vs_time.png": Cmd(
+    "docs/results/neu_det_rtdetr_r18_2threads docs/results/neu_det_dfir_detr_2threads docs/results/neu_det_dfir_detr_1thread_3h "
+    "-o docs/neu_det_map_vs_time.png": Cmd(
         "run", expect=(r"(?m)^\| docs/results/neu_det_rtdetr_r18 \| 120\.0 \| 2315 \| 0\.4628 \|",
                        r"(?m)^\| docs/results/neu_det_dfir_detr \| 120\.0 \| 2378 \| 0\.4527 \|",
                        r"(?m)^\| docs/results/neu_det_rtdetr_r18_2threads \| 90\.0 \| 2295 \| 0\.5156 \|",
                        r"(?m)^\| docs/results/neu_det_dfir_detr_2threads \| 90\.0 \| 2035 \| 0\.4953 \|",
+                       r"(?m)^\| docs/results/neu_det_dfir_detr_1thread_3h \| 180\.0 \| 2898 \| 0\.5257 \|",
                        r"wrote docs/neu_det_map_vs_time\.png"),
         setup=("results_tree",), files=("docs/neu_det_map_vs_time.png",)),
     "visionattn bench detectors": Cmd(

@@ -109,13 +109,14 @@ def summarise(per_fold: dict[int, dict]) -> dict:
 def format_table(report: dict) -> str:
     folds = report["folds"]
     names = list(report["mean"])
-    head = f"{'fold':<6}{'cases':>6}{'steps':>7}{'train min':>10}" + "".join(f"{n:>16}" for n in names)
+    widths = [max(16, len(n) + 2) for n in names]  # a metric's name never runs into the one before it
+    head = f"{'fold':<6}{'cases':>6}{'steps':>7}{'train min':>10}" + "".join(f"{n:>{w}}" for n, w in zip(names, widths))
     lines = [head]
     for k, f in folds.items():
         lines.append(f"{k:<6}{f['cases']:>6}{f['steps']:>7}{f['train_minutes']:>10.1f}"
-                     + "".join(f"{f[n]:>16.4f}" for n in names))
+                     + "".join(f"{f[n]:>{w}.4f}" for n, w in zip(names, widths)))
     lines.append(f"{'mean':<6}{report['cases']:>6}{'':>7}{report['train_minutes']:>10.1f}"
-                 + "".join(f"{report['mean'][n]:>9.4f}+-{report['std'][n]:.3f}"[:16].rjust(16) for n in names))
+                 + "".join(f"{report['mean'][n]:.4f}+-{report['std'][n]:.3f}".rjust(w) for n, w in zip(names, widths)))
     return "\n".join(lines)
 
 

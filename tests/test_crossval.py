@@ -142,3 +142,19 @@ def test_validation_with_test_time_mirroring_changes_a_trained_models_prediction
         dice[tta] = json.loads(capsys.readouterr().out)["dice"]
     assert dice["false"] > 0.75 and dice["true"] > 0.75, dice
     assert dice["true"] != dice["false"], dice
+
+
+def test_report_table_keeps_long_metric_names_apart_and_in_their_columns():
+    from visionattn.tasks.crossval import format_table, summarise
+
+    names = ["dice", "dice_vessel", "dice_pooled", "dice_pooled_vessel", "nsd_pooled_posterior_hippocampus"]
+    per_fold = {k: {"cases": 4, "steps": 1288 + k, "train_minutes": 20.0, **{n: 0.8 + 0.01 * k + 0.001 * i
+                                                                             for i, n in enumerate(names)}}
+                for k in range(3)}
+    lines = format_table(summarise(per_fold)).splitlines()
+    assert lines[0].split() == ["fold", "cases", "steps", "train", "min", *names]
+    ends = [i + 1 for i, c in enumerate(lines[0]) if c != " " and (i + 1 == len(lines[0]) or lines[0][i + 1] == " ")]
+    for line in lines[1:]:  # every figure ends where its column's name ends
+        assert len(line) == len(lines[0])
+        assert all(line[e - 1] != " " and (e == len(line) or line[e] == " ") for e in ends[-len(names):])
+    assert lines[-1].split()[-1] == "0.8140+-0.010"

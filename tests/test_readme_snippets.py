@@ -383,6 +383,11 @@ COMMANDS: dict[str, Cmd] = {
     "visionattn crossval --plot docs/hippocampus_segresnet_dice_vs_time.png docs/results/hippocampus_cv_monai_segresnet":
         Cmd("run", expect=(r"wrote docs/hippocampus_segresnet_dice_vs_time\.png",), setup=("results_tree",),
             files=("docs/hippocampus_segresnet_dice_vs_time.png",)),
+    "visionattn crossval configs/segmentation/drive_emcad.yaml train.threads=1 train.max_minutes=20 --folds 5 -o "
+    "runs/drive_cv_emcad20": Cmd("start", expect=(TRAIN_STEP,), data=True, slow=True),
+    "visionattn crossval --plot docs/drive_cv_dice_vs_time.png docs/results/drive_cv_emcad20":
+        Cmd("run", expect=(r"wrote docs/drive_cv_dice_vs_time\.png",), setup=("results_tree",),
+            files=("docs/drive_cv_dice_vs_time.png",)),
     "visionattn curves docs/results/neu_det_rtdetr_r18 docs/results/neu_det_dfir_detr "
     "docs/results/neu_det_rtdetr_r18_2threads docs/results/neu_det_dfir_detr_2threads docs/results/neu_det_dfir_detr_1thread_3h "
     "-o docs/neu_det_map_vs_time.png": Cmd(

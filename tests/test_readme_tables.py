@@ -185,3 +185,27 @@ def test_tables_name_the_machine_their_rows_were_measured_on():
     tuned = dict(machine, allocator="glibc 2.36 malloc (mmap_threshold=268435456)")
     assert readme_tables.machine_line([dict(model="x", machine=tuned)]).endswith(
         "torch 2.14.1, glibc 2.36 malloc (mmap_threshold=268435456).\n")
+
+
+def test_drive_cross_validation_table_is_the_reports():
+    """The DRIVE cross-validation table's figures are those of the reports kept in docs/results (no hand copy)."""
+    import json
+
+    results = README.parent / "docs" / "results"
+    plain = json.loads((results / "drive_cv_emcad20.json").read_text())
+    tta = json.loads((results / "drive_cv_emcad20_tta.json").read_text())
+    text = README.read_text(encoding="utf-8")
+    table = text[text.index("| fold | validation images | steps | vessel Dice |"):]
+    table = table[:table.index("\n\n")].splitlines()[2:]
+    assert len(table) == 6, table
+    for line, (k, fold) in zip(table, plain["folds"].items()):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        cases = sorted((c["case"] for c in plain["per_case"] if c["fold"] == int(k)), key=int)
+        assert cells[0].split()[0] == k and cells[1] == ", ".join(cases)
+        assert cells[2] == f"{fold['steps']:,}"
+        assert cells[3:] == [f"{fold['dice_vessel']:.3f}", f"{tta['folds'][k]['dice_vessel']:.3f}",
+                             f"{fold['nsd_vessel']:.3f}"], line
+    cells = [c.strip() for c in table[-1].strip("|").split("|")]
+    assert cells[3] == f"**{plain['case_weighted_mean']['dice_vessel']:.3f}** +- {plain['std']['dice_vessel']:.3f}"
+    assert cells[4] == f"**{tta['case_weighted_mean']['dice_vessel']:.3f}** +- {tta['std']['dice_vessel']:.3f}"
+    assert cells[5] == f"{plain['case_weighted_mean']['nsd_vessel']:.3f}"

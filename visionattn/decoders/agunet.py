@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from visionattn.layers.segmentation import crop_to, drop_deep_supervision_heads, exporting, pad_to_multiple
 from visionattn.registry import register_model
 
 __all__ = ["AttentionGate", "DualAttention", "AttentionUNet"]
@@ -76,46 +77,6 @@ class AttentionGate(nn.Module):
         return x * self.psi(F.relu(torch.cat([self.w_g(g), self.w_x(x)], dim=1)))
 
 
-def _pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
-    """``x [B, C, *S]`` zero-padded at the end of every spatial axis up to a multiple of ``multiple``; always
-    applied (zero where a side fits), so traced and exported graphs have no size-dependent branch."""
-    pad: List[int] = []
-    spatial = x.shape[2:]
-    for i in range(len(spatial) - 1, -1, -1):  # F.pad lists the last axis first
-        pad.append(0)
-        pad.append((multiple - spatial[i] % multiple) % multiple)
-    return F.pad(x, pad)
-
-
-def _crop_to(x: torch.Tensor, size: List[int]) -> torch.Tensor:
-    """The first ``size[i]`` entries of every spatial axis ``i`` of ``x [B, C, *S]`` (by ``index_select``: a
-    slice that may span the whole axis would let ``torch.export`` specialise on the padding)."""
-    for i in range(len(size)):
-        x = x.index_select(2 + i, torch.arange(size[i], device=x.device))
-    return x
-
-
-@torch.jit.unused
-def _exporting() -> bool:
-    """True while ``torch.jit.trace``, an ONNX export or ``torch.export`` captures the model: the neighborhood
-    bottleneck then takes its plain-PyTorch path instead of the custom kernel, which those graphs cannot hold."""
-    is_exporting = getattr(getattr(torch, "compiler", None), "is_exporting", None)
-    return bool(torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or (is_exporting is not None and is_exporting()))
-
-
-def _drop_deep_supervision_heads(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                 error_msgs) -> None:
-    """``load_state_dict`` pre-hook: a network built without deep supervision drops the auxiliary heads'
-    weights (every ``heads.i`` but the last, finest one) of a run trained with it; they take no part in
-    its output."""
-    if module.deep_supervision:
-        return
-    head_prefix, keep = prefix + "heads.", str(len(module.heads) - 1)
-    for key in [k for k in state_dict if k.startswith(head_prefix)]:
-        if key[len(head_prefix):].split(".", 1)[0] != keep:
-            del state_dict[key]
-
-
 def _window_index(positions: torch.Tensor, kernel_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """One axis of NATTEN's non-causal windows (stride 1, dilation 1) as ``(index [L, K], valid [L, K])``:
     query ``i`` sees keys ``start_i .. start_i + K - 1`` with ``start_i = clamp(i - K // 2, 0, L - K)``; on an
@@ -154,7 +115,7 @@ class PositionAttention(nn.Module):
             out = (v.flatten(2) @ attn.transpose(1, 2)).reshape(v.shape)
         elif torch.jit.is_scripting():
             out = self.windowed(q, k, v)
-        elif _exporting():
+        elif exporting():
             out = self.windowed(q, k, v)
         else:
             out = self._kernel(q, k, v)
@@ -300,14 +261,14 @@ class AttentionUNet(nn.Module):
             prev = f
         self.pool = _nd(spatial_dims, "MaxPool")(2)
         self.avg = _nd(spatial_dims, "AvgPool")(2)
-        self.register_load_state_dict_pre_hook(_drop_deep_supervision_heads)
+        self.register_load_state_dict_pre_hook(drop_deep_supervision_heads)
 
     def forward(self, x: torch.Tensor) -> Union[torch.Tensor, List[torch.Tensor]]:
         if x.dim() != self.spatial_dims + 2 or x.shape[1] != self.in_channels:
             raise ValueError(f"AttentionUNet({self.spatial_dims}-D) expects [B, {self.in_channels}, "
                              f"{', '.join(['X'] * self.spatial_dims)}], got {list(x.shape)}")
         size = x.shape[2:]
-        x = _pad_to_multiple(x, self.size_divisible)
+        x = pad_to_multiple(x, self.size_divisible)
         pyramid: List[torch.Tensor] = []  # the input pyramid for encoder levels 1 .. L-1
         scaled = x
         for conv in self.pyramid:
@@ -338,13 +299,13 @@ class AttentionUNet(nn.Module):
             for d, (up, decoder) in enumerate(zip(self.ups, self.decoders)):
                 h = decoder(torch.cat([skips[self.levels - 1 - d], up(h)], dim=1))
                 decoded.append(h)
-        finest = _crop_to(self.heads[-1](h), size)
+        finest = crop_to(self.heads[-1](h), size)
         if self.training and self.deep_supervision:
             outs = [finest]
             for d, head in enumerate(self.heads):
                 scale = 1 << (self.levels - 1 - d)
                 if scale > 1:  # coarser levels, deepest first: each goes in right after the finest
-                    outs.insert(1, _crop_to(head(decoded[d]), [-(-s // scale) for s in size]))
+                    outs.insert(1, crop_to(head(decoded[d]), [-(-s // scale) for s in size]))
             return outs
         return finest
 

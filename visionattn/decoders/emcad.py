@@ -31,40 +31,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from visionattn.layers.segmentation import crop_to, drop_deep_supervision_heads, pad_to_multiple
 from visionattn.layers.shuffle import channel_shuffle
 from visionattn.registry import ReportedFigures, register_model
 
 __all__ = ["EMCADDecoder", "EMCADNet", "MutationLoss", "mutation_loss"]
 
 PAPER = "Rahman, Munir & Marculescu, EMCAD: Efficient Multi-scale Convolutional Attention Decoding for Medical Image Segmentation, CVPR 2024, arXiv:2405.06880"
-
-
-def _pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
-    """``x [B, C, H, W]`` zero-padded at the bottom and right up to multiples of ``multiple``; always applied
-    (zero where a side fits), so traced and exported graphs have no size-dependent branch."""
-    H, W = x.shape[2], x.shape[3]
-    return F.pad(x, [0, (multiple - W % multiple) % multiple, 0, (multiple - H % multiple) % multiple])
-
-
-def _crop_to(x: torch.Tensor, size: List[int]) -> torch.Tensor:
-    """The first ``size[i]`` entries of every spatial axis ``i`` of ``x [B, C, *S]`` (by ``index_select``: a
-    slice that may span the whole axis would let ``torch.export`` specialise on the padding)."""
-    for i in range(len(size)):
-        x = x.index_select(2 + i, torch.arange(size[i], device=x.device))
-    return x
-
-
-def _drop_deep_supervision_heads(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                 error_msgs) -> None:
-    """``load_state_dict`` pre-hook: a network built without deep supervision drops the auxiliary heads'
-    weights (every ``heads.i`` but the last, finest one) of a run trained with it; they take no part in
-    its output."""
-    if module.deep_supervision:
-        return
-    head_prefix, keep = prefix + "heads.", str(len(module.heads) - 1)
-    for key in [k for k in state_dict if k.startswith(head_prefix)]:
-        if key[len(head_prefix):].split(".", 1)[0] != keep:
-            del state_dict[key]
 
 
 class MSDC(nn.Module):
@@ -263,23 +236,23 @@ class EMCADNet(nn.Module):
         # auxiliary heads are placeholders without deep supervision
         self.heads = nn.ModuleList(nn.Conv2d(c, out_channels, 1) if deep_supervision or i == 3 else nn.Identity()
                                    for i, c in enumerate(channels[::-1]))
-        self.register_load_state_dict_pre_hook(_drop_deep_supervision_heads)
+        self.register_load_state_dict_pre_hook(drop_deep_supervision_heads)
 
     def forward(self, x: torch.Tensor) -> Union[torch.Tensor, List[torch.Tensor]]:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"EMCADNet expects [B, {self.in_channels}, H, W], got {list(x.shape)}")
         size = x.shape[2:]
-        x = _pad_to_multiple(x, self.size_divisible)
+        x = pad_to_multiple(x, self.size_divisible)
         padded = x.shape[2:]
         feats = self.encoder(self.stem(x))  # [x1, x2, x3, x4]
         decoded = self.decoder(feats[3], [feats[2], feats[1], feats[0]])  # [d4, d3, d2, d1]
-        finest = _crop_to(F.interpolate(self.heads[-1](decoded[3]), size=padded, mode="bilinear",
+        finest = crop_to(F.interpolate(self.heads[-1](decoded[3]), size=padded, mode="bilinear",
                                         align_corners=False), size)
         if self.training and self.deep_supervision:
             outs = [finest]
             for i, head in enumerate(self.heads):  # deepest first: each goes in right after the finest
                 if i < 3:
-                    outs.insert(1, _crop_to(F.interpolate(head(decoded[i]), size=padded, mode="bilinear",
+                    outs.insert(1, crop_to(F.interpolate(head(decoded[i]), size=padded, mode="bilinear",
                                                           align_corners=False), size))
             return outs
         return finest

@@ -66,6 +66,7 @@ from torch import nn
 from visionattn.kernels.backends import check_backend
 from visionattn.kernels.linear_attention import linear_attention
 from visionattn.layers.classifier import init_vit_weights
+from visionattn.layers.segmentation import crop_to, exporting, pad_to_multiple
 from visionattn.registry import ReportedFigures, register_model
 
 __all__ = ["CEEncoder", "DLABlock", "DualGatedLinearAttention", "HERSeg", "MEDecoder", "MBConv", "MetaPooling",
@@ -75,28 +76,6 @@ PAPER = ("Xu et al., HER-Seg: Holistically Efficient Segmentation for High-Resol
          "(v1: HRMedSeg), arXiv:2504.06205")
 
 PATCH_SIZE = 16
-
-
-def _pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
-    """``x [B, C, H, W]`` zero-padded at the bottom and right up to multiples of ``multiple``; always applied
-    (zero where a side fits), so traced and exported graphs have no size-dependent branch."""
-    H, W = x.shape[2], x.shape[3]
-    return F.pad(x, [0, (multiple - W % multiple) % multiple, 0, (multiple - H % multiple) % multiple])
-
-
-def _crop_to(x: torch.Tensor, size: List[int]) -> torch.Tensor:
-    """The first ``size[i]`` entries of every spatial axis ``i`` of ``x [B, C, *S]`` (by ``index_select``: a
-    slice that may span the whole axis would let ``torch.export`` specialise on the padding)."""
-    for i in range(len(size)):
-        x = x.index_select(2 + i, torch.arange(size[i], device=x.device))
-    return x
-
-
-@torch.jit.unused
-def _exporting() -> bool:
-    """True while ``torch.jit.trace``, an ONNX export or ``torch.export`` captures the model."""
-    is_exporting = getattr(getattr(torch, "compiler", None), "is_exporting", None)
-    return bool(torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or (is_exporting is not None and is_exporting()))
 
 
 def linear_attention_plain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_rot: torch.Tensor, k_rot: torch.Tensor,
@@ -195,7 +174,7 @@ class DualGatedLinearAttention(nn.Module):
         q, k, v_heads = q.view(heads), k.view(heads), v.view(heads)
         if torch.jit.is_scripting():
             out = linear_attention_plain(q, k, v_heads, q_rot, k_rot, self.eps)
-        elif _exporting():
+        elif exporting():
             out = linear_attention_plain(q, k, v_heads, q_rot, k_rot, self.eps)
         else:
             out = self._kernel(q, k, v_heads, q_rot, k_rot)
@@ -459,8 +438,8 @@ class HERSeg(nn.Module):
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"HERSeg expects [B, {self.in_channels}, H, W], got {list(x.shape)}")
         size = x.shape[2:]
-        x = _pad_to_multiple(x, self.size_divisible)
-        logits = _crop_to(self.decoder(self.neck(self.encoder(x)), x.shape[2:]), size)
+        x = pad_to_multiple(x, self.size_divisible)
+        logits = crop_to(self.decoder(self.neck(self.encoder(x)), x.shape[2:]), size)
         if self.training and self.deep_supervision:
             return [logits]
         return logits

@@ -57,6 +57,9 @@ BENCH_TABLES = {
     "detectors-cpu": ("detectors-cpu.json",
                       "visionattn bench detectors --threads 1 --json docs/bench/detectors-cpu.json --overwrite"),
 }
+RESULTS_DIR = README.parent / "docs" / "results"
+# cross-validation tables: name -> (the report under docs/results/, its --tta report); renderer below
+RESULT_TABLES = {"drive-cv-emcad20": ("drive_cv_emcad20.json", "drive_cv_emcad20_tta.json")}
 KERNEL_PROBLEM_TITLES = {"1d-4096-k31": "1-D L=4096, K=31", "2d-56-k7": "2-D 56x56, K=7", "2d-56-k3": "2-D 56x56, K=3",
                          "2d-128-k13": "2-D 128x128, K=13", "3d-32-k5": "3-D 32^3, K=5"}
 
@@ -269,6 +272,36 @@ def bench_tables() -> dict[str, str]:
     return tables
 
 
+def results_markers(name: str) -> tuple[str, str]:
+    return f"<!-- results-table:{name}:start -->", f"<!-- results-table:{name}:end -->"
+
+
+def render_vessel_crossval_table(plain: dict[str, Any], tta: dict[str, Any]) -> str:
+    """A ``visionattn crossval`` report of a one-label (vessel) recipe and its ``--tta`` report: per fold its
+    validation cases, steps, vessel Dice without and with mirroring and NSD; then every case once (the
+    case-weighted mean, +- the standard deviation over folds). Fold 0 is the recipe's fixed split."""
+    header = ["fold", "validation images", "steps", "vessel Dice", "with mirroring (TTA)", "NSD (1 px)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for k, fold in plain["folds"].items():
+        cases = sorted((c["case"] for c in plain["per_case"] if str(c["fold"]) == k), key=lambda c: (len(c), c))
+        lines.append("| " + " | ".join([
+            k + (" (the fixed split)" if k == "0" else ""), ", ".join(cases), f"{fold['steps']:,}",
+            f"{fold['dice_vessel']:.3f}", f"{tta['folds'][k]['dice_vessel']:.3f}", f"{fold['nsd_vessel']:.3f}"]) + " |")
+    both = [f"**{r['case_weighted_mean']['dice_vessel']:.3f}** +- {r['std']['dice_vessel']:.3f}" for r in (plain, tta)]
+    lines.append(f"| all {plain['cases']} images | | | {both[0]} | {both[1]} | "
+                 f"{plain['case_weighted_mean']['nsd_vessel']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def results_tables() -> dict[str, str]:
+    """Each cross-validation table, rendered from its reports under ``docs/results/``."""
+    tables = {}
+    for name, files in RESULT_TABLES.items():
+        reports = [json.loads((RESULTS_DIR / f).read_text(encoding="utf-8")) for f in files]
+        tables[name] = render_vessel_crossval_table(*reports)
+    return tables
+
+
 def machine_line(rows: Sequence[dict[str, Any]]) -> str:
     """Where the rows were measured (the ``machine`` record ``--json`` writes into each row), as one line;
     empty for rows measured before the record existed."""
@@ -310,22 +343,25 @@ def main(argv: list[str] | None = None) -> int:
     where = f"; counted on the CPU: {', '.join(on_cpu)}" if on_cpu else ""
     if not (args.write or args.check):
         sys.stdout.write(table)
-        for bench in benches.values():
-            sys.stdout.write("\n" + bench)
+        for block in [*benches.values(), *results_tables().values()]:
+            sys.stdout.write("\n" + block)
         print(f"{len(rows)} models counted in {seconds:.1f} s{where}", file=sys.stderr)
         return 0
     text = args.readme.read_text(encoding="utf-8")
-    for name, bench in benches.items():
-        current_bench = read_block(text, *bench_markers(name))
-        if current_bench != bench:
+    blocks = [(name, bench, bench_markers(name), f"docs/bench/{BENCH_TABLES[name][0]}") for name, bench in benches.items()]
+    blocks += [(name, block, results_markers(name), ", ".join(f"docs/results/{f}" for f in RESULT_TABLES[name]))
+               for name, block in results_tables().items()]
+    for name, block, markers, source in blocks:
+        current_block = read_block(text, *markers)
+        if current_block != block:
             if args.check:
-                sys.stdout.writelines(difflib.unified_diff(current_bench.splitlines(True), bench.splitlines(True),
+                sys.stdout.writelines(difflib.unified_diff(current_block.splitlines(True), block.splitlines(True),
                                                            "README.md (current)", "README.md (generated)"))
                 print(f"{args.readme}: the {name} table is out of date; run `{COMMAND}`", file=sys.stderr)
                 return 1
-            text = replace_block(text, bench, *bench_markers(name))
+            text = replace_block(text, block, *markers)
             args.readme.write_text(text, encoding="utf-8")
-            print(f"{args.readme}: {name} table rewritten from docs/bench/{BENCH_TABLES[name][0]}")
+            print(f"{args.readme}: {name} table rewritten from {source}")
     current = read_block(text)
     if args.check:
         if current == table:

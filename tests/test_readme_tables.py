@@ -66,6 +66,7 @@ def test_cli_check_and_print(capsys, tmp_path, monkeypatch):
     monkeypatch.setattr(readme_tables, "model_rows", lambda: [])
     monkeypatch.setattr(readme_tables, "render_table", lambda rows: table)
     monkeypatch.setattr(readme_tables, "bench_tables", lambda: {})  # the model table only
+    monkeypatch.setattr(readme_tables, "results_tables", lambda: {})
     readme = tmp_path / "README.md"
     readme.write_text(f"a\n{readme_tables.START}\nstale\n{readme_tables.END}\n")
     assert readme_tables.main(["--check", "--readme", str(readme)]) == 1
@@ -187,25 +188,21 @@ def test_tables_name_the_machine_their_rows_were_measured_on():
         "torch 2.14.1, glibc 2.36 malloc (mmap_threshold=268435456).\n")
 
 
-def test_drive_cross_validation_table_is_the_reports():
-    """The DRIVE cross-validation table's figures are those of the reports kept in docs/results (no hand copy)."""
-    import json
 
-    results = README.parent / "docs" / "results"
-    plain = json.loads((results / "drive_cv_emcad20.json").read_text())
-    tta = json.loads((results / "drive_cv_emcad20_tta.json").read_text())
+def test_cross_validation_tables_are_the_rendered_reports():
+    """The README's cross-validation tables are what their reports in docs/results render to (no hand copy),
+    and the rendering reads each fold's cases, steps and figures from them."""
     text = README.read_text(encoding="utf-8")
-    table = text[text.index("| fold | validation images | steps | vessel Dice |"):]
-    table = table[:table.index("\n\n")].splitlines()[2:]
-    assert len(table) == 6, table
-    for line, (k, fold) in zip(table, plain["folds"].items()):
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        cases = sorted((c["case"] for c in plain["per_case"] if c["fold"] == int(k)), key=int)
-        assert cells[0].split()[0] == k and cells[1] == ", ".join(cases)
-        assert cells[2] == f"{fold['steps']:,}"
-        assert cells[3:] == [f"{fold['dice_vessel']:.3f}", f"{tta['folds'][k]['dice_vessel']:.3f}",
-                             f"{fold['nsd_vessel']:.3f}"], line
-    cells = [c.strip() for c in table[-1].strip("|").split("|")]
-    assert cells[3] == f"**{plain['case_weighted_mean']['dice_vessel']:.3f}** +- {plain['std']['dice_vessel']:.3f}"
-    assert cells[4] == f"**{tta['case_weighted_mean']['dice_vessel']:.3f}** +- {tta['std']['dice_vessel']:.3f}"
-    assert cells[5] == f"{plain['case_weighted_mean']['nsd_vessel']:.3f}"
+    for name, table in readme_tables.results_tables().items():
+        current = readme_tables.read_block(text, *readme_tables.results_markers(name))
+        assert current == table, f"README.md's {name} table is not the rendering of its reports; run `{readme_tables.COMMAND}`"
+    report = {"folds": {"0": {"steps": 1374, "dice_vessel": 0.7393, "nsd_vessel": 0.77},
+                        "1": {"steps": 1288, "dice_vessel": 0.8167, "nsd_vessel": 0.85}},
+              "per_case": [{"case": c, "fold": f} for c, f in (("9", 1), ("25", 0), ("10", 1), ("34", 0))],
+              "cases": 4, "case_weighted_mean": {"dice_vessel": 0.778, "nsd_vessel": 0.81}, "std": {"dice_vessel": 0.055}}
+    tta = {**report, "folds": {"0": {"dice_vessel": 0.7428}, "1": {"dice_vessel": 0.8192}},
+           "case_weighted_mean": {"dice_vessel": 0.781}}
+    lines = readme_tables.render_vessel_crossval_table(report, tta).splitlines()
+    assert lines[2] == "| 0 (the fixed split) | 25, 34 | 1,374 | 0.739 | 0.743 | 0.770 |"
+    assert lines[3] == "| 1 | 9, 10 | 1,288 | 0.817 | 0.819 | 0.850 |"
+    assert lines[4] == "| all 4 images | | | **0.778** +- 0.055 | **0.781** +- 0.055 | 0.810 |"

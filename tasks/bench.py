@@ -201,7 +201,7 @@ def bench_models(
             ours.eval(), theirs.eval()
         results.append(row)
         _report_row(report, row)
-    headers = [h for h in (results[0].keys() if results else []) if h != "breakdown"]
+    headers = [h for h in (results[0].keys() if results else []) if h not in ("breakdown", "per_gmac_bounds")]
     table = format_table(headers, [[r.get(h, "") for h in headers] for r in results])
     parts = [r["breakdown"] for r in results if "breakdown" in r]
     if parts:
@@ -209,6 +209,9 @@ def bench_models(
         table += ("\n\nWhere inference time goes (profiled self time per category, multiply-adds per image; GFLOP/s = "
                   "2 x GMACs x batch / that time):\n"
                   + format_table(list(rows[0]), [list(r.values()) for r in rows]))
+        bounds = [format_bounds(r) for r in results if "per_gmac_bounds" in r]
+        if bounds:
+            table += "\n\nWhat the profile leaves room for (peer's time per multiply-add / ours):\n" + "\n".join(bounds)
     return table, results
 
 
@@ -267,8 +270,9 @@ def _bench_against_peer(entry, ours, x, size, batch_size, min_time, results, rep
     labels = torch.randint(0, max(getattr(ours, "num_classes", 1), 1), (x.shape[0],))
     _time_beside_peer(row, ours, peer, x, lambda m: _train_step(m, x, labels), min_time)
     if breakdown:
-        row["breakdown"] = breakdown_rows(entry.name, op_breakdown(ours, x, min_time), op_breakdown(peer, x, min_time),
-                                          peer_name, batch_size)
+        ours_ops, peer_ops = op_breakdown(ours, x, min_time), op_breakdown(peer, x, min_time)
+        row["breakdown"] = breakdown_rows(entry.name, ours_ops, peer_ops, peer_name, batch_size)
+        row["per_gmac_bounds"] = per_gmac_bounds(ours_ops, peer_ops)
     results.append(row)
     _report_row(report, row)
 
@@ -276,7 +280,8 @@ def _bench_against_peer(entry, ours, x, size, batch_size, min_time, results, rep
 def _report_row(report, row: dict) -> None:
     """The line printed as a model is measured: its row's cells, without the breakdown list (its own table)."""
     if report is not None:
-        report(f"{row['model']}: " + "  ".join(f"{k} {_cell(v)}" for k, v in row.items() if k not in ("model", "breakdown")))
+        report(f"{row['model']}: " + "  ".join(f"{k} {_cell(v)}" for k, v in row.items()
+                                               if k not in ("model", "breakdown", "per_gmac_bounds")))
 
 
 def _time_beside_peer(row: dict, ours, peer, x, train_step, min_time: float) -> None:
@@ -371,6 +376,34 @@ def breakdown_rows(model_name: str, ours: dict, peer: dict, peer_name: str, batc
     return rows
 
 
+def per_gmac_bounds(ours: dict, peer: dict) -> dict[str, float]:
+    """How far the per-GMAC ratio against the peer (peer's time per multiply-add / ours) can go, from two
+    :func:`op_breakdown` results: ``measured`` (the profiled totals; with the profiler's overhead, near the
+    timed ratio), ``rest_free`` (as if every operator without multiply-adds, "other", took no time and the
+    rest ran as measured) and ``all_at_linear_rate`` (as if, in addition, our convolutions and attention
+    products ran at our linear layers' GFLOP/s). A per-GMAC target above ``rest_free`` needs faster
+    multiply-adds, not fewer passes over memory."""
+    def total(b, categories=BREAKDOWN_CATEGORIES, key="seconds"):
+        return sum(b[c][key] for c in categories)
+
+    ours_gmacs, peer_gmacs = total(ours, key="gmacs"), total(peer, key="gmacs")
+    peer_rate = peer_gmacs / total(peer)  # multiply-adds per second, all the peer's time
+    linear = ours["linear"]
+    return {
+        "measured": ours_gmacs / total(ours) / peer_rate,
+        "rest_free": ours_gmacs / total(ours, ("linear", "convolution", "attention products")) / peer_rate,
+        "all_at_linear_rate": linear["gmacs"] / linear["seconds"] / peer_rate,
+    }
+
+
+def format_bounds(row: dict) -> str:
+    """The line under the breakdown table for one model's :func:`per_gmac_bounds`."""
+    b = row["per_gmac_bounds"]
+    return (f"{row['model']}: per-GMAC ratio against {row['peer']} in the profile {b['measured']:.2f}; if every "
+            f"operator without multiply-adds took no time {b['rest_free']:.2f}; if, as well, every multiply-add "
+            f"ran at our linear layers' rate {b['all_at_linear_rate']:.2f}")
+
+
 # MONAI networks that a visionattn segmentation network is measured against with ``--compare peer`` (timm
 # has no segmentation networks): the attention-gated U-Nets beside MONAI's AttentionUnet with the same channels
 # per level (the same design, written by the field's library); EMCAD and HER-Seg, light encoder-decoders,
@@ -433,8 +466,9 @@ def _bench_segmentation_against_peer(entry, x, min_time, results, report, breakd
            "peer_gmacs": peer_gmacs}
     _time_beside_peer(row, ours, peer, x, lambda m: _segmentation_train_step(m, x), min_time)
     if breakdown:
-        row["breakdown"] = breakdown_rows(entry.name, op_breakdown(ours, x, min_time), op_breakdown(peer, x, min_time),
-                                          peer_label, batch)
+        ours_ops, peer_ops = op_breakdown(ours, x, min_time), op_breakdown(peer, x, min_time)
+        row["breakdown"] = breakdown_rows(entry.name, ours_ops, peer_ops, peer_label, batch)
+        row["per_gmac_bounds"] = per_gmac_bounds(ours_ops, peer_ops)
     results.append(row)
     _report_row(report, row)
 

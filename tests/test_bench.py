@@ -288,6 +288,20 @@ def test_bench_models_breakdown_by_kind_of_operator(capsys, tmp_path):
     assert parts["linear"]["peer_gmacs"] > 0.9 * row["peer_gmacs"]
     assert parts["convolution"]["ours_gmacs"] > 0.1 * row["gmacs"]
     assert parts["attention products"]["ours_gmacs"] > 0 and parts["attention products"]["peer_gmacs"] > 0
+    # the bounds, recomputed from the table's own columns: a side's total time is its linear layers' time over
+    # their share, and their time is 2 x GMACs x batch over their GFLOP/s
+    batch, lin = row["batch"], parts["linear"]
+    total = {side: 2 * lin[f"{side}_gmacs"] * batch / lin[f"{side}_gflop_s"] / lin[f"{side}_time_share"]
+             for side in ("ours", "peer")}
+    peer_rate = row["peer_gmacs"] * batch / total["peer"]
+    measured = row["gmacs"] * batch / total["ours"] / peer_rate
+    bounds = row["per_gmac_bounds"]
+    assert abs(bounds["measured"] - measured) < 1e-6 * measured
+    assert abs(bounds["rest_free"] - measured / (1 - parts["other"]["ours_time_share"])) < 1e-6 * measured
+    assert abs(bounds["all_at_linear_rate"] - lin["ours_gflop_s"] / 2 / peer_rate) < 1e-6 * measured
+    assert bounds["measured"] < bounds["rest_free"]
+    assert (f"gated_swinrmt_swat_tiny: per-GMAC ratio against {row['peer']} in the profile "
+            f"{bounds['measured']:.2f}; if every operator without multiply-adds took no time {bounds['rest_free']:.2f}") in out
 
 
 def test_bench_breakdown_categories_and_its_flag():

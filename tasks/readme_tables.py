@@ -58,8 +58,31 @@ BENCH_TABLES = {
                       "visionattn bench detectors --threads 1 --json docs/bench/detectors-cpu.json --overwrite"),
 }
 RESULTS_DIR = README.parent / "docs" / "results"
-# cross-validation tables: name -> (the report under docs/results/, its --tta report); renderer below
-RESULT_TABLES = {"drive-cv-emcad20": ("drive_cv_emcad20.json", "drive_cv_emcad20_tta.json")}
+# cross-validation tables: name -> (renderer, what it reads under docs/results/); renderers below. A vessel
+# table reads one report and its --tta report; a labels table one row per (network, batch, report[, fold]), in
+# order (with a fold: that fold of the report alone).
+RESULT_TABLES = {
+    "drive-cv-emcad20": ("vessel", ("drive_cv_emcad20.json", "drive_cv_emcad20_tta.json")),
+    "hippocampus-cv": ("labels", (
+        ("3-D AGUNet (ours)", 4, "hippocampus_cv_agunet_tta.json"),
+        ("3-D AGUNet (ours)", 4, "hippocampus_cv_agunet.json"),
+        ("MONAI `UNet`", 4, "hippocampus_cv_monai_unet_tta.json"),
+        ("MONAI `UNet`", 4, "hippocampus_cv_monai_unet.json"),
+        ("MONAI `SegResNet`", 4, "hippocampus_cv_monai_segresnet_tta.json"),
+        ("MONAI `SegResNet`", 4, "hippocampus_cv_monai_segresnet.json"),
+        ("3-D AGUNet (ours)", 8, "hippocampus_cv_agunet_batch8_tta.json"),
+        ("3-D AGUNet (ours)", 8, "hippocampus_cv_agunet_batch8.json"),
+        ("3-D AGUNet (ours)", 8, "hippocampus_cv_agunet_batch8.json", "0"),
+        ("MONAI `UNet`", 8, "hippocampus_cv_monai_unet_fold0.json"),
+        ("MONAI `UNet`", 8, "hippocampus_cv_monai_unet_fold0_tta.json"),
+        ("3-D AGUNet (ours)", 8, "hippocampus_cv_agunet_batch8.json", "1"),
+        ("3-D AGUNet (ours)", 8, "hippocampus_cv_agunet_batch8_tta.json", "1"),
+        ("MONAI `UNet`", 8, "hippocampus_cv_monai_unet_fold1.json"),
+        ("MONAI `UNet`", 8, "hippocampus_cv_monai_unet_fold1_tta.json"),
+        ("MONAI `SegResNet`", 8, "hippocampus_cv_monai_segresnet_fold0.json"),
+        ("MONAI `SegResNet`", 8, "hippocampus_cv_monai_segresnet_fold0_tta.json"),
+    )),
+}
 KERNEL_PROBLEM_TITLES = {"1d-4096-k31": "1-D L=4096, K=31", "2d-56-k7": "2-D 56x56, K=7", "2d-56-k3": "2-D 56x56, K=3",
                          "2d-128-k13": "2-D 128x128, K=13", "3d-32-k5": "3-D 32^3, K=5"}
 
@@ -293,12 +316,67 @@ def render_vessel_crossval_table(plain: dict[str, Any], tta: dict[str, Any]) -> 
     return "\n".join(lines) + "\n"
 
 
+def _fold_span(keys: Sequence[str]) -> str:
+    """``['0', '1', '2']`` -> ``0-2``; other sets as a list."""
+    ks = sorted(int(k) for k in keys)
+    if len(ks) > 1 and ks == list(range(ks[0], ks[-1] + 1)):
+        return f"{ks[0]}-{ks[-1]}"
+    return ", ".join(map(str, ks))
+
+
+def render_labels_crossval_table(rows: Sequence[tuple[str, int, dict[str, Any]]]) -> str:
+    """``visionattn crossval`` reports of multi-label recipes, one row each ``(network, batch, report)``: the
+    folds, steps per fold, whether the report mirrored (``--tta``), Dice per label and their mean (+- the
+    standard deviation over folds where there are several), NSD per label. Labels are the first report's."""
+    labels = [k[len("dice_"):] for k in rows[0][2]["mean"] if k.startswith("dice_") and not k.startswith("dice_pooled")]
+    header = ["network", "batch", "folds", "steps per fold", "TTA", *(f"Dice {lab}" for lab in labels), "mean Dice",
+              *(f"NSD {lab}" for lab in labels)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for network, batch, report in rows:
+        folds = report["folds"]
+        several = len(folds) > 1
+        summary = report["mean"]
+        what = f"{network}, {len(folds)}-fold CV, {report['cases']} cases" if several else f"{network}, fold {next(iter(folds))}"
+        steps = sorted(f["steps"] for f in folds.values())
+        steps_text = f"{steps[0]:,}-{steps[-1]:,}" if steps[0] != steps[-1] else f"{steps[0]:,}"
+
+        def dice(key: str) -> str:
+            return f"{summary[key]:.3f}" + (f" +- {report['std'][key]:.3f}" if several else "")
+
+        lines.append("| " + " | ".join([
+            what, str(batch), _fold_span(list(folds)), steps_text, "mirroring" if report.get("tta_mirror_axes") else "none",
+            *(dice(f"dice_{lab}") for lab in labels), dice("dice"),
+            *(f"{summary[f'nsd_{lab}']:.3f}" for lab in labels)]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _read_report(filename: str) -> dict[str, Any]:
+    return json.loads((RESULTS_DIR / filename).read_text(encoding="utf-8"))
+
+
+def _one_fold(report: dict[str, Any], fold: str | None = None) -> dict[str, Any]:
+    """``report`` as if it held only ``fold`` (its figures as the mean; None: the report itself)."""
+    if fold is None:
+        return report
+    return {**report, "folds": {fold: report["folds"][fold]}, "mean": report["folds"][fold],
+            "cases": report["folds"][fold]["cases"]}
+
+
+def result_files(name: str) -> list[str]:
+    """The reports under ``docs/results/`` that the table ``name`` of :data:`RESULT_TABLES` reads."""
+    kind, spec = RESULT_TABLES[name]
+    return list(spec) if kind == "vessel" else list(dict.fromkeys(row[2] for row in spec))
+
+
 def results_tables() -> dict[str, str]:
     """Each cross-validation table, rendered from its reports under ``docs/results/``."""
     tables = {}
-    for name, files in RESULT_TABLES.items():
-        reports = [json.loads((RESULTS_DIR / f).read_text(encoding="utf-8")) for f in files]
-        tables[name] = render_vessel_crossval_table(*reports)
+    for name, (kind, spec) in RESULT_TABLES.items():
+        if kind == "vessel":
+            tables[name] = render_vessel_crossval_table(*(_read_report(f) for f in spec))
+        else:
+            tables[name] = render_labels_crossval_table([(row[0], row[1], _one_fold(_read_report(row[2]), *row[3:]))
+                                                         for row in spec])
     return tables
 
 
@@ -349,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     text = args.readme.read_text(encoding="utf-8")
     blocks = [(name, bench, bench_markers(name), f"docs/bench/{BENCH_TABLES[name][0]}") for name, bench in benches.items()]
-    blocks += [(name, block, results_markers(name), ", ".join(f"docs/results/{f}" for f in RESULT_TABLES[name]))
+    blocks += [(name, block, results_markers(name), ", ".join(f"docs/results/{f}" for f in result_files(name)))
                for name, block in results_tables().items()]
     for name, block, markers, source in blocks:
         current_block = read_block(text, *markers)

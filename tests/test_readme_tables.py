@@ -206,3 +206,23 @@ def test_cross_validation_tables_are_the_rendered_reports():
     assert lines[2] == "| 0 (the fixed split) | 25, 34 | 1,374 | 0.739 | 0.743 | 0.770 |"
     assert lines[3] == "| 1 | 9, 10 | 1,288 | 0.817 | 0.819 | 0.850 |"
     assert lines[4] == "| all 4 images | | | **0.778** +- 0.055 | **0.781** +- 0.055 | 0.810 |"
+
+
+def test_labels_cross_validation_table_reads_folds_steps_and_figures():
+    """A multi-label table row: the folds as a span, steps as a range, mean +- std over folds for Dice, the mean
+    NSD; a row of one fold picked from a report shows that fold's figures alone, without a spread."""
+    fold = {"0": dict(dice=0.88, dice_anterior=0.89, dice_posterior=0.87, nsd_anterior=0.95, nsd_posterior=0.94,
+                      cases=2, steps=3683),
+            "1": dict(dice=0.90, dice_anterior=0.91, dice_posterior=0.89, nsd_anterior=0.96, nsd_posterior=0.97,
+                      cases=2, steps=3219)}
+    mean = {k: (fold["0"][k] + fold["1"][k]) / 2 for k in fold["0"] if k.startswith(("dice", "nsd"))}
+    report = {"folds": fold, "mean": {**mean, "dice_pooled": 0.5, "dice_pooled_anterior": 0.5},
+              "std": {k: 0.01 for k in mean}, "cases": 4, "tta_mirror_axes": [0]}
+    rows = [("net", 4, report), ("net", 8, readme_tables._one_fold({**report, "tta_mirror_axes": []}, "1"))]
+    lines = readme_tables.render_labels_crossval_table(rows).splitlines()
+    assert lines[0] == ("| network | batch | folds | steps per fold | TTA | Dice anterior | Dice posterior | mean Dice "
+                        "| NSD anterior | NSD posterior |")
+    assert lines[2] == ("| net, 2-fold CV, 4 cases | 4 | 0-1 | 3,219-3,683 | mirroring | 0.900 +- 0.010 | 0.880 +- 0.010 "
+                        "| 0.890 +- 0.010 | 0.955 | 0.955 |")
+    assert lines[3] == "| net, fold 1 | 8 | 1 | 3,219 | none | 0.910 | 0.890 | 0.900 | 0.960 | 0.970 |"
+    assert readme_tables._fold_span(["0", "2", "4"]) == "0, 2, 4"

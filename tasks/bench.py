@@ -392,16 +392,20 @@ def per_gmac_bounds(ours: dict, peer: dict) -> dict[str, float]:
     return {
         "measured": ours_gmacs / total(ours) / peer_rate,
         "rest_free": ours_gmacs / total(ours, ("linear", "convolution", "attention products")) / peer_rate,
-        "all_at_linear_rate": linear["gmacs"] / linear["seconds"] / peer_rate,
+        # a network without linear layers (the convolutional U-Nets) has no such rate
+        "all_at_linear_rate": linear["gmacs"] / linear["seconds"] / peer_rate if linear["seconds"] and linear["gmacs"] else None,
     }
 
 
 def format_bounds(row: dict) -> str:
     """The line under the breakdown table for one model's :func:`per_gmac_bounds`."""
     b = row["per_gmac_bounds"]
-    return (f"{row['model']}: per-GMAC ratio against {row['peer']} in the profile {b['measured']:.2f}; if every "
-            f"operator without multiply-adds took no time {b['rest_free']:.2f}; if, as well, every multiply-add "
-            f"ran at our linear layers' rate {b['all_at_linear_rate']:.2f}")
+    text = (f"{row['model']}: per-GMAC ratio against {row['peer']} in the profile {b['measured']:.2f}; if every "
+            f"operator without multiply-adds took no time {b['rest_free']:.2f}")
+    if b["all_at_linear_rate"] is None:
+        return text + " (it has no linear layers)"
+    return text + f"; if, as well, every multiply-add ran at our linear layers' rate {b['all_at_linear_rate']:.2f}"
+
 
 
 # MONAI networks that a visionattn segmentation network is measured against with ``--compare peer`` (timm

@@ -319,3 +319,25 @@ def test_bench_breakdown_categories_and_its_flag():
     assert _op_category("visionattn::na_forward") == "attention products"  # the profiler's event: its own loops
     with pytest.raises(ValueError, match="--compare peer"):
         main(["bench", "models", "gated_swinrmt_swat_tiny", "--breakdown", "--img-size", "64"])
+
+
+def test_per_gmac_bounds_of_a_network_without_linear_layers():
+    """The bounds from two breakdowns, by hand: ours does 2 GMACs in 1 s of convolutions + 1 s of other
+    operators, the peer 4 GMACs in 2 s: per GMAC 0.5 as measured, 1.0 with the other operators free, and no
+    linear-layer rate to scale to (a U-Net has none): said, not divided by zero."""
+    from visionattn.tasks.bench import format_bounds, per_gmac_bounds
+
+    def breakdown(**parts):
+        out = {c: {"seconds": 0.0, "gmacs": 0.0} for c in ("linear", "convolution", "attention products", "other")}
+        for c, (secs, gmacs) in parts.items():
+            out[c.replace("_", " ")] = {"seconds": secs, "gmacs": gmacs}
+        return out
+
+    ours = breakdown(convolution=(1.0, 2.0), other=(1.0, 0.0))
+    peer = breakdown(linear=(1.5, 3.0), convolution=(0.5, 1.0))
+    bounds = per_gmac_bounds(ours, peer)
+    assert bounds == {"measured": 0.5, "rest_free": 1.0, "all_at_linear_rate": None}
+    line = format_bounds({"model": "unet", "peer": "monai", "per_gmac_bounds": bounds})
+    assert line.endswith("if every operator without multiply-adds took no time 1.00 (it has no linear layers)")
+    ours["linear"] = {"seconds": 0.5, "gmacs": 2.0}  # 4 GMACs/s against the peer's 2
+    assert per_gmac_bounds(ours, peer)["all_at_linear_rate"] == 2.0

@@ -496,6 +496,26 @@ def check_schema(cfg: dict, where: str) -> None:
         _check_arguments(create_model, kwargs, "visionattn.create_model", f"{where}.model.kwargs")
 
 
+# the train section's options and their defaults (the trainer reads them; a recipe may set any of these only)
+TRAIN_DEFAULTS = dict(
+    epochs=10, batch_size=64, accumulate=1, opt="adamw", lr=1e-3, weight_decay=0.05, warmup_epochs=1.0,
+    min_lr=1e-5, clip_grad=None, amp="none", ema_decay=0.0, ema_warmup=True, label_smoothing=0.0, deterministic=True,
+    checkpoint_every=0, max_steps=None, max_minutes=None, schedule_by_time=False, eval_batch_size=256, eval_every=1,
+    num_workers=0, log_every=10, threads=None, channels_last=False, budget_clock="wall",
+)
+
+
+def check_train_keys(cfg: dict, where: str) -> None:
+    """The train section holds only the trainer's options (:data:`TRAIN_DEFAULTS`): a misspelt one is named
+    when the recipe is read, with the nearest known name, not ignored or found only when training starts."""
+    unknown = [k for k in (cfg.get("train") or {}) if k not in TRAIN_DEFAULTS]
+    if unknown:
+        hints = [f"{k!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(str(k), TRAIN_DEFAULTS, 1))
+                 else repr(k) for k in unknown]
+        raise ConfigError(f"{where}: unknown train option(s) {', '.join(hints)}; the train section reads "
+                          f"{', '.join(TRAIN_DEFAULTS)}")
+
+
 def check_data_keys(cfg: dict, where: str) -> None:
     """The data section holds only keys its task reads (:data:`DATA_KEYS`); checked after :func:`validate`, so
     that a refused ``_target_`` is named as such wherever it sits."""
@@ -527,6 +547,7 @@ def apply_overrides(cfg: dict, overrides: list[str] | None, where: str) -> dict:
     check_schema(cfg, where)
     validate(cfg, where)
     check_data_keys(cfg, where)
+    check_train_keys(cfg, where)
     return cfg
 
 

@@ -31,7 +31,7 @@ import yaml
 from visionattn.checkpoints import (CHECKSUM_KEY, CheckpointError, non_finite_weight, one_line_error, read_checkpoint,
                                     state_digest)
 from visionattn.errors import TrainingInterrupted
-from visionattn.tasks.config import ConfigError, instantiate
+from visionattn.tasks.config import TRAIN_DEFAULTS, ConfigError, check_train_keys, instantiate
 from visionattn.tasks.data import EpochBatches
 from visionattn.tasks.files import atomic_path, make_folder, write_json_atomic, write_text_atomic
 from visionattn.tasks.runtime import (all_reduce_sum, atomic_save_weights, atomic_torch_save, dist_setup,
@@ -39,12 +39,6 @@ from visionattn.tasks.runtime import (all_reduce_sum, atomic_save_weights, atomi
                                       to_channels_last)
 from visionattn.tasks.task import get_task
 
-TRAIN_DEFAULTS = dict(
-    epochs=10, batch_size=64, accumulate=1, opt="adamw", lr=1e-3, weight_decay=0.05, warmup_epochs=1.0,
-    min_lr=1e-5, clip_grad=None, amp="none", ema_decay=0.0, ema_warmup=True, label_smoothing=0.0, deterministic=True,
-    checkpoint_every=0, max_steps=None, max_minutes=None, schedule_by_time=False, eval_batch_size=256, eval_every=1,
-    num_workers=0, log_every=10, threads=None, channels_last=False, budget_clock="wall",
-)
 SCHEDULE_UNITS = 10_000  # with schedule_by_time, the LR schedule runs over this many units of the time budget
 LOG_SECONDS = 60.0  # a progress line at least this often (at the end of a step), whatever train.log_every says
 
@@ -136,10 +130,8 @@ class Trainer:
                  overwrite: bool = False):
         self.cfg = cfg
         self.write_outputs = write_outputs
+        check_train_keys(cfg, "train")  # a config built in code has not been through load_config
         self.opts = dict(TRAIN_DEFAULTS, **(cfg.get("train") or {}))
-        unknown = set(self.opts) - set(TRAIN_DEFAULTS)
-        if unknown:
-            raise ConfigError(f"unknown train options {sorted(unknown)}; known: {sorted(TRAIN_DEFAULTS)}")
         workers = self.opts["num_workers"]
         if isinstance(workers, bool) or not isinstance(workers, int) or not 0 <= workers <= 256:
             raise ConfigError(f"train.num_workers must be a whole number from 0 (load in the training process) to "

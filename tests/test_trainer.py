@@ -218,7 +218,11 @@ def test_bad_data_is_named(tmp_path, capsys, image_folder):
     assert main(["train", str(cfg)]) == 2
     assert "3.png" in capsys.readouterr().err
     assert main(["train", str(cfg), "train.bogus=1"]) == 2
-    assert "unknown train options" in capsys.readouterr().err
+    assert "unknown train option(s) 'bogus'" in capsys.readouterr().err
+    # named when the recipe is read, with the nearest option, before any folder is made
+    assert main(["train", str(cfg), "train.max_minutez=20", "output_dir=" + str(tmp_path / "typo")]) == 2
+    assert "unknown train option(s) 'max_minutez' (did you mean 'max_minutes'?)" in capsys.readouterr().err
+    assert not (tmp_path / "typo").exists()
     assert main(["train", str(cfg), "train.num_workers=-1"]) == 2
     assert "train.num_workers must be a whole number from 0" in capsys.readouterr().err
     good = write_recipe(tmp_path / "d.yaml", image_folder, tmp_path / "d")

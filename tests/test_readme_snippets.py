@@ -693,3 +693,82 @@ def test_readme_command(line, command, tmp_path, runs):
         out = r.stdout
         assert r.returncode == cmd.rc, f"README.md:{line}: `{command}` exited {r.returncode}:\n{out[-3000:]}"
     _check_output(command, out, cmd, ws)
+
+
+# ---------------------------------------------------------------------------------------------------
+# commands quoted inline in the prose (`visionattn ...`): most train for hours or benchmark for minutes, so
+# they are not run; each is parsed by the CLI's own parser as written, and what it names is checked: recipes
+# load with their overrides (schema and bounds), models are registered. A renamed flag, a stale override key
+# or a removed recipe in a sentence fails here.
+
+# words that mark an inline command as a pattern rather than a command (`evaluate RUN`, `train ... data.fold=K`)
+INLINE_PLACEHOLDERS = ("RUN", "...", "[", "{", "=K ")
+
+
+def inline_commands(text: str | None = None) -> list[tuple[int, str]]:
+    """The inline code spans of README.md outside fenced blocks that start with ``visionattn`` (after
+    ``VAR=value`` assignments), each with its line; a span may run over a line break (Markdown joins it)."""
+    text = README.read_text(encoding="utf-8") if text is None else text
+    lines, prose, in_fence = text.splitlines(), [], None
+    for line in lines:
+        m = re.match(r"^(`{3,})", line)
+        if m and in_fence is None:
+            in_fence = m.group(1)
+        elif in_fence is not None and line.startswith(in_fence):
+            in_fence = None
+        else:
+            prose.append(line if in_fence is None else "")
+            continue
+        prose.append("")
+    joined = "\n".join(prose)
+    out = []
+    for m in re.finditer(r"(?<!`)`([^`]+)`(?!`)", joined):
+        command = " ".join(m.group(1).split())
+        words = command.split()
+        while words and re.match(r"^[A-Z_]+=\S+$", words[0]):
+            words = words[1:]
+        if words and words[0] == "visionattn" and len(words) > 1:
+            out.append((joined.count("\n", 0, m.start()) + 1, command))
+    return out
+
+
+def test_inline_commands_are_found():
+    demo = ("Run `visionattn train a.yaml\ntrain.threads=1` or `visionattn`; `GLIBC_TUNABLES=x visionattn list`.\n"
+            "```bash\nvisionattn info nope\n```\n`visionattn.create_model` and `visionattn info convit_tiny`\n")
+    assert inline_commands(demo) == [(1, "visionattn train a.yaml train.threads=1"),
+                                     (2, "GLIBC_TUNABLES=x visionattn list"), (6, "visionattn info convit_tiny")]
+    assert len(inline_commands()) >= 25  # the README's
+
+
+@pytest.mark.parametrize("line, command", inline_commands(), ids=lambda v: str(v)[:70])
+def test_inline_readme_command_parses_as_written(line, command, monkeypatch):
+    import shlex
+
+    import visionattn
+    from visionattn.cli import build_parser, check_spelling
+    from visionattn.tasks.config import load_config
+
+    monkeypatch.chdir(README.parent)
+    words = shlex.split(command)
+    while re.match(r"^[A-Z_]+=\S+$", words[0]):
+        words = words[1:]
+    argv = words[1:]
+    parser = build_parser()
+    if len(argv) == 1 or any(p in f"{command} " for p in INLINE_PLACEHOLDERS):  # a name or a pattern
+        assert argv[0] in parser.subcommands, f"README.md:{line}: `{command}`: no subcommand {argv[0]!r}"
+        return
+    try:
+        check_spelling(parser, argv)
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        raise AssertionError(f"README.md:{line}: `{command}` does not parse (exit {e.code})") from None
+    if args.command in ("train", "crossval") and not getattr(args, "plot", None):
+        load_config(args.config, args.overrides)  # raises ConfigError naming the problem
+    if args.command == "bench" and args.what == "train":
+        for recipe in args.names:
+            load_config(recipe, [])
+    if args.command == "bench" and args.what == "models":
+        for name in args.names:
+            visionattn.get_entry(name)
+    if args.command == "info":
+        visionattn.get_entry(args.name)

@@ -407,7 +407,6 @@ def format_bounds(row: dict) -> str:
     return text + f"; if, as well, every multiply-add ran at our linear layers' rate {b['all_at_linear_rate']:.2f}"
 
 
-
 # MONAI networks that a visionattn segmentation network is measured against with ``--compare peer`` (timm
 # has no segmentation networks): the attention-gated U-Nets beside MONAI's AttentionUnet with the same channels
 # per level (the same design, written by the field's library); EMCAD and HER-Seg, light encoder-decoders,

@@ -130,7 +130,7 @@ class Trainer:
                  overwrite: bool = False):
         self.cfg = cfg
         self.write_outputs = write_outputs
-        check_train_keys(cfg, "train")  # a config built in code has not been through load_config
+        check_train_keys(cfg, config_path or "the config")  # one built in code has not been through load_config
         self.opts = dict(TRAIN_DEFAULTS, **(cfg.get("train") or {}))
         workers = self.opts["num_workers"]
         if isinstance(workers, bool) or not isinstance(workers, int) or not 0 <= workers <= 256:

@@ -496,6 +496,12 @@ def check_schema(cfg: dict, where: str) -> None:
         _check_arguments(create_model, kwargs, "visionattn.create_model", f"{where}.model.kwargs")
 
 
+def _with_hints(unknown: list, known) -> str:
+    """``'lr_min' (did you mean 'min_lr'?), 'x'``: each unknown key with the nearest known one, if any."""
+    return ", ".join(f"{k!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(str(k), known, 1))
+                     else repr(k) for k in unknown)
+
+
 # the train section's options and their defaults (the trainer reads them; a recipe may set any of these only)
 TRAIN_DEFAULTS = dict(
     epochs=10, batch_size=64, accumulate=1, opt="adamw", lr=1e-3, weight_decay=0.05, warmup_epochs=1.0,
@@ -510,9 +516,7 @@ def check_train_keys(cfg: dict, where: str) -> None:
     when the recipe is read, with the nearest known name, not ignored or found only when training starts."""
     unknown = [k for k in (cfg.get("train") or {}) if k not in TRAIN_DEFAULTS]
     if unknown:
-        hints = [f"{k!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(str(k), TRAIN_DEFAULTS, 1))
-                 else repr(k) for k in unknown]
-        raise ConfigError(f"{where}: unknown train option(s) {', '.join(hints)}; the train section reads "
+        raise ConfigError(f"{where}: unknown train option(s) {_with_hints(unknown, TRAIN_DEFAULTS)}; the train section reads "
                           f"{', '.join(TRAIN_DEFAULTS)}")
 
 
@@ -522,9 +526,7 @@ def check_data_keys(cfg: dict, where: str) -> None:
     task = cfg.get("task", "classification")
     unknown = [k for k in (cfg.get("data") or {}) if k not in DATA_KEYS[task]]
     if unknown:
-        hints = [f"{k!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(str(k), DATA_KEYS[task], 1))
-                 else repr(k) for k in unknown]
-        raise ConfigError(f"{where}: unknown data key(s) {', '.join(hints)} for task {task}; its data section reads "
+        raise ConfigError(f"{where}: unknown data key(s) {_with_hints(unknown, DATA_KEYS[task])} for task {task}; its data section reads "
                           f"{', '.join(DATA_KEYS[task])}")
 
 

@@ -705,6 +705,13 @@ def test_readme_command(line, command, tmp_path, runs):
 INLINE_PLACEHOLDERS = ("RUN", "...", "[", "{", "=K ")
 
 
+def _without_env(words: list[str]) -> list[str]:
+    """A command's words after its leading ``VAR=value`` assignments."""
+    while words and re.match(r"^[A-Z_]+=\S+$", words[0]):
+        words = words[1:]
+    return words
+
+
 def inline_commands(text: str | None = None) -> list[tuple[int, str]]:
     """The inline code spans of README.md outside fenced blocks that start with ``visionattn`` (after
     ``VAR=value`` assignments), each with its line; a span may run over a line break (Markdown joins it)."""
@@ -724,9 +731,7 @@ def inline_commands(text: str | None = None) -> list[tuple[int, str]]:
     out = []
     for m in re.finditer(r"(?<!`)`([^`]+)`(?!`)", joined):
         command = " ".join(m.group(1).split())
-        words = command.split()
-        while words and re.match(r"^[A-Z_]+=\S+$", words[0]):
-            words = words[1:]
+        words = _without_env(command.split())
         if words and words[0] == "visionattn" and len(words) > 1:
             out.append((joined.count("\n", 0, m.start()) + 1, command))
     return out
@@ -749,10 +754,7 @@ def test_inline_readme_command_parses_as_written(line, command, monkeypatch):
     from visionattn.tasks.config import load_config
 
     monkeypatch.chdir(README.parent)
-    words = shlex.split(command)
-    while re.match(r"^[A-Z_]+=\S+$", words[0]):
-        words = words[1:]
-    argv = words[1:]
+    argv = _without_env(shlex.split(command))[1:]
     parser = build_parser()
     if len(argv) == 1 or any(p in f"{command} " for p in INLINE_PLACEHOLDERS):  # a name or a pattern
         assert argv[0] in parser.subcommands, f"README.md:{line}: `{command}`: no subcommand {argv[0]!r}"

@@ -53,6 +53,30 @@ def _destroy_process_group() -> None:
     dist.destroy_process_group()
 
 
+def leave(code: int):
+    """End the process with exit status ``code``. In a process that joined a torchrun group (:func:`dist_setup`),
+    the group is destroyed (all processes together), stdout, stderr and the logging handlers are flushed, and
+    the process ends with ``os._exit``, without finalizing the interpreter: there, gloo's worker threads can still
+    release tensors and so take the GIL, and the interpreter ends such a thread in a way that aborts the whole
+    process ("terminate called without an active exception", SIGABRT), which torchrun reports as a failure
+    of a run that had finished its work (seen in this project's CI after ``segment`` had written every case;
+    pytorch/pytorch#179291 describes the mechanism). Outside torchrun this is ``sys.exit(code)``."""
+    import sys
+
+    if not dist.is_initialized():
+        sys.exit(code)
+    import logging
+
+    _destroy_process_group()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken pipe: nothing more to say there
+            pass
+    os._exit(code)
+
+
 def all_reduce_sum(values: list[float], device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_initialized():

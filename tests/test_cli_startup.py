@@ -151,3 +151,30 @@ def test_typos_get_a_did_you_mean_and_exit_2(argv, words, capsys):
 ])
 def test_spelling_check_leaves_valid_command_lines_alone(argv):
     cli.check_spelling(cli.build_parser(), argv)
+
+
+def test_a_process_in_a_group_leaves_with_its_code_and_its_output(tmp_path):
+    """``runtime.leave`` in a process that joined a gloo group: the group is destroyed, what was printed (a
+    pipe buffers it) still arrives, the exit status is the command's, and the interpreter is not finalized
+    (an atexit handler registered after the group does not run: the process ended by ``os._exit``). Outside
+    a group it is a plain ``sys.exit``, which does finalize."""
+    import os
+    import subprocess
+    import sys
+
+    def run(group: bool, code: int):
+        script = ("import atexit, torch.distributed as dist\n"
+                  "from visionattn.tasks import runtime\n"
+                  + (f"dist.init_process_group('gloo', init_method='file://{tmp_path}/store', rank=0, world_size=1)\n"
+                     if group else "")
+                  + "atexit.register(lambda: print(' finalized', end=''))\n"
+                  "print('done', end='')\n"
+                  f"runtime.leave({code})\n")
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # stdout to a pipe: buffered
+        return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+
+    r = run(True, 3)
+    assert (r.returncode, r.stdout) == (3, "done"), r.stderr[-2000:]
+    r = run(False, 4)
+    assert (r.returncode, r.stdout) == (4, "done finalized"), r.stderr[-2000:]
+

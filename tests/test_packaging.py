@@ -46,7 +46,7 @@ def test_wheel_contents(wheel):
     top = {n.split("/")[0] for n in names}
     assert top <= {"visionattn", f"{wheel.name.split('-')[0]}-{wheel.name.split('-')[1]}.dist-info"}, top
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
-    assert "visionattn = visionattn.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "visionattn = visionattn.cli:run" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
 
 def test_wheel_imports_kernels_and_tasks(wheel, tmp_path):

@@ -518,7 +518,7 @@ DDP_PER_CASE = """
 import json, sys
 import torch
 import torch.distributed as dist
-from visionattn.tasks.runtime import dist_setup
+from visionattn.tasks.runtime import dist_setup, leave
 from visionattn.tasks.segmentation import SegmentationTask
 
 class ReadsLabelFromImage(torch.nn.Module):  # the image holds the prediction's label map
@@ -542,12 +542,13 @@ def evaluate(rank, world):
     metrics = task.evaluate(ReadsLabelFromImage(), Cases(), rank, world, "cpu", None, 2, per_case=rows)
     return metrics, rows
 
-dist_setup("cpu")  # the trainer's set-up: gloo, and a barrier before the group is torn down at exit
+dist_setup("cpu")  # the trainer's set-up: gloo; leave() below tears the group down as the command does
 both = evaluate(dist.get_rank(), dist.get_world_size())
 alone = evaluate(0, 1)
 ok = (both[1] == alone[1] and [r["case"] for r in both[1]] == [f"case_{{k}}" for k in range(5)]
       and all(abs(both[0][name] - alone[0][name]) < 1e-9 for name in alone[0]))  # sums in another order
 open(f"{out}/rank{{dist.get_rank()}}.txt", "w").write(json.dumps([ok, both[1]]))
+leave(0)  # as the visionattn command ends a torchrun process (runtime.leave)
 """
 
 

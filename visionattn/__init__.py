@@ -9,7 +9,7 @@ Importing visionattn registers its 2-D classifiers in timm under the ``va_`` pre
 
 How importing works (why ``visionattn --help`` and ``visionattn list`` start without torch):
 
-The ``visionattn`` command is ``visionattn.cli:main``, so running it imports this package first. This file
+The ``visionattn`` command is ``visionattn.cli:run``, so running it imports this package first. This file
 therefore imports nothing heavy itself: the model families (and with them torch and timm) load on first
 use, and registration in timm follows timm's import.
 

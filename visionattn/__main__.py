@@ -1,6 +1,4 @@
 """``python -m visionattn ...`` is the ``visionattn`` command."""
-import sys
+from visionattn.cli import run
 
-from visionattn.cli import main
-
-sys.exit(main())
+run()

@@ -540,5 +540,16 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def run():
+    """The ``visionattn`` command (and ``python -m visionattn``): :func:`main`, then the exit status, which a
+    torchrun worker gives by :func:`visionattn.tasks.runtime.leave` (see there why). Tests call :func:`main`."""
+    code = main()
+    if "torch.distributed" in sys.modules:  # only a command that used torch can have joined a group
+        from visionattn.tasks.runtime import leave
+
+        leave(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

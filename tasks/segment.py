@@ -120,6 +120,64 @@ def load_segmentation_model(spec: str) -> SegmentationModel:
     return SegmentationModel(network, run.config, str(run.weights))
 
 
+# The recipe keys that decide what a network is shown and what its outputs mean: the members of an ensemble
+# must agree on all of them, since their probabilities are averaged voxel by voxel on one preprocessed grid.
+ENSEMBLE_DATA_KEYS = ("labels", "in_channels", "spatial_dims", "orientation", "spacing", "zoom", "intensity",
+                      "grayscale", "channels", "clahe")
+
+
+def crossval_folds(folder: Path) -> list[Path] | None:
+    """The fold folders (``DIR/fold0``, ``DIR/fold1``, ...) of a ``visionattn crossval`` folder, in fold order;
+    ``None`` when ``folder`` is not one (a run folder has its own ``config.yaml``)."""
+    if not folder.is_dir() or (folder / "config.yaml").exists():
+        return None
+    folds = [p for p in folder.iterdir() if re.fullmatch(r"fold\d+", p.name) and (p / "config.yaml").is_file()]
+    return sorted(folds, key=lambda p: int(p.name[4:])) or None
+
+
+def load_segmentation_models(specs: str | Sequence[str]) -> list[SegmentationModel]:
+    """The models ``specs`` name, for one prediction averaged over them (nnU-Net's ensemble of folds).
+
+    Each spec is what :func:`load_segmentation_model` takes, or a ``visionattn crossval`` folder, which stands
+    for all its folds (each must have finished: its ``model.safetensors`` written). The members must agree on
+    the recipe's preprocessing and labels (:data:`ENSEMBLE_DATA_KEYS`)."""
+    specs = [specs] if isinstance(specs, str) else list(specs)
+    if not specs:
+        raise SegmentError("--model: no model given")
+    models = []
+    for spec in specs:
+        folds = crossval_folds(Path(spec))
+        if folds is None:
+            models.append(load_segmentation_model(spec))
+            continue
+        unfinished = [f.name for f in folds if not (f / "model.safetensors").is_file()]
+        if unfinished:
+            raise SegmentError(f"--model {spec}: a crossval folder whose {', '.join(unfinished)} "
+                               f"{'has' if len(unfinished) == 1 else 'have'} not finished (no model.safetensors); run "
+                               f"its crossval command again to finish, or name finished folds one by one "
+                               f"(--model {Path(spec) / folds[0].name} --model ...)")
+        models.extend(load_segmentation_model(str(f)) for f in folds)
+    sources = [Path(m.source).resolve() for m in models]
+    repeated = sorted({str(s) for s in sources if sources.count(s) > 1})
+    if repeated:
+        raise SegmentError(f"--model: the same weights given twice ({', '.join(repeated)}); each member of an "
+                           f"ensemble counts once")
+    check_ensemble(models)
+    return models
+
+
+def check_ensemble(models: Sequence[SegmentationModel]) -> None:
+    """Refuse members whose recipes preprocess or label differently from the first's (:data:`ENSEMBLE_DATA_KEYS`)."""
+    first = models[0]
+    for other in models[1:]:
+        differ = [k for k in ENSEMBLE_DATA_KEYS if first.data.get(k) != other.data.get(k)]
+        if differ:
+            what = "; ".join(f"data.{k}: {first.data.get(k)!r} against {other.data.get(k)!r}" for k in differ)
+            raise SegmentError(f"--model: {other.source} cannot join an ensemble with {first.source}: their recipes "
+                               f"differ ({what}), and an ensemble averages probabilities of the same labels on the "
+                               f"same preprocessed grid")
+
+
 # ---------------------------------------------------------------------------------------------------
 # finding cases
 
@@ -456,14 +514,29 @@ class Segmenter:
     Settings left ``None`` come from the run's recipe (``inference:`` and ``data.roi_size``). ``engine="onnx"``
     runs the network in onnxruntime instead of PyTorch (the run's network exported to a temporary ONNX file,
     or ``onnx_path``, checked against PyTorch on one window first); everything around it is the same.
+
+    ``model`` may be several models (:func:`load_segmentation_models`; ``from_run`` takes a crossval folder
+    or a list): the class probabilities are averaged over them before the argmax, as nnU-Net ensembles its
+    folds. The first member's recipe gives the preprocessing and the inference settings; test-time mirroring
+    uses only the axes every member was trained to be invariant to.
     """
 
-    def __init__(self, model: SegmentationModel, *, device: str = "cpu", roi_size: Sequence[int] | None = None,
-                 overlap: float | None = None, mode: str | None = None, sw_batch_size: int | None = None,
-                 tta: bool | None = None, engine: str = "torch", onnx_path: str | None = None):
+    def __init__(self, model: SegmentationModel | Sequence[SegmentationModel], *, device: str = "cpu",
+                 roi_size: Sequence[int] | None = None, overlap: float | None = None, mode: str | None = None,
+                 sw_batch_size: int | None = None, tta: bool | None = None, engine: str = "torch",
+                 onnx_path: str | None = None):
+        self.models = [model] if isinstance(model, SegmentationModel) else list(model)
+        if not self.models:
+            raise SegmentError("a Segmenter needs at least one model")
+        check_ensemble(self.models)
+        model = self.model = self.models[0]  # its recipe gives the preprocessing and the inference settings
         inference = dict(model.config.get("inference") or {})
-        self.model = model
         self.device = resolve_device(device)  # "auto" too
+        if roi_size is None:
+            sizes = list(dict.fromkeys(tuple(m.data["roi_size"]) for m in self.models))  # in the members' order
+            if len(sizes) > 1:
+                raise SegmentError(f"the ensemble's models were trained with different window sizes "
+                                   f"({', '.join('x'.join(map(str, s)) for s in sizes)}); give one with --roi-size")
         self.roi_size = list(roi_size or model.data["roi_size"])
         self.overlap = float(overlap if overlap is not None else inference.get("overlap", 0.5))
         self.mode = mode or inference.get("mode", "gaussian")
@@ -475,21 +548,35 @@ class Segmenter:
 
         if tta is None:
             tta = bool(inference.get("tta", False))
-        self.mirror_axes = mirror_axes(model.data) if tta else []
+        shared_axes = set(mirror_axes(model.data)).intersection(*(mirror_axes(m.data) for m in self.models[1:]))
+        self.mirror_axes = sorted(shared_axes) if tta else []
         if tta and not self.mirror_axes:
-            print(f"segment: warning: {model.source} was trained without flips, so --tta has no axis to mirror",
+            print(f"segment: warning: {self.source} was trained without flips"
+                  + (" along a common axis" if len(self.models) > 1 else "") + ", so --tta has no axis to mirror",
                   file=sys.stderr)
-        model.network.to(self.device)
-        # the network that runs the windows: the PyTorch one, or the same network in onnxruntime (`engine="onnx"`)
+        for m in self.models:
+            m.network.to(self.device)
+        # the networks that run the windows: the PyTorch ones, or the same in onnxruntime (`engine="onnx"`)
         if engine not in ("torch", "onnx"):
             raise SegmentError(f"engine must be 'torch' or 'onnx', got {engine!r}")
         if onnx_path is not None and engine != "onnx":
             raise SegmentError("--onnx FILE needs --engine onnx")
+        if onnx_path is not None and len(self.models) > 1:
+            raise SegmentError(f"--onnx FILE holds one network, and the ensemble has {len(self.models)}: leave --onnx "
+                               f"out, and each member is exported and checked in turn")
         self.engine = engine
-        self.network = self._onnx_network(onnx_path) if engine == "onnx" else model.network
+        self.networks = ([self._onnx_network(m, onnx_path) for m in self.models] if engine == "onnx"
+                         else [m.network for m in self.models])
 
-    def _onnx_network(self, onnx_path: str | None):
-        """The model's network in onnxruntime: ``onnx_path``, or the network exported to a temporary ONNX file
+    @property
+    def source(self) -> str:
+        """The weights file, or ``"ensemble of N: a, b, ..."``."""
+        if len(self.models) == 1:
+            return self.model.source
+        return f"ensemble of {len(self.models)}: " + ", ".join(m.source for m in self.models)
+
+    def _onnx_network(self, model: SegmentationModel, onnx_path: str | None):
+        """``model``'s network in onnxruntime: ``onnx_path``, or the network exported to a temporary ONNX file
         (:func:`visionattn.tasks.export.export_onnx`, dynamic batch and sides), checked against PyTorch on one
         window first."""
         import tempfile
@@ -501,7 +588,7 @@ class Segmenter:
                 with tempfile.TemporaryDirectory(prefix="visionattn-onnx-") as folder:
                     path = Path(folder) / "network.onnx"
                     example = torch.zeros(1, self.in_channels, *self.roi_size)
-                    export_onnx(self.model.network.eval().cpu(), path, example)
+                    export_onnx(model.network.eval().cpu(), path, example)
                     network = OnnxNetwork(path, self.device)  # the session holds the model: the file may go
             else:
                 if not Path(onnx_path).is_file():
@@ -512,19 +599,20 @@ class Segmenter:
         if network.in_channels not in (None, self.in_channels) or network.spatial_dims != len(self.roi_size):
             raise SegmentError(f"--onnx {onnx_path}: its input {network.input_shape} does not take the model's "
                                f"[B, {self.in_channels}, {', '.join(['X'] * len(self.roi_size))}] windows")
-        network_cpu = self.model.network.cpu()
+        network_cpu = model.network.cpu()
         rows = compare(network, network_cpu, [self.roi_size], self.in_channels, report=None, label="onnx")
-        self.model.network.to(self.device)
+        model.network.to(self.device)
         if not rows[0]["ok"]:
-            raise SegmentError(f"the ONNX network {onnx_path or '(exported)'} does not match {self.model.source} on "
+            raise SegmentError(f"the ONNX network {onnx_path or '(exported)'} does not match {model.source} on "
                                f"a {'x'.join(map(str, self.roi_size))} window: "
                                + (rows[0]["error"] or f"max abs difference {rows[0]['max_abs_diff']:.2e}"))
         return network
 
     @classmethod
-    def from_run(cls, spec: str = DEFAULT_MODEL, **settings) -> "Segmenter":
-        """A bundled model name, a run folder or a weights file (:func:`load_segmentation_model`)."""
-        return cls(load_segmentation_model(spec), **settings)
+    def from_run(cls, spec: str | Sequence[str] = DEFAULT_MODEL, **settings) -> "Segmenter":
+        """A bundled model name, a run folder or a weights file (:func:`load_segmentation_model`); a crossval
+        folder or several of these for an ensemble (:func:`load_segmentation_models`)."""
+        return cls(load_segmentation_models(spec), **settings)
 
     @property
     def labels(self) -> list[str]:
@@ -544,7 +632,8 @@ class Segmenter:
             probabilities: also return the class probabilities.
 
         With ``tta``, the prediction is averaged over the mirrorings along :attr:`mirror_axes` (the axes the
-        recipe flipped in training, :func:`~visionattn.tasks.segmentation.mirror_axes`).
+        recipe flipped in training, :func:`~visionattn.tasks.segmentation.mirror_axes`); with several models,
+        over the models too.
 
         Returns ``{"labels": [X, Y, Z] uint8 (int16 past 255 labels), "probabilities": [K, X, Y, Z] float32 or
         None}``, on the input's grid: the preprocessing is inverted exactly (MONAI's ``Invertd``, nearest
@@ -573,9 +662,15 @@ class Segmenter:
             # finite float32 values whose mean or spread overflows float32 (e.g. values near 3e38)
             raise SegmentError(f"the values overflow float32 in the model's intensity normalisation "
                                f"({data.get('intensity', 'zscore')}); rescale the volume")
-        probs = sliding_window_predict(self.network, image.as_tensor()[None], self.roi_size, self.overlap,
-                                       self.mode, self.sw_batch_size, self.device, "cpu",
-                                       tta=self.mirror_axes)[0]
+        probs = None
+        for network in self.networks:  # an ensemble: the mean of its members' probabilities
+            member = sliding_window_predict(network, image.as_tensor()[None], self.roi_size, self.overlap,
+                                            self.mode, self.sw_batch_size, self.device, "cpu",
+                                            tta=self.mirror_axes)[0]
+            probs = member if probs is None else probs.add_(member)
+            del member
+        if len(self.networks) > 1:
+            probs /= len(self.networks)
         label_dtype = np.uint8 if len(self.labels) <= 255 else np.int16
         bundle = {"image": image, "pred": MetaTensor(probs.argmax(0, keepdim=True).to(torch.int16), meta=image.meta,
                                                      applied_operations=image.applied_operations)}
@@ -628,7 +723,7 @@ def segment_case(segmenter: Segmenter, case: Case, outputs: dict[str, Path], *,
     # the labels are on the input's grid, so each voxel has the input's own volume
     voxel_ml = voxel_volume_ml(reference)
     counts = np.bincount(labels.reshape(-1).astype(np.int64), minlength=len(model.labels))
-    entry = {"model": model.source,
+    entry = {"model": segmenter.source,
              "volume_ml": {name: round(float(counts[k]) * voxel_ml, 3)
                            for k, name in enumerate(model.labels) if k > 0}}
     if case.reference is not None:
@@ -744,14 +839,16 @@ def _say(line: str) -> None:
     sys.stdout.flush()
 
 
-def run_segment(input_path: str | None, output: str | None, model_spec: str | None = None, *, device: str = "auto",
+def run_segment(input_path: str | None, output: str | None, model_spec: str | Sequence[str] | None = None, *,
+                device: str = "auto",
                 roi_size: Sequence[int] | None = None, overlap: float | None = None, mode: str | None = None,
                 tta: bool | None = None, save_probabilities: bool = False, overwrite: bool = False,
                 progress: bool = True, overlay: bool = False, labels_dir: str | None = None,
                 max_voxels: int = DEFAULT_MAX_VOXELS, engine: str = "torch", onnx_path: str | None = None,
                 threads: int | None = None) -> int:
     """The ``segment`` command. Without ``input_path`` it segments the bundled sample volumes with the
-    bundled model and reports Dice against their reference labels. ``device``: see :func:`resolve_device`;
+    bundled model and reports Dice against their reference labels. ``model_spec``: one model, or several (a
+    crossval folder, a list) averaged as an ensemble (:func:`load_segmentation_models`). ``device``: see :func:`resolve_device`;
     ``threads``: the CPU threads torch uses (``torch.set_num_threads``; restored on return). Prints one line
     per case as it is done (:func:`case_line`) and the totals. Returns the exit code: 1 when a case failed,
     0 otherwise (cases skipped because their outputs exist are not failures)."""
@@ -807,7 +904,11 @@ def _run_segment(input_path, output, model_spec, *, device, roi_size, overlap, m
     rank, world = dist_setup(device)  # (0, 1) outside torchrun
     earlier = batch.read_earlier_summary(out_dir, "segment", "cases", "case", check_summary_entry) if rank == 0 else {}
     if rank == 0:
-        _say(f"segment: {len(cases)} case(s) with {model_spec or DEFAULT_MODEL} on {device}"
+        named = model_spec or DEFAULT_MODEL
+        named = named if isinstance(named, str) else " + ".join(named)
+        if len(segmenter.models) > 1:
+            named = f"an ensemble of {len(segmenter.models)} ({named})"
+        _say(f"segment: {len(cases)} case(s) with {named} on {device}"
              + (f" ({torch.get_num_threads()} thread{'s' if torch.get_num_threads() != 1 else ''})"
                 if device == "cpu" else "")
              + (f", {world} processes" if world > 1 else "") + f", into {out_dir}")
@@ -832,7 +933,7 @@ def _run_segment(input_path, output, model_spec, *, device, roi_size, overlap, m
                   "failed": len(failed), "seconds": round(time.perf_counter() - started, 2)}
         if run_means:
             totals["mean_dice"] = run_means
-        header = {"model": segmenter.model.source, "device": device, "threads": torch.get_num_threads(),
+        header = {"model": segmenter.source, "device": device, "threads": torch.get_num_threads(),
                   "labels": segmenter.labels}
         if engine != "torch":
             header["engine"] = engine

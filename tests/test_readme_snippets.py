@@ -330,6 +330,9 @@ COMMANDS: dict[str, Cmd] = {
     "visionattn segment -i case_0000.nii.gz -o out/ --model runs/hippocampus_agunet --tta --save-probabilities "
     "--overlay": Cmd("run", expect=(r"1 of 1 cases written",), setup=("case_0000", "hippocampus_agunet_run"),
                      files=("out/case.nii.gz", "out/case.npz", "out/case.png", "out/summary.json")),
+    "visionattn segment -i scans/ -o labels/ --model runs/hippocampus_cv": Cmd(
+        "run", expect=(r"3 case\(s\) with an ensemble of 5 \(runs/hippocampus_cv\)", r"3 of 3 cases written"),
+        setup=("scans", "hippocampus_cv_trained"), files=("labels/summary.json", *(f"labels/{c}.nii.gz" for c in CASES))),
     "torchrun --standalone --nproc_per_node 4 -m visionattn segment -i scans/ -o labels/ --model runs/my_run": Cmd(
         "run", expect=(r"3 of 3 cases written",), setup=("scans", "my_run"), slow=True, timeout=600,
         files=("labels/summary.json", *(f"labels/{c}.nii.gz" for c in CASES))),
@@ -500,6 +503,8 @@ SETUPS: dict[str, Callable[[Path, RunBuilder], None]] = {
     "case_0000": lambda ws, build: shutil.copy(BUNDLED / "samples" / "images" / "hippocampus_015.nii.gz",
                                                ws / "case_0000.nii.gz"),
     "hippocampus_agunet_run": _bundled_run("hippocampus_agunet"),
+    # a finished five-fold crossval folder (copies of the bundled model's run as its folds)
+    "hippocampus_cv_trained": lambda ws, build: [_bundled_run(f"hippocampus_cv/fold{k}")(ws, build) for k in range(5)],
     "crossval_folders": _crossval_folders,
     "my_run": _bundled_run("my_run"),
     # the README's own export line, which the bundle commands after it use

@@ -250,7 +250,8 @@ def _cmd_segment(args: argparse.Namespace) -> int:
         print("visionattn segment: error: -i/--input needs -o/--output", file=sys.stderr)
         return 2
     try:
-        return run_segment(args.input, args.output, args.model, device=args.device, roi_size=args.roi_size,
+        model = args.model[0] if args.model and len(args.model) == 1 else args.model  # several: an ensemble
+        return run_segment(args.input, args.output, model, device=args.device, roi_size=args.roi_size,
                            overlap=args.overlap, mode=args.mode, tta=args.tta, save_probabilities=args.save_probabilities,
                            overwrite=args.overwrite, progress=not args.no_progress, overlay=args.overlay,
                            labels_dir=args.labels, max_voxels=args.max_voxels, engine=args.engine,
@@ -431,8 +432,10 @@ def build_parser() -> argparse.ArgumentParser:
                                          "the channels of one case); default: the bundled sample volumes")
     p.add_argument("-o", "--output", help="output folder for CASE.nii.gz label maps and summary.json "
                                           "(default for the demo: ./visionattn-segment-demo)")
-    p.add_argument("--model", help="a bundled model name (see --list-models), a trainer run folder, or its weights file "
-                                   "(default: hippocampus_agunet)")
+    p.add_argument("--model", action="append",
+                   help="a bundled model name (see --list-models), a trainer run folder, or its weights file "
+                        "(default: hippocampus_agunet); a crossval folder (DIR/fold0, DIR/fold1, ...) or --model "
+                        "given again: an ensemble, the models' probabilities averaged (nnU-Net's ensemble of folds)")
     p.add_argument("--device", default="auto",
                    help="auto (default: CUDA when torch finds a GPU, else the CPU), cpu, cuda or cuda:N; windows are "
                         "stitched on the CPU either way")

@@ -139,7 +139,8 @@ def load_segmentation_models(specs: str | Sequence[str]) -> list[SegmentationMod
     """The models ``specs`` name, for one prediction averaged over them (nnU-Net's ensemble of folds).
 
     Each spec is what :func:`load_segmentation_model` takes, or a ``visionattn crossval`` folder, which stands
-    for all its folds (each must have finished: its ``model.safetensors`` written). The members must agree on
+    for all its folds (every fold its recipe's ``data.folds`` counts, each finished: its ``model.safetensors``
+    written). The members must agree on
     the recipe's preprocessing and labels (:data:`ENSEMBLE_DATA_KEYS`)."""
     specs = [specs] if isinstance(specs, str) else list(specs)
     if not specs:
@@ -156,7 +157,15 @@ def load_segmentation_models(specs: str | Sequence[str]) -> list[SegmentationMod
                                f"{'has' if len(unfinished) == 1 else 'have'} not finished (no model.safetensors); run "
                                f"its crossval command again to finish, or name finished folds one by one "
                                f"(--model {Path(spec) / folds[0].name} --model ...)")
-        models.extend(load_segmentation_model(str(f)) for f in folds)
+        members = [load_segmentation_model(str(f)) for f in folds]
+        expected = members[0].data.get("folds")  # the fold count the recipe was cross-validated with
+        missing = sorted(set(range(expected)) - {int(f.name[4:]) for f in folds}) if isinstance(expected, int) else []
+        if missing:
+            raise SegmentError(f"--model {spec}: a crossval folder of {expected} folds without "
+                               f"{', '.join(f'fold{k}' for k in missing)}; train {'it' if len(missing) == 1 else 'them'} "
+                               f"with its crossval command, or name the folds to use one by one (--model "
+                               f"{Path(spec) / folds[0].name} --model ...)")
+        models.extend(members)
     sources = [Path(m.source).resolve() for m in models]
     repeated = sorted({str(s) for s in sources if sources.count(s) > 1})
     if repeated:

@@ -79,7 +79,7 @@ def test_the_ensemble_averages_its_members_probabilities(tmp_path, volume):
 def test_a_crossval_folder_is_the_ensemble_of_its_folds(tmp_path, volume, capsys):
     cv = tmp_path / "cv"
     for k in (0, 1, 2):
-        conv_run(cv / f"fold{k}", seed=10 + k)
+        conv_run(cv / f"fold{k}", seed=10 + k, folds=3, fold=k)  # as crossval writes them
     (cv / "crossval.json").write_text("{}")
     cases = tmp_path / "scans"
     cases.mkdir()
@@ -100,12 +100,17 @@ def test_a_crossval_folder_is_the_ensemble_of_its_folds(tmp_path, volume, capsys
     assert summary["model"].startswith("ensemble of 3: ") and summary["cases"][0]["model"] == summary["model"]
 
 
-def test_an_unfinished_fold_is_named_with_the_fix(tmp_path):
+def test_an_unfinished_or_missing_fold_is_named_with_the_fix(tmp_path):
     cv = tmp_path / "cv"
-    conv_run(cv / "fold0", seed=1)
-    conv_run(cv / "fold1", seed=2, weights="best.safetensors")  # still training: no final weights yet
+    conv_run(cv / "fold0", seed=1, folds=3, fold=0)
+    conv_run(cv / "fold1", seed=2, folds=3, fold=1, weights="best.safetensors")  # still training: no final weights yet
     with pytest.raises(SegmentError, match=r"fold1 has not finished \(no model\.safetensors\).*--model .*fold0"):
         load_segmentation_models(str(cv))
+    (cv / "fold1" / "best.safetensors").rename(cv / "fold1" / "model.safetensors")
+    with pytest.raises(SegmentError, match=r"a crossval folder of 3 folds without fold2; train it .*--model .*fold0"):
+        load_segmentation_models(str(cv))
+    conv_run(cv / "fold2", seed=3, folds=3, fold=2)
+    assert len(load_segmentation_models(str(cv))) == 3
 
 
 @pytest.mark.parametrize("change, named", [

@@ -62,6 +62,7 @@ RESULTS_DIR = README.parent / "docs" / "results"
 # table reads one report and its --tta report; a labels table one row per (network, batch, report[, fold]), in
 # order (with a fold: that fold of the report alone).
 RESULT_TABLES = {
+    "drive-cv-emcad60": ("vessel", ("drive_cv_emcad60.json", "drive_cv_emcad60_tta.json")),
     "drive-cv-emcad20": ("vessel", ("drive_cv_emcad20.json", "drive_cv_emcad20_tta.json")),
     "hippocampus-cv": ("labels", (
         ("3-D AGUNet (ours)", 4, "hippocampus_cv_agunet_tta.json"),

@@ -388,7 +388,10 @@ COMMANDS: dict[str, Cmd] = {
             files=("docs/hippocampus_segresnet_dice_vs_time.png",)),
     "visionattn crossval configs/segmentation/drive_emcad.yaml train.threads=1 train.max_minutes=20 --folds 5 -o "
     "runs/drive_cv_emcad20": Cmd("start", expect=(TRAIN_STEP,), data=True, slow=True),
-    "visionattn crossval --plot docs/drive_cv_dice_vs_time.png docs/results/drive_cv_emcad20":
+    "visionattn crossval configs/segmentation/drive_emcad.yaml train.threads=1 --folds 5 -o runs/drive_cv_emcad60":
+        Cmd("start", expect=(TRAIN_STEP,), data=True, slow=True,
+            reason="five folds of 60 CPU-minutes; stopped after the first fold's first step"),
+    "visionattn crossval --plot docs/drive_cv_dice_vs_time.png docs/results/drive_cv_emcad20 docs/results/drive_cv_emcad60":
         Cmd("run", expect=(r"wrote docs/drive_cv_dice_vs_time\.png",), setup=("results_tree",),
             files=("docs/drive_cv_dice_vs_time.png",)),
     "visionattn curves docs/results/neu_det_rtdetr_r18 docs/results/neu_det_dfir_detr "

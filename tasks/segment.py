@@ -132,7 +132,11 @@ def crossval_folds(folder: Path) -> list[Path] | None:
     if not folder.is_dir() or (folder / "config.yaml").exists():
         return None
     folds = [p for p in folder.iterdir() if re.fullmatch(r"fold\d+", p.name) and (p / "config.yaml").is_file()]
-    return sorted(folds, key=lambda p: int(p.name[4:])) or None
+    return sorted(folds, key=_fold_number) or None
+
+
+def _fold_number(fold: Path) -> int:
+    return int(fold.name[len("fold"):])
 
 
 def load_segmentation_models(specs: str | Sequence[str]) -> list[SegmentationModel]:
@@ -140,8 +144,8 @@ def load_segmentation_models(specs: str | Sequence[str]) -> list[SegmentationMod
 
     Each spec is what :func:`load_segmentation_model` takes, or a ``visionattn crossval`` folder, which stands
     for all its folds (every fold its recipe's ``data.folds`` counts, each finished: its ``model.safetensors``
-    written). The members must agree on
-    the recipe's preprocessing and labels (:data:`ENSEMBLE_DATA_KEYS`)."""
+    written). :class:`Segmenter` checks that the members agree on the recipe's preprocessing and labels
+    (:func:`check_ensemble`)."""
     specs = [specs] if isinstance(specs, str) else list(specs)
     if not specs:
         raise SegmentError("--model: no model given")
@@ -159,7 +163,7 @@ def load_segmentation_models(specs: str | Sequence[str]) -> list[SegmentationMod
                                f"(--model {Path(spec) / folds[0].name} --model ...)")
         members = [load_segmentation_model(str(f)) for f in folds]
         expected = members[0].data.get("folds")  # the fold count the recipe was cross-validated with
-        missing = sorted(set(range(expected)) - {int(f.name[4:]) for f in folds}) if isinstance(expected, int) else []
+        missing = sorted(set(range(expected)) - {_fold_number(f) for f in folds}) if isinstance(expected, int) else []
         if missing:
             raise SegmentError(f"--model {spec}: a crossval folder of {expected} folds without "
                                f"{', '.join(f'fold{k}' for k in missing)}; train {'it' if len(missing) == 1 else 'them'} "
@@ -171,8 +175,7 @@ def load_segmentation_models(specs: str | Sequence[str]) -> list[SegmentationMod
     if repeated:
         raise SegmentError(f"--model: the same weights given twice ({', '.join(repeated)}); each member of an "
                            f"ensemble counts once")
-    check_ensemble(models)
-    return models
+    return models  # whether they can be ensembled is checked where every prediction starts: Segmenter
 
 
 def check_ensemble(models: Sequence[SegmentationModel]) -> None:

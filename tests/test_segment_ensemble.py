@@ -123,7 +123,7 @@ def test_members_that_see_or_label_differently_are_refused(tmp_path, change, nam
     first = conv_run(tmp_path / "a", seed=1)
     other = conv_run(tmp_path / "b", seed=2, **change)
     with pytest.raises(SegmentError, match=r"cannot join an ensemble with .*" + named):
-        load_segmentation_models([str(first), str(other)])
+        Segmenter.from_run([str(first), str(other)])
 
 
 def test_other_misuses_of_an_ensemble(tmp_path, volume, capsys):
